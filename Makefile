@@ -1,0 +1,50 @@
+# detkit: the two set-up commands are `make demo` and `make test`; everything else is optional.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are installed first, as a pair that share compiled ops; override for another platform/CUDA,
+# e.g. `make test TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test test-slow bench study install clean help
+
+help:
+	@echo "make demo       - set up .venv and run pretrain -> fine-tune -> evaluate on data/ (a few CPU minutes)"
+	@echo "make test       - set up .venv and run the test suite (fast tests)"
+	@echo "make test-slow  - the slow tests: real overfit trainings, DDP checks"
+	@echo "make bench      - benchmarks in scripts/ (see BENCHMARKS.md)"
+	@echo "make study      - the SimCLR-vs-scratch study on BCCD (see STUDY.md)"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Re-install whenever pyproject.toml changes (make compares timestamps with the stamp file).
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/detkit-train experiment=pipeline hydra.run.dir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) scripts/bench_postprocess_eval.py
+	$(PY) scripts/bench_faster_rcnn.py
+
+study: $(STAMP)
+	$(VENV)/bin/detkit-train -m experiment=study_bccd
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,168 @@
+"""COCO-format detection dataset.
+
+This module is the one place where COCO ``xywh`` boxes become detkit's ``xyxy`` absolute-pixel boxes, and where
+arbitrary COCO category ids (0 included) become contiguous labels ``0..C-1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from detkit.data.validate import DatasetError, drop_invalid, group_by_image, load_coco_json, resolve_image_path, validate_coco
+
+log = logging.getLogger(__name__)
+
+
+class CategoryMap:
+    """Maps COCO category ids (any integers, in any order) to contiguous labels ``0..C-1`` and back.
+
+    Labels follow ascending category id, so the mapping does not depend on the order of the json's list.
+    """
+
+    def __init__(self, categories: Sequence[dict]) -> None:
+        ordered = sorted(categories, key=lambda c: c["id"])
+        self.ids: list[int] = [int(c["id"]) for c in ordered]
+        self.names: list[str] = [str(c["name"]) for c in ordered]
+        self._label_of = {cid: i for i, cid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def label_of(self, category_id: int) -> int:
+        return self._label_of[category_id]
+
+    def ids_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """Original category ids for a tensor of contiguous labels (any shape, int64)."""
+        return torch.as_tensor(self.ids, dtype=torch.int64, device=labels.device)[labels]
+
+    def to_list(self) -> list[dict]:
+        return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to ``uint8 [H, W, 3]`` RGB, ignoring EXIF orientation (as the json sizes do)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise OSError(f"cannot decode image file {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@dataclass
+class ImageRecord:
+    """One image of the dataset, with its trainable boxes (``xyxy``, original pixels) and contiguous labels."""
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [N, 4] xyxy, crowd boxes excluded
+    labels: np.ndarray  # int64 [N]
+    num_crowd: int = 0
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection dataset, validated on construction.
+
+    Each item is ``(image, target)``: ``image`` is ``uint8 [3, H, W]`` RGB after ``transform``; ``target`` holds
+    ``boxes`` (float32 [N, 4], ``xyxy`` in the transformed image's pixels), ``labels`` (int64 [N], contiguous),
+    ``image_id`` (the original COCO id), ``orig_size`` (int64 [2], original ``(height, width)``) and ``scale``
+    (transformed pixels per original pixel, for mapping predictions back; letterbox padding is bottom/right).
+
+    Crowd annotations (``iscrowd=1``) are never trained on; they stay in :attr:`coco_data` for evaluation, where
+    COCOeval treats them as ignore regions. Images without annotations are kept.
+
+    Args:
+        ann_file: COCO annotation json.
+        image_root: directory the images' ``file_name`` are relative to.
+        transform: a :class:`detkit.data.transforms.DetectionTransform` (or any callable with its signature).
+        skip_invalid: drop invalid images/annotations (and say how many and why) instead of refusing the dataset.
+        check_images: open every image during validation (existence, decodability, size).
+        subset_fraction: keep this fraction of the images (a fixed random subset drawn with ``subset_seed``),
+            e.g. for label-budget studies.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_root: str | Path,
+        transform: Callable | None = None,
+        skip_invalid: bool = False,
+        check_images: bool = True,
+        subset_fraction: float = 1.0,
+        subset_seed: int = 0,
+    ) -> None:
+        self.ann_file, self.image_root = Path(ann_file), Path(image_root)
+        self.transform = transform
+        data = load_coco_json(self.ann_file)
+        report = validate_coco(self.ann_file, self.image_root, check_images=check_images, data=data)
+        if not report.ok:
+            if not skip_invalid:
+                raise DatasetError(report)
+            data, summary = drop_invalid(data, report)
+            log.warning("%s\n%s", summary, report.format(max_lines=20))
+        if not 0.0 < subset_fraction <= 1.0:
+            raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
+        if subset_fraction < 1.0:
+            data = _subset(data, subset_fraction, subset_seed)
+        self.coco_data = data
+        self.categories = CategoryMap(data["categories"])
+        self.records = self._build_records(data)
+
+    def _build_records(self, data: dict) -> list[ImageRecord]:
+        groups = group_by_image(data["annotations"])
+        records = []
+        for img in data["images"]:
+            anns = groups.get(img["id"], [])
+            trainable = [a for a in anns if not a.get("iscrowd", 0)]
+            boxes = np.array([a["bbox"] for a in trainable], dtype=np.float32).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy: the single conversion point
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, img["width"])
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, img["height"])
+            labels = np.array([self.categories.label_of(a["category_id"]) for a in trainable], dtype=np.int64)
+            path, _ = resolve_image_path(self.image_root, img["file_name"])
+            records.append(ImageRecord(img["id"], path, img["width"], img["height"], boxes, labels,
+                                       num_crowd=len(anns) - len(trainable)))
+        return records
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        rec = self.records[index]
+        try:
+            image = read_rgb(rec.path)
+        except OSError as e:  # the file changed after validation: still name the image
+            raise OSError(f"{self.ann_file}: image id {rec.image_id}: {e}") from e
+        boxes, labels, scale = rec.boxes, rec.labels, 1.0
+        if self.transform is not None:
+            image, boxes, labels, scale = self.transform(image, boxes, labels)
+        target = {
+            "boxes": torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),
+            "image_id": rec.image_id,
+            "orig_size": torch.tensor([rec.height, rec.width], dtype=torch.int64),
+            "scale": float(scale),
+        }
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return tensor, target
+
+
+def _subset(data: dict, fraction: float, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    n = max(1, round(len(data["images"]) * fraction))
+    keep = sorted(rng.choice(len(data["images"]), size=n, replace=False).tolist())
+    images = [data["images"][i] for i in keep]
+    ids = {im["id"] for im in images}
+    return {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}

@@ -1,0 +1,116 @@
+"""Lightning data module for COCO-format detection datasets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from detkit.data.coco import CategoryMap, CocoDetection
+from detkit.data.collate import detection_collate
+from detkit.data.transforms import DetectionTransform
+
+log = logging.getLogger(__name__)
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Train/val/test splits of COCO-format datasets, validated in :meth:`setup` before any training starts.
+
+    The training loader is a ``StatefulDataLoader`` so that resuming from a checkpoint continues the same epoch
+    at the same batch with the same order (Lightning stores its state in the checkpoint).
+
+    Args:
+        train_ann / train_images: training annotation json and image root (optional for eval-only use).
+        val_ann / val_images, test_ann / test_images: optional evaluation splits.
+        train_transform / eval_transform: box-aware transforms; defaults letterbox to ``image_size``.
+        image_size: side of the square letterbox (used for the default transforms).
+        batch_size, num_workers: loader settings (evaluation uses the same batch size).
+        skip_invalid: drop invalid images/annotations (with a summary) instead of refusing the dataset.
+        check_images: decode every image during validation.
+        train_fraction, subset_seed: keep a fixed random fraction of the training images (label budget).
+    """
+
+    def __init__(
+        self,
+        train_ann: str | None = None,
+        train_images: str | None = None,
+        val_ann: str | None = None,
+        val_images: str | None = None,
+        test_ann: str | None = None,
+        test_images: str | None = None,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        image_size: int = 320,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        skip_invalid: bool = False,
+        check_images: bool = True,
+        train_fraction: float = 1.0,
+        subset_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.paths = {"train": (train_ann, train_images), "val": (val_ann, val_images),
+                      "test": (test_ann, test_images)}
+        self.train_transform = train_transform or DetectionTransform(image_size, train=True)
+        self.eval_transform = eval_transform or DetectionTransform(image_size, train=False)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.skip_invalid, self.check_images = skip_invalid, check_images
+        self.train_fraction, self.subset_seed = train_fraction, subset_seed
+        self.datasets: dict[str, CocoDetection] = {}
+
+    def _build(self, split: str) -> CocoDetection | None:
+        if split in self.datasets:
+            return self.datasets[split]
+        ann, images = self.paths[split]
+        if ann is None:
+            return None
+        if images is None:
+            raise ValueError(f"data.{split}_images must be set together with data.{split}_ann={ann}")
+        train = split == "train"
+        dataset = CocoDetection(
+            Path(ann), Path(images), transform=self.train_transform if train else self.eval_transform,
+            skip_invalid=self.skip_invalid, check_images=self.check_images,
+            subset_fraction=self.train_fraction if train else 1.0, subset_seed=self.subset_seed,
+        )
+        log.info("%s split: %d images, %d classes (%s)", split, len(dataset), dataset.num_classes, ann)
+        self.datasets[split] = dataset
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and validate) the splits the stage needs; safe to call more than once."""
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], None: ["train", "val", "test"]}
+        for split in splits.get(stage, ["val"]):
+            self._build(split)
+        train, val = self.datasets.get("train"), self.datasets.get("val")
+        if train is not None and val is not None and train.categories.ids != val.categories.ids:
+            raise ValueError(f"train and val category lists differ: {train.categories.to_list()} vs "
+                             f"{val.categories.to_list()}")
+
+    @property
+    def categories(self) -> CategoryMap:
+        for split in ("train", "val", "test"):
+            dataset = self._build(split)
+            if dataset is not None:
+                return dataset.categories
+        raise ValueError("no dataset configured: set data.train_ann/data.train_images or data.val_ann/val_images")
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            self.datasets["train"], batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            collate_fn=detection_collate, drop_last=len(self.datasets["train"]) > self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=detection_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,95 @@
+"""Albumentations pipelines that move boxes with the image.
+
+One box format is declared for every pipeline: ``pascal_voc`` (``xyxy`` absolute pixels), detkit's own format,
+so no conversion happens here. Every pipeline ends with a letterbox to ``size x size``: the longest side is resized
+to ``size`` and the image is padded at the bottom/right, so a box maps back to the original image by dividing by
+the scale alone.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+#: Pad value for letterboxing (mid-grey, as in YOLO codebases).
+PAD_VALUE = 114
+
+
+def _letterbox(size: int) -> list[A.BasicTransform]:
+    return [
+        A.LongestMaxSize(max_size=size),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                      fill=PAD_VALUE),
+    ]
+
+
+class DetectionTransform:
+    """Callable ``(image uint8 [H, W, 3], boxes float32 [N, 4] xyxy, labels int64 [N]) -> (image, boxes, labels,
+    scale)``; ``scale`` is the letterbox factor (output pixels per input pixel) used to map predictions back.
+
+    Args:
+        size: output side length (square letterbox).
+        train: add the augmentations below; otherwise resize/letterbox only.
+        hflip, vflip: flip probabilities.
+        scale_range: random rescale factor range ``(lo, hi)`` applied before a random ``size x size`` crop.
+        color_jitter: brightness/contrast/saturation strength (0 disables); hue is a tenth of it.
+        min_visibility: a box cropped to less than this fraction of its area is removed with its label.
+    """
+
+    def __init__(
+        self,
+        size: int = 320,
+        train: bool = False,
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        scale_range: Sequence[float] = (0.75, 1.25),
+        color_jitter: float = 0.2,
+        min_visibility: float = 0.3,
+    ) -> None:
+        self.size = int(size)
+        steps: list[A.BasicTransform] = [A.LongestMaxSize(max_size=self.size)]
+        if train:
+            lo, hi = scale_range
+            if (lo, hi) != (1.0, 1.0):
+                steps.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
+            steps += [
+                A.PadIfNeeded(self.size, self.size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                              fill=PAD_VALUE),
+                A.RandomCrop(self.size, self.size),
+                A.HorizontalFlip(p=hflip),
+                A.VerticalFlip(p=vflip),
+            ]
+            if color_jitter > 0:
+                c = color_jitter
+                steps.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=c / 10, p=0.8))
+        steps += _letterbox(self.size)[1:]
+        self.pipeline = A.Compose(
+            steps,
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility,
+                                     clip=True, filter_invalid_bboxes=True),
+        )
+
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        scale = self.size / max(image.shape[0], image.shape[1])
+        out = self.pipeline(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                            labels=np.asarray(labels, dtype=np.int64))
+        out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        return out["image"], out_boxes, out_labels, scale
+
+
+class LetterboxImage:
+    """Letterbox a bare image (no boxes), as for prediction: ``image -> (image, scale)``."""
+
+    def __init__(self, size: int = 320) -> None:
+        self.size = int(size)
+        self.pipeline = A.Compose(_letterbox(self.size))
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        scale = self.size / max(image.shape[0], image.shape[1])
+        return self.pipeline(image=image)["image"], scale
