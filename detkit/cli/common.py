@@ -1,0 +1,85 @@
+"""Shared plumbing of the Hydra entry points: resolvers, start-up checks, clean errors, loggers and callbacks."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.data.validate import DatasetError, UnusableInputError
+from detkit.eval.coco_eval import PredictionError
+from detkit.models.backbones import EncoderLoadError
+
+log = logging.getLogger("detkit")
+
+#: Errors caused by user input: reported as one clear message, without a traceback.
+USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError)
+
+
+def _default_data_dir() -> str:
+    repo_data = Path(__file__).resolve().parents[2] / "data"
+    return str(repo_data if repo_data.is_dir() else Path.cwd() / "data")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("detkit_data"):
+        OmegaConf.register_new_resolver("detkit_data", _default_data_dir)
+
+
+register_resolvers()
+
+
+def check_torchvision_ops(accelerator: str) -> None:
+    """Fail early, with what to install, if torchvision's compiled ops do not run on the chosen device."""
+    import torchvision
+
+    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    try:
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device)
+        torchvision.ops.nms(boxes, torch.ones(1, device=device), 0.5)
+    except Exception as e:  # noqa: BLE001 - any failure here means a broken install
+        raise RuntimeError(
+            f"torchvision {torchvision.__version__}'s compiled ops do not run on {device} with torch "
+            f"{torch.__version__} ({e}). Install a matching pair built for this device, e.g. "
+            "`pip install torch==2.14.1 torchvision==0.29.1` (see pytorch.org for CUDA builds).") from e
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Report user-input errors as one message: exit 1 in a single run; in a multirun re-raise so the sweep
+    records the job as failed and goes on."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return fn(cfg)
+        except USER_ERRORS as e:
+            if is_multirun():
+                raise
+            log.error("error: %s", e)
+            sys.exit(1)
+
+    return wrapper
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiate every node of a ``{name: {_target_: ...}}`` group (loggers, callbacks)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()

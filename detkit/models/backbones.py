@@ -1,0 +1,259 @@
+"""The ResNet encoder shared by SimCLR pretraining and both detectors, the FPN, and the encoder file hand-off.
+
+An encoder file (written by ``detkit-pretrain`` as ``encoder.pt``) is a plain dict loadable with
+``torch.load(weights_only=True)``::
+
+    {"format": "detkit-encoder/1", "arch": {"depth": 18, "small_stem": False},
+     "state_dict": ResNetEncoder.state_dict(), "meta": {...}}
+
+The state dict uses torchvision's ResNet key names (``conv1.weight``, ``layer1.0.bn1.running_mean`` ...) without
+``fc``, plus the ``pixel_mean``/``pixel_std`` buffers, so one normalisation travels from pretraining to fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18, resnet34, resnet50
+
+ENCODER_FORMAT = "detkit-encoder/1"
+_BUILDERS = {18: resnet18, 34: resnet34, 50: resnet50}
+#: ImageNet RGB statistics in 0..255 pixel units; a convention, not pretrained weights.
+DEFAULT_MEAN = (123.675, 116.28, 103.53)
+DEFAULT_STD = (58.395, 57.12, 57.375)
+LEVELS = ("c2", "c3", "c4", "c5")
+
+
+class EncoderLoadError(RuntimeError):
+    """An encoder file does not fit the model it is loaded into (wrong architecture, missing/unexpected keys)."""
+
+
+class ResNetEncoder(nn.Module):
+    """A torchvision ResNet trunk (``weights=None``) without its classifier.
+
+    ``forward(images)`` takes ``[B, 3, H, W]`` RGB pixels in 0..255 (uint8 or float), normalises them with the
+    ``pixel_mean``/``pixel_std`` buffers and returns pooled features ``[B, out_dim]``; :meth:`features` returns
+    the ``c2..c5`` maps of an already normalised batch.
+
+    Args:
+        depth: 18, 34 or 50.
+        small_stem: replace the 7x7/2 conv + max-pool stem by a 3x3/1 conv (for inputs of 96 px or less, e.g.
+            CIFAR); strides of ``c2..c5`` become 1, 2, 4, 8 instead of 4, 8, 16, 32.
+        zero_init_residual: zero-init the last BN of each residual branch (torchvision option).
+    """
+
+    def __init__(self, depth: int = 18, small_stem: bool = False, zero_init_residual: bool = False) -> None:
+        super().__init__()
+        if depth not in _BUILDERS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_BUILDERS)}, got {depth}")
+        net = _BUILDERS[depth](weights=None, zero_init_residual=zero_init_residual)
+        if small_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.maxpool = nn.Identity()
+        self.depth, self.small_stem = depth, small_stem
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.register_buffer("pixel_mean", torch.tensor(DEFAULT_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(DEFAULT_STD).view(1, 3, 1, 1))
+        expansion = 4 if depth >= 50 else 1
+        self.channels = {"c2": 64 * expansion, "c3": 128 * expansion, "c4": 256 * expansion, "c5": 512 * expansion}
+        first = 1 if small_stem else 4
+        self.strides = {name: first * 2**i for i, name in enumerate(LEVELS)}
+        self.out_dim = self.channels["c5"]
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        return {"depth": self.depth, "small_stem": self.small_stem}
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` 0..255 pixels -> normalised float, in the dtype of the weights."""
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std  # keeps channels_last
+
+    def features(self, x: torch.Tensor, upto: str = "c5") -> dict[str, torch.Tensor]:
+        """Normalised ``[B, 3, H, W]`` -> ``{"c2": [B, C2, H/4, W/4], ..., "c5": ...}`` (up to ``upto``)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = {}
+        for name, layer in zip(LEVELS, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            out[name] = x
+            if name == upto:
+                break
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` 0..255 pixels -> pooled features ``[B, out_dim]``."""
+        c5 = self.features(self.normalize(images))["c5"]
+        return torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1)
+
+
+def save_encoder(encoder: ResNetEncoder, path: str | Path, meta: dict | None = None) -> Path:
+    """Write an encoder file (see the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    torch.save({"format": ENCODER_FORMAT, "arch": encoder.arch, "state_dict": state, "meta": meta or {}}, path)
+    return path
+
+
+def read_encoder_file(path: str | Path) -> dict:
+    """Load and check an encoder file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderLoadError(f"encoder file {path} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
+        raise EncoderLoadError(f"{path} is not a detkit encoder file (expected format {ENCODER_FORMAT!r}; "
+                               "detkit-pretrain writes one as encoder.pt in its output directory)")
+    return blob
+
+
+def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
+    """Load an encoder file into ``encoder``, strictly: every key must match, or a clear error lists them."""
+    blob = read_encoder_file(path)
+    if blob["arch"] != encoder.arch:
+        raise EncoderLoadError(f"{path} holds a ResNet {blob['arch']} but the model is configured as "
+                               f"{encoder.arch}: set model.backbone.depth/small_stem to match the file")
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(blob["state_dict"]))
+    unexpected = sorted(set(blob["state_dict"]) - set(own))
+    mismatched = sorted(k for k in set(own) & set(blob["state_dict"]) if own[k].shape != blob["state_dict"][k].shape)
+    if missing or unexpected or mismatched:
+        raise EncoderLoadError(f"{path} does not fit the encoder: missing keys {missing}, unexpected keys "
+                               f"{unexpected}, shape mismatches {mismatched}")
+    encoder.load_state_dict(blob["state_dict"], strict=True)
+
+
+def load_encoder(path: str | Path) -> ResNetEncoder:
+    """Build the encoder an encoder file describes and load its weights; ``forward`` gives pooled features."""
+    blob = read_encoder_file(path)
+    encoder = ResNetEncoder(**blob["arch"])
+    load_encoder_weights(encoder, path)
+    return encoder
+
+
+class FPN(nn.Module):
+    """Feature pyramid network (Lin et al. 2017): 1x1 lateral convs, nearest-upsample top-down path merged by
+    addition, 3x3 output convs; optionally one extra coarser level by stride-2 max-pooling of the top output
+    (``p6`` for the RPN, as in the original).
+
+    Args:
+        in_channels: channels of the input levels, finest first.
+        out_channels: channels of every output level.
+        extra_pool: add the max-pooled extra level.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, extra_pool: bool = False) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        self.extra_pool = extra_pool
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Finest-first feature maps -> finest-first outputs (plus the extra level last)."""
+        inner = self.lateral[-1](features[-1])
+        outs = [self.output[-1](inner)]
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.lateral[i](features[i])
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            outs.insert(0, self.output[i](inner))
+        if self.extra_pool:
+            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        return outs
+
+
+class Backbone(nn.Module):
+    """Detection backbone: the shared :class:`ResNetEncoder`, an optional FPN and freezing options.
+
+    The contract the heads rely on: ``forward(images)`` returns an ordered dict of feature maps (finest first),
+    :attr:`out_channels` (the same for every level) and :attr:`strides` (per level, in input pixels).
+
+    Args:
+        depth, small_stem: the encoder architecture (must match an ``init`` file).
+        init: path to an encoder file from ``detkit-pretrain``; ``None`` for random initialisation.
+        levels: encoder levels used, e.g. ``["c4"]`` (single level, no FPN) or ``["c3", "c4", "c5"]``.
+        fpn: build an FPN over ``levels`` (required when more than one level is used).
+        fpn_channels: FPN output channels.
+        fpn_extra_pool: add the max-pooled extra coarse level (``p6``).
+        freeze_at: 0 trains everything; 1 freezes the stem; ``k`` freezes the stem and ``layer1..layer{k-1}``.
+        norm: ``"bn"`` (BatchNorm trains), ``"frozen_stats"`` (BatchNorm uses its stored statistics but its affine
+            parameters train) or ``"frozen"`` (statistics and affine parameters fixed).
+    """
+
+    def __init__(
+        self,
+        depth: int = 18,
+        small_stem: bool = False,
+        init: str | None = None,
+        levels: Sequence[str] = ("c3", "c4", "c5"),
+        fpn: bool = True,
+        fpn_channels: int = 128,
+        fpn_extra_pool: bool = False,
+        freeze_at: int = 0,
+        norm: str = "bn",
+    ) -> None:
+        super().__init__()
+        if norm not in ("bn", "frozen_stats", "frozen"):
+            raise ValueError(f"backbone norm must be 'bn', 'frozen_stats' or 'frozen', got {norm!r}")
+        levels = list(levels)
+        if not levels or any(lv not in LEVELS for lv in levels):
+            raise ValueError(f"backbone levels must be a non-empty subset of {LEVELS}, got {levels}")
+        if len(levels) > 1 and not fpn:
+            raise ValueError(f"levels {levels} need fpn=true (without an FPN the levels have different widths)")
+        self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
+        if init:
+            load_encoder_weights(self.encoder, init)
+        self.levels, self.norm, self.freeze_at = levels, norm, freeze_at
+        enc = self.encoder
+        if fpn:
+            self.fpn = FPN([enc.channels[lv] for lv in levels], fpn_channels, extra_pool=fpn_extra_pool)
+            self.out_channels = fpn_channels
+            names = [f"p{lv[1]}" for lv in levels]
+            strides = [enc.strides[lv] for lv in levels]
+            if fpn_extra_pool:
+                names.append(f"p{int(levels[-1][1]) + 1}")
+                strides.append(strides[-1] * 2)
+        else:
+            self.fpn = None
+            self.out_channels = enc.channels[levels[0]]
+            names, strides = levels, [enc.strides[levels[0]]]
+        self.strides = dict(zip(names, strides))
+        self._freeze()
+
+    def _freeze(self) -> None:
+        enc = self.encoder
+        stages = [[enc.conv1, enc.bn1], enc.layer1, enc.layer2, enc.layer3, enc.layer4]
+        for stage in stages[: self.freeze_at]:
+            for module in stage if isinstance(stage, list) else [stage]:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+        if self.norm == "frozen":
+            for m in enc.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if self.norm != "bn":
+            for m in self.encoder.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""
+        feats = self.encoder.features(self.encoder.normalize(images), upto=self.levels[-1])
+        maps = [feats[lv] for lv in self.levels]
+        if self.fpn is not None:
+            maps = self.fpn(maps)
+        return OrderedDict(zip(self.strides, maps))

@@ -1,0 +1,57 @@
+"""Two-stage Faster R-CNN: backbone -> region proposal network -> RoI heads."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from detkit.models.backbones import Backbone
+from detkit.models.detection.postprocess import Detections
+from detkit.models.detection.roi_heads import RoIHeads
+from detkit.models.detection.rpn import RegionProposalNetwork
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN (Ren et al. 2015), optionally with an FPN (Lin et al. 2017).
+
+    The RPN and RoI heads are given as factories (Hydra ``_partial_`` nodes) and sized here from the backbone's
+    shape contract (``out_channels``, ``strides``) and the number of classes, so configs never repeat them.
+
+    Args:
+        backbone: :class:`detkit.models.backbones.Backbone`.
+        num_classes: foreground classes ``C`` (labels ``0..C-1``).
+        rpn: ``(in_channels) -> RegionProposalNetwork``.
+        roi_heads: ``(in_channels, strides, num_classes) -> RoIHeads``; the RoI pooler uses the backbone levels
+            except a max-pooled extra level.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int,
+                 rpn: Callable[..., RegionProposalNetwork], roi_heads: Callable[..., RoIHeads]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.rpn = rpn(in_channels=backbone.out_channels)
+        self.rpn.anchor_generator.check_levels(len(backbone.strides))
+        self.roi_levels = list(backbone.strides)[: len(backbone.levels)]
+        self.roi_heads = roi_heads(in_channels=backbone.out_channels, num_classes=num_classes,
+                                   strides=[backbone.strides[n] for n in self.roi_levels])
+
+    def loss(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """``images uint8 [B, 3, H, W]``, targets with ``boxes [N, 4]`` xyxy and ``labels [N]`` -> named losses
+        ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``."""
+        features = self.backbone(images)
+        proposals, rpn_losses = self.rpn(features, tuple(images.shape[-2:]), targets)
+        roi_losses = self.roi_heads.loss([features[n] for n in self.roi_levels], proposals, targets)
+        return {**rpn_losses, **roi_losses}
+
+    def predict(self, images: torch.Tensor) -> Detections:
+        """``images uint8 [B, 3, H, W]`` -> padded :class:`Detections` in input pixels."""
+        image_size = tuple(images.shape[-2:])
+        features = self.backbone(images)
+        proposals, _ = self.rpn(features, image_size)
+        return self.roi_heads.predict([features[n] for n in self.roi_levels], proposals, image_size)
+
+    def forward(self, images: torch.Tensor) -> Detections:
+        return self.predict(images)
