@@ -114,3 +114,38 @@ class DetectionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Unlabeled images for SimCLR, plus an optional labeled ImageFolder pair for the kNN monitor.
+
+    Args:
+        images: a folder of images (recursive), or the image root of ``ann_file``.
+        ann_file: optional COCO json whose images are used (e.g. a detection dataset's train split).
+        image_size: side of the random resized crops.
+        crop_scale: crop area range of the random resized crop.
+        blur_p: Gaussian-blur probability (the paper uses 0.5; often 0 for 32 px CIFAR images).
+        batch_size, num_workers: loader settings.
+        knn_train / knn_val: ImageFolder trees (bank / queries) for the kNN monitor; ``knn_per_class`` caps them.
+    """
+
+    def __init__(self, images: str, ann_file: str | None = None, image_size: int = 64,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 0.5, batch_size: int = 128,
+                 num_workers: int = 2, knn_train: str | None = None, knn_val: str | None = None,
+                 knn_per_class: int | None = 100) -> None:
+        super().__init__()
+        from detkit.data.unlabeled import ImageFolderDataset, ResizeImage, SimCLRViews, UnlabeledImages
+
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.dataset = UnlabeledImages(images, SimCLRViews(image_size, tuple(crop_scale), blur_p=blur_p),
+                                       ann_file=ann_file)
+        self.knn_bank = self.knn_query = None
+        if knn_train and knn_val:
+            self.knn_bank = ImageFolderDataset(knn_train, ResizeImage(image_size), knn_per_class)
+            self.knn_query = ImageFolderDataset(knn_val, ResizeImage(image_size), knn_per_class)
+        log.info("pretraining on %d unlabeled images from %s", len(self.dataset), images)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
+                                  num_workers=self.num_workers, drop_last=len(self.dataset) > self.batch_size,
+                                  persistent_workers=self.num_workers > 0)

@@ -20,7 +20,8 @@ from detkit.models.detection.boxes import clip_boxes
 log = logging.getLogger(__name__)
 
 
-def _plain(cfg: Any) -> Any:
+def plain_config(cfg: Any) -> Any:
+    """A Hydra/OmegaConf node as plain Python containers (safe for checkpoints loaded with weights_only)."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
 
 
@@ -60,8 +61,8 @@ class DetectionModule(L.LightningModule):
         **_: Any,
     ) -> None:
         super().__init__()
-        backbone, detector, categories = _plain(backbone), _plain(detector), _plain(categories)
-        optimizer, scheduler = _plain(optimizer), _plain(scheduler)
+        backbone, detector, categories = plain_config(backbone), plain_config(detector), plain_config(categories)
+        optimizer, scheduler = plain_config(optimizer), plain_config(scheduler)
         self.save_hyperparameters({"backbone": backbone, "detector": detector, "categories": list(categories),
                                    "optimizer": optimizer, "scheduler": scheduler,
                                    "backbone_lr_mult": backbone_lr_mult, "eval_backend": eval_backend,

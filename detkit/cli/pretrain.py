@@ -1,0 +1,56 @@
+"""``detkit-pretrain data.images=DIR [trainer.max_epochs=N] [hydra.run.dir=OUT]``: SimCLR pretraining.
+
+Writes ``OUT/encoder.pt`` (the encoder file ``model.backbone.init`` takes), ``OUT/checkpoints/last.ckpt`` and
+``OUT/pretrain_metrics.json`` (final loss, kNN accuracy when a monitor set is configured, wall time, images/s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
+from detkit.models.backbones import save_encoder
+from detkit.paths import config_dir
+
+log = logging.getLogger("detkit")
+
+
+def pretrain(cfg: DictConfig, out: Path) -> Path:
+    """Run SimCLR from a pretraining config node; return the path of the written encoder file."""
+    out.mkdir(parents=True, exist_ok=True)
+    check_torchvision_ops(cfg.trainer.get("accelerator", "cpu"))
+    L.seed_everything(cfg.get("seed", 0), workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(out), callbacks=[checkpoint],
+                          logger=L.pytorch.loggers.CSVLogger(str(out), name="logs", version=""))
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    wall = time.time() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(epochs=trainer.current_epoch, wall_time_s=round(wall, 1),
+                   images_per_s=round(len(datamodule.dataset) * trainer.current_epoch / max(wall, 1e-9), 1))
+    encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": "simclr", **metrics})
+    (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("encoder: %s (%s)", encoder, ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    return encoder
+
+
+@hydra.main(config_path=str(config_dir()), config_name="pretrain", version_base="1.3")
+@clean_errors
+def main(cfg: DictConfig) -> None:
+    pretrain(cfg, output_dir())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""LightningModule for SimCLR pretraining of the shared ResNet encoder."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class
+
+from detkit.lit.detection_module import plain_config
+from detkit.eval.ssl_eval import extract_features, knn_accuracy
+from detkit.lit.optim import WarmupSchedule, param_groups
+from detkit.models.backbones import ResNetEncoder
+from detkit.models.ssl.simclr import NTXentLoss, Projector
+
+log = logging.getLogger(__name__)
+
+
+class SimCLRModule(L.LightningModule):
+    """SimCLR: encoder + projector trained with NT-Xent on two views per image.
+
+    Args:
+        depth, small_stem: encoder architecture (the same class the detectors use as backbone).
+        proj_hidden, proj_dim: projector sizes.
+        temperature: NT-Xent temperature.
+        optimizer: ``{"_target_": "torch.optim.SGD", "lr": ..., "weight_decay": ..., ...}``; ``lr`` is scaled
+            by ``batch_size / 256`` (linear scaling rule) when ``scale_lr`` is true.
+        warmup: warm-up fraction (or steps) before cosine decay.
+        knn_k, knn_temperature: kNN monitor settings (run when the data module has a labeled monitor set).
+    """
+
+    def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
+                 temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
+                 scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07, **_: Any) -> None:
+        super().__init__()
+        optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.3, "momentum": 0.9,
+                                       "weight_decay": 1e-4})
+        self.save_hyperparameters({"depth": depth, "small_stem": small_stem, "proj_hidden": proj_hidden,
+                                   "proj_dim": proj_dim, "temperature": temperature, "optimizer": optimizer,
+                                   "warmup": warmup, "scale_lr": scale_lr, "knn_k": knn_k,
+                                   "knn_temperature": knn_temperature})
+        self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
+        self.projector = Projector(self.encoder.out_dim, proj_hidden, proj_dim)
+        self.criterion = NTXentLoss(temperature)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        v1, v2 = batch
+        z = self.projector(self.encoder(torch.cat([v1, v2])))
+        loss = self.criterion(*z.chunk(2))
+        self.log("pretrain/loss", loss, prog_bar=True, batch_size=len(v1), sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        cfg = dict(self.hparams.optimizer)
+        cls = get_class(cfg.pop("_target_"))
+        lr, wd = float(cfg.pop("lr")), float(cfg.pop("weight_decay", 0.0))
+        if self.hparams.scale_lr:
+            batch = self.trainer.datamodule.batch_size * self.trainer.world_size
+            lr = lr * batch / 256
+        optimizer = cls(param_groups(self.named_parameters(), wd, lr), lr=lr, **cfg)
+        scheduler = WarmupSchedule("cosine", warmup=self.hparams.warmup).build(
+            optimizer, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        if getattr(dm, "knn_bank", None) is None or not self.trainer.is_global_zero:
+            return
+        bank = extract_features(self.encoder, dm.knn_bank, num_workers=dm.num_workers, device=self.device)
+        query = extract_features(self.encoder, dm.knn_query, num_workers=dm.num_workers, device=self.device)
+        acc = knn_accuracy(*bank, *query, k=self.hparams.knn_k, temperature=self.hparams.knn_temperature)
+        self.log("pretrain/knn_acc", acc, prog_bar=True, rank_zero_only=True)
+        log.info("epoch %d: kNN accuracy %.4f", self.current_epoch, acc)
