@@ -51,7 +51,8 @@ def train(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates the dataset: a broken one stops here, before any training
-    model = instantiate(cfg.model, categories=datamodule.categories.to_list(), _recursive_=False)
+    model = instantiate(cfg.model, categories=datamodule.categories.to_list(), image_size=cfg.data.image_size,
+                        _recursive_=False)
     trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")),
                           callbacks=instantiate_dict(cfg.get("callbacks")))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), out))

@@ -65,9 +65,16 @@ class EvalResult:
 
 
 def normalize_ground_truth(gt: dict) -> dict:
-    """A copy of a COCO dict with the optional keys COCOeval needs (``iscrowd``, ``area``) filled in."""
+    """A copy of a COCO dict ready for COCOeval: optional keys (``iscrowd``, ``area``) filled in, and annotation
+    ids renumbered ``1..N``.
+
+    The renumbering matters: COCOeval records a detection's match as the matched ground truth's *id* and tests it
+    for truth, so a ground-truth annotation with id 0 (as labelling tools export) silently counts as never matched.
+    Results never refer to annotation ids, so renumbering changes nothing else.
+    """
     gt = copy.deepcopy(gt)
-    for ann in gt["annotations"]:
+    for new_id, ann in enumerate(gt["annotations"], start=1):
+        ann["id"] = new_id
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])

@@ -46,6 +46,7 @@ class DetectionModule(L.LightningModule):
         backbone_lr_mult: learning-rate multiplier for the encoder (e.g. 0.1 for a pretrained encoder).
         eval_backend: ``"faster_coco_eval"`` or ``"pycocotools"``.
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs with AMP).
+        image_size: the letterbox size the model is trained at (prediction and evaluation reuse it).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class DetectionModule(L.LightningModule):
         backbone_lr_mult: float = 1.0,
         eval_backend: str = "faster_coco_eval",
         channels_last: bool = False,
+        image_size: int | None = None,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -66,7 +68,7 @@ class DetectionModule(L.LightningModule):
         self.save_hyperparameters({"backbone": backbone, "detector": detector, "categories": list(categories),
                                    "optimizer": optimizer, "scheduler": scheduler,
                                    "backbone_lr_mult": backbone_lr_mult, "eval_backend": eval_backend,
-                                   "channels_last": channels_last})
+                                   "channels_last": channels_last, "image_size": image_size})
         self.categories = CategoryMap(categories)
         self.detector = instantiate(detector, backbone=instantiate(backbone), num_classes=len(self.categories),
                                     _recursive_=True)
@@ -118,7 +120,7 @@ class DetectionModule(L.LightningModule):
         for det, target in zip(dets, targets):
             out.append({"boxes": to_original_pixels(det["boxes"].float(), target), "scores": det["scores"].float(),
                         "labels": det["labels"], "category_ids": self.categories.ids_of(det["labels"]),
-                        "image_id": target["image_id"]})
+                        "image_id": target.get("image_id")})
         return out
 
     def on_validation_epoch_start(self) -> None:

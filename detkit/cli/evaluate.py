@@ -1,0 +1,83 @@
+"""``detkit-eval``: COCO evaluation of a checkpoint on a dataset, or of a predictions file.
+
+Writes ``OUT/metrics.json`` (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl, per_class),
+``OUT/pr_curves.png`` and, in checkpoint mode, ``OUT/predictions.json`` (COCO results).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
+from detkit.eval.coco_eval import EvalResult, PredictionError, evaluate_coco, write_metrics
+from detkit.eval.curves import plot_pr_curves
+from detkit.paths import config_dir
+
+log = logging.getLogger("detkit")
+
+
+def _read_json(path: str, what: str):
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file {p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PredictionError(f"{what} file {p} is not valid json ({e})") from e
+
+
+def evaluate_files(cfg: DictConfig) -> EvalResult:
+    gt = _read_json(cfg.ground_truth, "ground_truth")
+    preds = _read_json(cfg.predictions, "predictions")
+    if isinstance(preds, dict) and "annotations" in preds:  # a COCO-style file from detkit-predict
+        preds = preds["annotations"]
+    if not isinstance(preds, list):
+        raise PredictionError(f"{cfg.predictions}: expected a COCO results list, got {type(preds).__name__}")
+    return evaluate_coco(gt, preds, backend=cfg.backend)
+
+
+def evaluate_checkpoint(cfg: DictConfig, out: Path) -> EvalResult:
+    from detkit.lit.detection_module import DetectionModule
+
+    check_torchvision_ops(cfg.trainer.accelerator)
+    module = DetectionModule.from_checkpoint(cfg.checkpoint)
+    module.hparams.eval_backend = cfg.backend
+    with open_dict(cfg):
+        if cfg.data.image_size is None:
+            cfg.data.image_size = module.hparams.get("image_size") or 320
+    if not cfg.data.val_ann:
+        raise FileNotFoundError("checkpoint mode needs data.val_ann=GT.json and data.val_images=DIR")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("validate")
+    trainer = instantiate(cfg.trainer)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    (out / "predictions.json").write_text(json.dumps(module.gather_results()))
+    return module.last_eval
+
+
+@hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
+@clean_errors
+def main(cfg: DictConfig) -> float:
+    out = output_dir()
+    if cfg.checkpoint:
+        result = evaluate_checkpoint(cfg, out)
+    elif cfg.ground_truth and cfg.predictions:
+        result = evaluate_files(cfg)
+    else:
+        raise FileNotFoundError("give checkpoint=CKPT (with data.val_ann/data.val_images) or "
+                                "ground_truth=GT.json predictions=PRED.json")
+    write_metrics(out / "metrics.json", result, {"backend": cfg.backend})
+    plot_pr_curves(result, out / "pr_curves.png")
+    print(result.summary())
+    log.info("metrics: %s", out / "metrics.json")
+    return float(result.stats["AP"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared fixtures: synthetic COCO data, the embedded BCCD split, the developer's ../shared datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from detkit.data.synthetic import make_synthetic_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+BCCD = ROOT / "data" / "bccd"
+SHARED = ROOT.parent / "shared" / "datasets"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/datasets (developer checkouts and CI)")
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> tuple[Path, Path]:
+    """8 synthetic images (ids from 0, every 4th empty) -> (ann_file, image_root)."""
+    return make_synthetic_coco(tmp_path / "syn", num_images=8, first_id=0, empty_every=4)
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def dump(data: dict, path: Path) -> Path:
+    path.write_text(json.dumps(data))
+    return path
