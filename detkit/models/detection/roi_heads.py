@@ -186,10 +186,23 @@ class RoIHeads(nn.Module):
         """Score, decode, threshold and NMS the proposals of every image: padded :class:`Detections` in input
         pixels (``labels`` contiguous ``0..C-1``)."""
         props, valid = pad_boxes(proposals)
+        img, idx = valid.nonzero(as_tuple=True)
+        logits, deltas = self._heads(features, img, props[img, idx])
+        return self.postprocess_detections(logits, deltas, props, valid, image_size)
+
+    def postprocess_detections(self, logits: torch.Tensor, deltas: torch.Tensor, props: torch.Tensor,
+                               valid: torch.Tensor, image_size: tuple[int, int]) -> Detections:
+        """Batched post-processing of the box predictor's outputs.
+
+        Args:
+            logits: ``[K, C + 1]`` for the ``K`` valid proposals in ``valid.nonzero()`` order (background last).
+            deltas: ``[K, 4C]`` class-specific box deltas.
+            props: ``[B, P, 4]`` padded proposals (xyxy); valid: ``[B, P]``.
+            image_size: ``(H, W)`` to clip to.
+        """
         b, p = valid.shape
         c = self.num_classes
         img, idx = valid.nonzero(as_tuple=True)
-        logits, deltas = self._heads(features, img, props[img, idx])
         scores = props.new_zeros(b, p, c)
         scores[img, idx] = F.softmax(logits.float(), dim=-1)[:, :c].to(scores.dtype)
         boxes = props.new_zeros(b, p, c, 4)

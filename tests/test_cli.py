@@ -1,0 +1,119 @@
+"""The console scripts as a user runs them: configs compose, runs write their outputs, errors are clean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import detkit.cli.common  # noqa: F401  (registers resolvers)
+from detkit.eval.coco_eval import STAT_KEYS
+from detkit.paths import config_dir
+from tests.conftest import dump, load
+
+BIN = Path(sys.executable).parent
+FAST = ["data.image_size=128", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
+        "model.detector.rpn.pre_nms_top_n={train:200,test:200}", "model.detector.rpn.post_nms_top_n={train:100,test:100}",
+        "model.detector.roi_heads.hidden=64", "model.detector.roi_heads.batch_size_per_image=64"]
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=600, **kw)
+
+
+def data_args(ann: Path, root: Path) -> list[str]:
+    return [f"data.train_ann={ann}", f"data.train_images={root}", f"data.val_ann={ann}", f"data.val_images={root}",
+            "data.test_ann=null"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model=faster_rcnn", "backbone@model.backbone=resnet18_c4",
+         "model.detector.rpn.anchor_generator.sizes=[[32,64,128]]",
+         "model.detector.rpn.anchor_generator.aspect_ratios=[[0.5,1.0,2.0]]"],
+    ["optimizer=adamw", "scheduler=step", "logger=tensorboard"], ["experiment=pipeline"],
+])
+def test_train_configs_compose_and_instantiate(overrides):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/x"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model = instantiate(cfg.model, categories=dm.categories.to_list(), _recursive_=False)
+    assert model.detector.num_classes == 3
+    for node in cfg.callbacks.values():
+        instantiate(node)
+
+
+@pytest.mark.parametrize("name", ["gpu", "ddp", "ddp_cpu"])
+def test_scale_up_trainer_configs_compose(name):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[f"trainer={name}"])
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    assert cfg.trainer.accelerator in ("gpu", "cpu")
+
+
+def test_train_writes_config_checkpoints_and_metrics(synthetic, tmp_path):
+    ann, root = synthetic
+    out = tmp_path / "run"
+    r = run(["detkit-train", *data_args(ann, root), *FAST, f"hydra.run.dir={out}"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(isinstance(metrics[k], float) for k in STAT_KEYS)
+    assert [c["id"] for c in metrics["per_class"]] == [0, 1, 2]
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "pr_curves.png").is_file()
+    # the checkpoint alone drives prediction and evaluation
+    r = run(["detkit-predict", f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", f"input={root}",
+             "score_threshold=0.0", f"hydra.run.dir={tmp_path / 'pred'}"])
+    assert r.returncode == 0, r.stderr
+    preds = load(tmp_path / "pred" / "predictions.json")
+    assert len(preds["images"]) == 8 and len(list((tmp_path / "pred" / "visualizations").glob("*.jpg"))) == 8
+    r = run(["detkit-eval", f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", f"data.val_ann={ann}",
+             f"data.val_images={root}", f"hydra.run.dir={tmp_path / 'ev'}"])
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "ev" / "metrics.json")["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+
+
+def test_eval_files_mode_and_its_errors(synthetic, tmp_path):
+    ann, _ = synthetic
+    gt = load(ann)
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+             for a in gt["annotations"]]
+    good = dump(preds, tmp_path / "preds.json")
+    r = run(["detkit-eval", f"ground_truth={ann}", f"predictions={good}", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert r.returncode == 0, r.stderr
+    metrics = load(tmp_path / "e" / "metrics.json")
+    assert metrics["AP"] == pytest.approx(1.0) and set(STAT_KEYS) <= set(metrics) and "per_class" in metrics
+    bad = dump([{**preds[0], "image_id": 4242}, *preds[1:]], tmp_path / "bad.json")
+    r = run(["detkit-eval", f"ground_truth={ann}", f"predictions={bad}", f"hydra.run.dir={tmp_path / 'e2'}"])
+    assert r.returncode == 1
+    assert "image_id 4242" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_train_refuses_a_broken_dataset_before_training(synthetic, tmp_path):
+    ann, root = synthetic
+    data = load(ann)
+    data["annotations"][3]["bbox"] = [1, 1, 0, 5]
+    broken = dump(data, tmp_path / "broken.json")
+    r = run(["detkit-train", *data_args(broken, root), *FAST, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 1
+    text = r.stdout + r.stderr
+    assert f"annotation id {data['annotations'][3]['id']}" in text and "bbox_nonpositive" in text
+    assert "Traceback" not in text and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_pretrain_writes_an_encoder_the_detector_loads(synthetic, tmp_path):
+    ann, root = synthetic
+    out = tmp_path / "pre"
+    r = run(["detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
+             "data.num_workers=0", "trainer.max_epochs=1", f"hydra.run.dir={out}"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "encoder.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    r = run(["detkit-train", *data_args(ann, root), *FAST, f"model.backbone.init={out / 'encoder.pt'}",
+             f"hydra.run.dir={tmp_path / 'ft'}"])
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "ft" / "metrics.json")["encoder_init"] == str(out / "encoder.pt")

@@ -1,0 +1,178 @@
+"""Detector parts as specifications: hand-computed cases, and equivalence with torchvision on random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection import _utils as tv_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import batched_nms, box_iou
+
+from detkit.models.detection.anchors import AnchorGenerator, anchors_per_location
+from detkit.models.detection.box_coder import BoxCoder
+from detkit.models.detection.boxes import batched_box_iou
+from detkit.models.detection.matcher import Matcher
+from detkit.models.detection.postprocess import batched_multiclass_nms
+from detkit.models.detection.sampler import BalancedSampler
+
+
+def random_boxes(n: int, size: float = 200.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * size
+    wh = torch.rand(n, 2, generator=g) * size / 3 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+# ---- anchors -------------------------------------------------------------------------------------------------
+def test_classic_nine_anchors_per_location_hand_computed():
+    gen = AnchorGenerator(sizes=[[128, 256, 512]], aspect_ratios=[[0.5, 1.0, 2.0]])
+    assert gen.num_anchors_per_location() == [9]
+    base = gen.base_anchors([128], [1.0, 2.0])
+    # ratio 1: a 128x128 square centred at 0; ratio 2 (h/w): w = 128/sqrt2 = 90.5, h = 181.0
+    assert base.tolist() == [[-64, -64, 64, 64], [-45, -91, 45, 91]]
+    anchors = gen([torch.zeros(1, 8, 2, 3)], image_size=(32, 48))[0]
+    assert anchors.shape == (2 * 3 * 9, 4)
+    # location (row 1, col 2) at stride 16: shift (32, 16); its first anchor is ratio 0.5, size 128
+    assert anchors[(1 * 3 + 2) * 9].tolist() == (gen.base_anchors([128], [0.5])[0] + torch.tensor([32, 16, 32, 16])).tolist()
+
+
+@pytest.mark.parametrize("image_size", [(320, 320), (256, 384)])
+def test_anchors_equal_torchvision(image_size):
+    sizes = ((16, 32), (64, 96), (128, 192))
+    ratios = ((0.5, 1.0, 2.0),) * 3
+    feats = [torch.zeros(2, 4, image_size[0] // s, image_size[1] // s) for s in (8, 16, 32)]
+    ours = torch.cat(AnchorGenerator(sizes, ratios)(feats, image_size))
+    tv = TVAnchorGenerator(sizes, ratios)(ImageList(torch.zeros(2, 3, *image_size), [image_size] * 2), feats)
+    assert torch.equal(ours, tv[0]) and torch.equal(ours, tv[1])
+
+
+def test_anchor_level_mismatch_is_a_clear_error():
+    gen = AnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[1.0], [1.0]])
+    with pytest.raises(ValueError, match="2 level.*gives 3 feature map"):
+        gen([torch.zeros(1, 1, 4, 4)] * 3, (32, 32))
+    with pytest.raises(ValueError, match="same number of anchors per location"):
+        anchors_per_location([[32], [64, 128]], [[1.0], [1.0]])
+
+
+# ---- box coder -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_equals_torchvision_and_round_trips(weights):
+    boxes, ref = random_boxes(500, seed=1), random_boxes(500, seed=2)
+    ours, tv = BoxCoder(weights), tv_utils.BoxCoder(weights)
+    deltas = ours.encode(boxes, ref)
+    torch.testing.assert_close(deltas, tv.encode_single(boxes, ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.decode(deltas, ref), boxes, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ours.decode(deltas, ref), tv.decode_single(deltas, ref), rtol=1e-5, atol=1e-4)
+
+
+def test_box_coder_hand_computed_and_clamped():
+    coder = BoxCoder((1, 1, 1, 1), scale_clamp=math.log(4))
+    ref = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    box = torch.tensor([[5.0, 10.0, 25.0, 30.0]])  # centre (15, 20) vs (5, 10); size 20x20 vs 10x20
+    torch.testing.assert_close(coder.encode(box, ref), torch.tensor([[1.0, 0.5, math.log(2), 0.0]]))
+    huge = coder.decode(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), ref)  # exp clamped at 4x
+    torch.testing.assert_close(huge, torch.tensor([[-15.0, -30.0, 25.0, 50.0]]))
+
+
+def test_degenerate_boxes_encode_finite():
+    coder = BoxCoder((10, 10, 5, 5))
+    deltas = coder.encode(torch.tensor([[5.0, 5.0, 5.0, 5.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    assert torch.isfinite(deltas).all()
+
+
+# ---- IoU, matcher, sampler -----------------------------------------------------------------------------------
+def test_batched_iou_equals_box_iou():
+    a, b = random_boxes(30, seed=3).view(3, 10, 4), random_boxes(60, seed=4).view(3, 20, 4)
+    ours = batched_box_iou(a, b)
+    for i in range(3):
+        torch.testing.assert_close(ours[i], box_iou(a[i], b[i]))
+
+
+@pytest.mark.parametrize("high, low, lowq", [(0.7, 0.3, True), (0.5, 0.5, False), (0.6, 0.4, False)])
+def test_matcher_equals_torchvision(high, low, lowq):
+    gt, anchors = random_boxes(12, seed=5), random_boxes(400, seed=6)
+    iou = box_iou(gt, anchors)
+    ours = Matcher(high, low, lowq)(iou[None], torch.ones(1, 12, dtype=torch.bool))[0]
+    tv = tv_utils.Matcher(high, low, lowq)(iou)
+    assert torch.equal(ours, tv)
+
+
+def test_matcher_handles_padding_and_empty_images():
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]])
+    valid = torch.tensor([[True, False], [False, False]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0], [50.0, 50.0, 60.0, 60.0]])
+    m = Matcher(0.7, 0.3, True)(batched_box_iou(gt, anchors[None]), valid)  # IoUs 1.0, 0.5, 0.0
+    assert m.tolist() == [[0, Matcher.IGNORE, Matcher.BACKGROUND], [Matcher.BACKGROUND] * 3]
+
+
+def test_matcher_low_quality_match_keeps_best_anchor():
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0]]])
+    anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 50.0, 50.0]])  # IoU 0.25 and 0
+    m = Matcher(0.7, 0.3, True)(batched_box_iou(gt, anchors[None]), torch.ones(1, 1, dtype=torch.bool))
+    assert m.tolist() == [[0, -1]]
+
+
+def test_sampler_respects_budget_and_fraction():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(4, 1000, generator=g) < 0.2
+    neg = ~pos
+    pos[3] = False  # an image without positives gets only negatives
+    sp, sn = BalancedSampler(256, 0.25)(pos, neg, generator=g)
+    assert (sp & ~pos).sum() == 0 and (sn & ~neg).sum() == 0
+    assert sp.sum(1).tolist()[:3] == [64, 64, 64] and sp[3].sum() == 0
+    assert (sp.sum(1) + sn.sum(1)).tolist() == [256] * 4
+
+
+# ---- post-processing -----------------------------------------------------------------------------------------
+def _reference_loop(boxes, scores, labels, valid, thresh, max_det):
+    out = []
+    for b in range(len(boxes)):
+        idx = valid[b].nonzero(as_tuple=True)[0]
+        keep = batched_nms(boxes[b, idx], scores[b, idx], labels[b, idx], thresh)[:max_det]
+        out.append((boxes[b, idx][keep], scores[b, idx][keep], labels[b, idx][keep]))
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["per_image", "batched"])
+def test_batched_nms_equals_per_image_torchvision_loop(strategy):
+    g = torch.Generator().manual_seed(7)
+    b, n = 5, 300
+    boxes = random_boxes(b * n, seed=8).view(b, n, 4)
+    scores = torch.rand(b, n, generator=g)
+    labels = torch.randint(0, 6, (b, n), generator=g)
+    valid = scores > 0.2
+    valid[2] = False  # an image with no candidates
+    dets = batched_multiclass_nms(boxes, scores, labels, valid, 0.5, 40, strategy=strategy)
+    for (rb, rs, rl), d in zip(_reference_loop(boxes, scores, labels, valid, 0.5, 40), dets.to_list()):
+        assert torch.equal(d["boxes"], rb) and torch.equal(d["scores"], rs) and torch.equal(d["labels"], rl)
+    assert dets.valid[2].sum() == 0
+
+
+@pytest.mark.parametrize("strategy", ["per_image", "batched"])
+def test_roi_postprocess_equals_torchvision(strategy):
+    """Same proposals, logits and deltas -> the same detections as torchvision's RoIHeads.postprocess_detections
+    (torchvision puts background at index 0 and predicts deltas for it too; detkit puts it last)."""
+    from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
+
+    from detkit.models.detection.roi_heads import RoIHeads, pad_boxes
+
+    g = torch.Generator().manual_seed(9)
+    c, image_size = 4, (240, 320)
+    proposals = [random_boxes(n, size=220, seed=10 + n) for n in (50, 0, 80)]
+    k = sum(len(p) for p in proposals)
+    logits = torch.randn(k, c + 1, generator=g) * 3
+    deltas = torch.randn(k, 4 * c, generator=g) * 0.5
+    ours = RoIHeads(8, [8], c, topk_candidates=10**6, nms_strategy=strategy)
+    props, valid = pad_boxes(proposals)
+    dets = ours.postprocess_detections(logits, deltas, props, valid, image_size).to_list()
+    tv = TVRoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0), 0.05, 0.5, 100)
+    tv_logits = torch.cat([logits[:, c:], logits[:, :c]], dim=1)
+    tv_deltas = torch.cat([torch.zeros(k, 4), deltas], dim=1)
+    tv_boxes, tv_scores, tv_labels = tv.postprocess_detections(tv_logits, tv_deltas, proposals, [image_size] * 3)
+    for d, b, s, lab in zip(dets, tv_boxes, tv_scores, tv_labels):
+        torch.testing.assert_close(d["boxes"], b)
+        torch.testing.assert_close(d["scores"], s)
+        assert torch.equal(d["labels"] + 1, lab)

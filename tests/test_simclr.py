@@ -1,0 +1,122 @@
+"""SimCLR: NT-Xent against the formula written as a loop, the same loss and gradients under 2-process DDP, and
+the encoder hand-off to the detectors."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from detkit.models.backbones import Backbone, EncoderLoadError, ResNetEncoder, load_encoder, save_encoder
+from detkit.models.ssl.simclr import NTXentLoss
+
+
+def loop_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """The NT-Xent formula, one view at a time."""
+    z = torch.cat([z1, z2])
+    n2 = len(z)
+    total = 0.0
+    for i in range(n2):
+        partner = (i + n2 // 2) % n2
+        sim = [F.cosine_similarity(z[i], z[k], dim=0) / tau for k in range(n2)]
+        denom = sum(math.exp(sim[k].item()) for k in range(n2) if k != i)
+        total += -(sim[partner].item() - math.log(denom))
+    return torch.tensor(total / n2)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("n, d", [(2, 3), (5, 16)])
+def test_nt_xent_equals_the_formula(tau, n, d):
+    g = torch.Generator().manual_seed(int(tau * 100) + n)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    torch.testing.assert_close(NTXentLoss(tau)(z1, z2), loop_nt_xent(z1, z2, tau), rtol=1e-5, atol=1e-5)
+
+
+def test_nt_xent_is_stable_at_low_temperature_and_rejects_bad_tau():
+    z = torch.randn(4, 8) * 100
+    assert torch.isfinite(NTXentLoss(0.01)(z, z + 1e-3))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        NTXentLoss(0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, x1: torch.Tensor, x2: torch.Tensor, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(x1.shape[1], 4)
+    n = len(x1) // world
+    sl = slice(rank * n, (rank + 1) * n)
+    loss = NTXentLoss(0.3)(proj(x1[sl]), proj(x2[sl]))
+    loss.backward()
+    for p in proj.parameters():  # what DDP does to gradients: average over processes
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        torch.save({"loss": torch.stack(losses).mean(), "grads": [p.grad for p in proj.parameters()]}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path):
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), x1, x2, out), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 4)
+    loss = NTXentLoss(0.3)(proj(x1), proj(x2))
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach())
+    for a, b in zip(ddp["grads"], [p.grad for p in proj.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_file_round_trips_into_the_detection_backbone(tmp_path: Path):
+    enc = ResNetEncoder(depth=18)
+    with torch.no_grad():
+        enc.layer3[0].conv1.weight[0, 0, 0, 0] = 0.123456
+        enc.bn1.running_mean[3] = 7.0
+    path = save_encoder(enc, tmp_path / "encoder.pt", meta={"method": "simclr"})
+    loaded = load_encoder(path)
+    assert loaded.layer3[0].conv1.weight[0, 0, 0, 0].item() == pytest.approx(0.123456)
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    enc.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), enc(x))
+    backbone = Backbone(depth=18, init=str(path))
+    assert backbone.encoder.layer3[0].conv1.weight[0, 0, 0, 0].item() == pytest.approx(0.123456)
+    assert backbone.encoder.bn1.running_mean[3].item() == 7.0
+    for k, v in enc.state_dict().items():
+        assert torch.equal(backbone.encoder.state_dict()[k], v), k
+
+
+def test_encoder_file_that_does_not_fit_is_a_clear_error(tmp_path: Path):
+    path = save_encoder(ResNetEncoder(depth=18, small_stem=True), tmp_path / "small.pt")
+    with pytest.raises(EncoderLoadError, match="small_stem"):
+        Backbone(depth=18, init=str(path))
+    blob = torch.load(path, weights_only=True)
+    del blob["state_dict"]["layer1.0.conv1.weight"]
+    blob["state_dict"]["head.weight"] = torch.zeros(1)
+    blob["arch"]["small_stem"] = False
+    torch.save(blob, tmp_path / "broken.pt")
+    with pytest.raises(EncoderLoadError, match=r"missing keys \['layer1.0.conv1.weight'\].*unexpected keys "
+                                               r"\['head.weight'\]"):
+        Backbone(depth=18, init=str(tmp_path / "broken.pt"))
+    (tmp_path / "other.pt").write_bytes(b"")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(EncoderLoadError, match="not a detkit encoder file"):
+        load_encoder(tmp_path / "other.pt")
