@@ -1,0 +1,170 @@
+"""detkit's Faster R-CNN against torchvision's FasterRCNN: same backbone, image size, RoI counts and schedule.
+
+    python scripts/bench_faster_rcnn.py [--epochs 6] [--image-size 320] [--batch-size 4] [--threads 2]
+
+Each implementation runs in its own process (so peak memory is its own): it trains on BCCD's train split (the copy
+embedded in data/), measuring training images/s after a few warm-up steps, then measures inference images/s and
+COCO AP on the val split with the same evaluator. Both models share: the detkit ResNet-18 + FPN backbone (c3-c5,
+128 channels; torchvision gets it wrapped, normalisation in the backbone), anchors, RPN pre/post-NMS top-n,
+256 RPN and 256 RoI samples per image, RoIAlign 7x7 (sampling ratio 2), a 2x512 FC box head, SGD with momentum,
+warm-up + cosine decay, the same data order and augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BCCD = ROOT / "data" / "bccd"
+SIZES = [[16, 32], [64, 96], [128, 192]]
+RATIOS = [[0.5, 1.0, 2.0]] * 3
+PRE, POST = {"train": 1000, "test": 500}, {"train": 1000, "test": 500}
+
+
+def build_detkit(num_classes: int):
+    from detkit.models.backbones import Backbone
+    from detkit.models.detection.anchors import AnchorGenerator
+    from detkit.models.detection.faster_rcnn import FasterRCNN
+    from detkit.models.detection.roi_heads import RoIHeads
+    from detkit.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(0)
+    backbone = Backbone(depth=18, levels=["c3", "c4", "c5"], fpn=True, fpn_channels=128)
+    return FasterRCNN(backbone, num_classes,
+                      partial(RegionProposalNetwork, anchor_generator=AnchorGenerator(SIZES, RATIOS),
+                              pre_nms_top_n=PRE, post_nms_top_n=POST),
+                      partial(RoIHeads, hidden=512, batch_size_per_image=256, aligned=False))
+
+
+class _TVBackbone(torch.nn.Module):
+    """detkit's backbone behind torchvision's contract (``out_channels``, feature dict)."""
+
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.body, self.out_channels = backbone, backbone.out_channels
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def build_torchvision(num_classes: int, image_size: int):
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from detkit.models.backbones import Backbone
+
+    torch.manual_seed(0)
+    backbone = _TVBackbone(Backbone(depth=18, levels=["c3", "c4", "c5"], fpn=True, fpn_channels=128))
+    return FasterRCNN(
+        backbone, num_classes=None, min_size=image_size, max_size=image_size, image_mean=[0.0] * 3,
+        image_std=[1.0] * 3, rpn_anchor_generator=AnchorGenerator(SIZES, RATIOS),
+        rpn_pre_nms_top_n_train=PRE["train"], rpn_pre_nms_top_n_test=PRE["test"],
+        rpn_post_nms_top_n_train=POST["train"], rpn_post_nms_top_n_test=POST["test"],
+        box_roi_pool=MultiScaleRoIAlign(["p3", "p4", "p5"], 7, 2),
+        box_head=TwoMLPHead(128 * 49, 512), box_predictor=FastRCNNPredictor(512, num_classes + 1),
+        box_batch_size_per_image=256, box_detections_per_img=100)
+
+
+def run_one(impl: str, args: argparse.Namespace) -> dict:
+    """Train + measure one implementation in this process."""
+    from detkit.data.datamodule import DetectionDataModule
+    from detkit.eval.coco_eval import detections_to_results, evaluate_coco
+    from detkit.lit.detection_module import to_original_pixels
+    from detkit.lit.optim import WarmupSchedule, param_groups
+
+    torch.set_num_threads(args.threads)
+    dm = DetectionDataModule(str(BCCD / "annotations/train.json"), str(BCCD / "images"),
+                             str(BCCD / "annotations/val.json"), str(BCCD / "images"),
+                             image_size=args.image_size, batch_size=args.batch_size, num_workers=1)
+    dm.setup("fit")
+    cats = dm.categories
+    model = build_detkit(len(cats)) if impl == "detkit" else build_torchvision(len(cats), args.image_size)
+    steps = args.epochs * (len(dm.datasets["train"]) // args.batch_size)
+    opt = torch.optim.SGD(param_groups(model.named_parameters(), 1e-4, args.lr), lr=args.lr, momentum=0.9)
+    sched = WarmupSchedule("cosine", warmup=0.05).build(opt, steps)
+    torch.manual_seed(1)
+    train_time, train_images, step = 0.0, 0, 0
+    model.train()
+    for epoch in range(args.epochs):
+        for images, targets in dm.train_dataloader():
+            t0 = time.perf_counter()
+            if impl == "detkit":
+                losses = model.loss(images, targets)
+            else:
+                tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+                losses = model(list(images.float()), tv_targets)
+            loss = sum(losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step >= args.warmup_steps:
+                train_time += time.perf_counter() - t0
+                train_images += len(images)
+            step += 1
+        print(f"[{impl}] epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    model.eval()
+    results, infer_time, n = [], 0.0, 0
+    with torch.no_grad():
+        for images, targets in dm.val_dataloader():
+            t0 = time.perf_counter()
+            if impl == "detkit":
+                dets = model.predict(images).to_list()
+            else:
+                dets = [{**d, "labels": d["labels"] - 1} for d in model(list(images.float()))]
+            infer_time += time.perf_counter() - t0
+            n += len(images)
+            for d, t in zip(dets, targets):
+                results += detections_to_results(to_original_pixels(d["boxes"], t), d["scores"],
+                                                 cats.ids_of(d["labels"]), t["image_id"])
+    stats = evaluate_coco(dm.datasets["val"].coco_data, results).stats
+    return {"impl": impl, "train_img_s": train_images / train_time, "infer_img_s": n / infer_time,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "AP": stats["AP"], "AP50": stats["AP50"], "steps": step}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--impl", choices=["detkit", "torchvision"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.impl:
+        print(json.dumps(run_one(args.impl, args)))
+        return
+    rows = []
+    for impl in ("detkit", "torchvision"):
+        cmd = [sys.executable, __file__, "--impl", impl] + [f"--{k.replace('_', '-')}={v}" for k, v in
+                                                             vars(args).items() if k != "impl" and v is not None]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    d, t = rows
+    print(f"BCCD train {args.epochs} epochs at {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    print("| impl | train img/s | infer img/s | peak RSS MB | val AP | val AP50 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['impl']} | {r['train_img_s']:.2f} | {r['infer_img_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['AP']:.4f} | {r['AP50']:.4f} |")
+    print(f"| ratio detkit/torchvision | {d['train_img_s'] / t['train_img_s']:.2f}x | "
+          f"{d['infer_img_s'] / t['infer_img_s']:.2f}x | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | "
+          f"{d['AP'] - t['AP']:+.4f} | {d['AP50'] - t['AP50']:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
