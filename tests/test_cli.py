@@ -116,4 +116,4 @@ def test_pretrain_writes_an_encoder_the_detector_loads(synthetic, tmp_path):
     r = run(["detkit-train", *data_args(ann, root), *FAST, f"model.backbone.init={out / 'encoder.pt'}",
              f"hydra.run.dir={tmp_path / 'ft'}"])
     assert r.returncode == 0, r.stderr
-    assert load(tmp_path / "ft" / "metrics.json")["encoder_init"] == str(out / "encoder.pt")
+    assert load(tmp_path / "ft" / "run.json")["encoder_init"] == str(out / "encoder.pt")

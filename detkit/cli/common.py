@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,18 +59,37 @@ def is_multirun() -> bool:
 
 
 def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Report user-input errors as one message: exit 1 in a single run; in a multirun re-raise so the sweep
-    records the job as failed and goes on."""
+    """Run an entry point with clean failure handling.
+
+    Single run: a user-input error is one message and exit status 1 (other errors keep their traceback).
+    Multirun: any error is logged and recorded in the job directory (``job_status.json``) and the job returns NaN,
+    so the other jobs go on and the sweep summary lists this one as failed (see :mod:`detkit.cli.sweep`).
+    """
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> Any:
+        from detkit.cli.sweep import write_job_status
+
+        start = time.time()
+        multirun = is_multirun()
         try:
-            return fn(cfg)
+            result = fn(cfg)
         except USER_ERRORS as e:
-            if is_multirun():
-                raise
+            if multirun:
+                log.error("job failed: %s", e)
+                write_job_status(output_dir(), "failed", time.time() - start, f"{type(e).__name__}: {e}")
+                return float("nan")
             log.error("error: %s", e)
             sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - in a sweep, one job's crash must not erase the others
+            if not multirun:
+                raise
+            log.exception("job failed")
+            write_job_status(output_dir(), "failed", time.time() - start, f"{type(e).__name__}: {e}")
+            return float("nan")
+        if multirun:
+            write_job_status(output_dir(), "completed", time.time() - start)
+        return result
 
     return wrapper
 

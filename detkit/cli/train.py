@@ -4,7 +4,8 @@
       data.val_images=DIR [model.backbone.init=ENCODER.pt] [trainer.max_epochs=N] [hydra.run.dir=OUT]
 
 Writes into the run directory: ``.hydra/config.yaml`` (resolved config), ``checkpoints/{best,last}.ckpt``,
-``metrics.json`` (12 COCO stats + per_class), ``pr_curves.png`` and CSV logs.
+``metrics.json`` (12 COCO stats + per_class; identical for two runs with the same seed), ``run.json`` (wall time,
+checkpoint and encoder paths), ``pr_curves.png`` and CSV logs.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
     return str(last)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run one training job from a composed config; return the metrics written to metrics.json."""
-    out = output_dir()
+def train(cfg: DictConfig, out: Path | None = None) -> dict:
+    """Run one training job from a composed config; return the metrics written to ``out/metrics.json``
+    (``out`` defaults to the Hydra run directory)."""
+    out = Path(out) if out is not None else output_dir()
     check_torchvision_ops(cfg.trainer.get("accelerator", "cpu"))
     L.seed_everything(cfg.seed, workers=True)
     start = time.time()
@@ -52,21 +54,22 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates the dataset: a broken one stops here, before any training
     model = instantiate(cfg.model, categories=datamodule.categories.to_list(), image_size=cfg.data.image_size,
-                        _recursive_=False)
+                        seed=cfg.seed, _recursive_=False)
     trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")),
                           callbacks=instantiate_dict(cfg.get("callbacks")))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), out))
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor), "")
     trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     result = model.last_eval
-    extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step,
-             "wall_time_s": round(time.time() - start, 1), "checkpoint": best or None,
-             "encoder_init": cfg.model.backbone.get("init")}
+    extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
     if cfg.get("test") and datamodule.paths["test"][0]:
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         extra["test"] = model.last_eval.to_json()
     metrics_path = write_metrics(out / "metrics.json", result, extra)
+    (out / "run.json").write_text(json.dumps({
+        "wall_time_s": round(time.time() - start, 1), "checkpoint": best or None,
+        "encoder_init": cfg.model.backbone.get("init"), "seed": cfg.seed}, indent=2))
     plot_pr_curves(result, out / "pr_curves.png")
     log.info("%s", result.summary())
     log.info("metrics: %s\nplots: %s\ncheckpoints: %s\nconfig: %s", metrics_path, out / "pr_curves.png",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detkit.data.transforms import item_seed
 from detkit.data.validate import DatasetError, drop_invalid, group_by_image, load_coco_json, resolve_image_path, validate_coco
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class CocoDetection(Dataset):
             raise OSError(f"{self.ann_file}: image id {rec.image_id}: {e}") from e
         boxes, labels, scale = rec.boxes, rec.labels, 1.0
         if self.transform is not None:
-            image, boxes, labels, scale = self.transform(image, boxes, labels)
+            image, boxes, labels, scale = self.transform(image, boxes, labels, seed=item_seed(index))
         target = {
             "boxes": torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
             "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Callable
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detkit.data.coco import CategoryMap, CocoDetection
 from detkit.data.collate import detection_collate
+from detkit.data.mosaic import Mosaic
 from detkit.data.transforms import DetectionTransform
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ class DetectionDataModule(L.LightningDataModule):
         skip_invalid: drop invalid images/annotations (with a summary) instead of refusing the dataset.
         check_images: decode every image during validation.
         train_fraction, subset_seed: keep a fixed random fraction of the training images (label budget).
+        mosaic: probability of a 2x2 mosaic per training item (0 disables; see :class:`detkit.data.mosaic.Mosaic`).
+        seed: seeds the training loader's own generator, which draws the shuffle order and the workers' seeds (and
+            so the augmentations); its state is part of the loader state saved in checkpoints.
     """
 
     def __init__(
@@ -51,8 +56,11 @@ class DetectionDataModule(L.LightningDataModule):
         check_images: bool = True,
         train_fraction: float = 1.0,
         subset_seed: int = 0,
+        mosaic: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.mosaic, self.seed = mosaic, seed
         self.paths = {"train": (train_ann, train_images), "val": (val_ann, val_images),
                       "test": (test_ann, test_images)}
         self.train_transform = train_transform or DetectionTransform(image_size, train=True)
@@ -99,11 +107,14 @@ class DetectionDataModule(L.LightningDataModule):
         raise ValueError("no dataset configured: set data.train_ann/data.train_images or data.val_ann/val_images")
 
     def train_dataloader(self) -> StatefulDataLoader:
+        dataset = self.datasets["train"]
+        if self.mosaic > 0:
+            dataset = Mosaic(dataset, self.mosaic)
         return StatefulDataLoader(
-            self.datasets["train"], batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
             collate_fn=detection_collate, drop_last=len(self.datasets["train"]) > self.batch_size,
-            persistent_workers=self.num_workers > 0,
-        )
+            persistent_workers=False, generator=torch.Generator().manual_seed(self.seed),
+        )  # non-persistent workers: each epoch draws a new base seed for item_seed()
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,

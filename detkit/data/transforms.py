@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import os
+
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 
 #: Pad value for letterboxing (mid-grey, as in YOLO codebases).
 PAD_VALUE = 114
@@ -26,9 +29,49 @@ def _letterbox(size: int) -> list[A.BasicTransform]:
     ]
 
 
+def item_seed(index: int) -> int | None:
+    """The random seed of dataset item ``index`` in this epoch, or ``None`` in the main process.
+
+    In a data-loader worker it is a function of the epoch's base seed (``worker_info.seed - worker_info.id``,
+    drawn from the loader's generator and restored by ``StatefulDataLoader`` on resume) and the item index alone,
+    so an item gets the same augmentation whichever worker loads it, and a resumed run reproduces the interrupted
+    one exactly (this needs non-persistent workers, so that each epoch draws a new base seed).
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return None
+    return hash((info.seed - info.id, index)) % 2**32
+
+
+class SeededPipeline:
+    """An albumentations ``Compose`` with reproducible randomness.
+
+    albumentations 2.x seeds every ``Compose`` from OS entropy, so two runs with the same ``seed`` would differ.
+    Called with ``seed`` (see :func:`item_seed`), the pipeline is reseeded for that call; without one (the main
+    process, ``num_workers=0``) it is seeded once from ``torch.initial_seed()`` and then draws a continuing stream
+    (reproducible from the run's seed, but a resumed run then draws differently).
+    """
+
+    def __init__(self, pipeline: A.Compose) -> None:
+        self.pipeline = pipeline
+        self._seeded_for: tuple[int, int] | None = None
+
+    def __call__(self, seed: int | None = None, **data):
+        if seed is not None:
+            self.pipeline.set_random_seed(seed)
+            self._seeded_for = None
+        else:
+            key = (os.getpid(), torch.initial_seed())
+            if key != self._seeded_for:
+                self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
+                self._seeded_for = key
+        return self.pipeline(**data)
+
+
 class DetectionTransform:
-    """Callable ``(image uint8 [H, W, 3], boxes float32 [N, 4] xyxy, labels int64 [N]) -> (image, boxes, labels,
-    scale)``; ``scale`` is the letterbox factor (output pixels per input pixel) used to map predictions back.
+    """Callable ``(image uint8 [H, W, 3], boxes float32 [N, 4] xyxy, labels int64 [N], seed=None) -> (image,
+    boxes, labels, scale)``; ``scale`` is the letterbox factor (output pixels per input pixel) used to map
+    predictions back, ``seed`` fixes the random draws of this call (see :func:`item_seed`).
 
     Args:
         size: output side length (square letterbox).
@@ -66,17 +109,17 @@ class DetectionTransform:
                 c = color_jitter
                 steps.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=c / 10, p=0.8))
         steps += _letterbox(self.size)[1:]
-        self.pipeline = A.Compose(
+        self.pipeline = SeededPipeline(A.Compose(
             steps,
             bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility,
                                      clip=True, filter_invalid_bboxes=True),
-        )
+        ))
 
     def __call__(
-        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         scale = self.size / max(image.shape[0], image.shape[1])
-        out = self.pipeline(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        out = self.pipeline(seed=seed, image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                             labels=np.asarray(labels, dtype=np.int64))
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)

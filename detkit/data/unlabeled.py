@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from detkit.data.coco import read_rgb
 from detkit.data.convert import IMAGE_SUFFIXES
+from detkit.data.transforms import SeededPipeline, item_seed
 from detkit.data.validate import load_coco_json, resolve_image_path
 
 
@@ -35,19 +36,21 @@ class SimCLRViews:
     def __init__(self, size: int = 64, crop_scale: tuple[float, float] = (0.08, 1.0), jitter: float = 0.4,
                  jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 0.5) -> None:
         k = max(3, int(0.1 * size) // 2 * 2 + 1)  # kernel ~10% of the image side, odd
-        self.pipeline = A.Compose([
+        self.pipeline = SeededPipeline(A.Compose([
             A.RandomResizedCrop(size=(size, size), scale=tuple(crop_scale)),
             A.HorizontalFlip(p=0.5),
             A.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4, p=jitter_p),
             A.ToGray(p=gray_p),
             A.GaussianBlur(blur_limit=(k, k), sigma_limit=(0.1, 2.0), p=blur_p),
-        ])
+        ]))
 
-    def view(self, image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.pipeline(image=image)["image"].transpose(2, 0, 1)))
+    def view(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.pipeline(seed=seed, image=image)["image"]
+                                                     .transpose(2, 0, 1)))
 
-    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view(image), self.view(image)
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views drawn independently (the second continues the first's random stream)."""
+        return self.view(image, seed), self.view(image)
 
 
 class ResizeImage:
@@ -86,6 +89,8 @@ class UnlabeledImages(Dataset):
             image = read_rgb(self.files[index])
         except OSError as e:
             raise OSError(f"unlabeled image {self.files[index]}: {e}") from e
+        if isinstance(self.transform, SimCLRViews):
+            return self.transform(image, seed=item_seed(index))
         return self.transform(image)
 
 

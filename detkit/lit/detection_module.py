@@ -14,7 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detkit.data.coco import CategoryMap
 from detkit.eval.coco_eval import STAT_KEYS, EvalResult, detections_to_results, evaluate_coco
-from detkit.lit.optim import WarmupSchedule, param_groups
+from detkit.lit.ema import ModelEMA
+from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
 from detkit.models.detection.boxes import clip_boxes
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class DetectionModule(L.LightningModule):
         eval_backend: ``"faster_coco_eval"`` or ``"pycocotools"``.
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs with AMP).
         image_size: the letterbox size the model is trained at (prediction and evaluation reuse it).
+        ema_decay: keep an exponential moving average of the detector's weights and evaluate/predict with it.
+        seed: seeds the training-time sampling (with the step number, so resumed runs draw the same samples).
     """
 
     def __init__(
@@ -60,6 +63,8 @@ class DetectionModule(L.LightningModule):
         eval_backend: str = "faster_coco_eval",
         channels_last: bool = False,
         image_size: int | None = None,
+        ema_decay: float | None = None,
+        seed: int = 0,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -68,12 +73,14 @@ class DetectionModule(L.LightningModule):
         self.save_hyperparameters({"backbone": backbone, "detector": detector, "categories": list(categories),
                                    "optimizer": optimizer, "scheduler": scheduler,
                                    "backbone_lr_mult": backbone_lr_mult, "eval_backend": eval_backend,
-                                   "channels_last": channels_last, "image_size": image_size})
+                                   "channels_last": channels_last, "image_size": image_size,
+                                   "ema_decay": ema_decay, "seed": seed})
         self.categories = CategoryMap(categories)
         self.detector = instantiate(detector, backbone=instantiate(backbone), num_classes=len(self.categories),
                                     _recursive_=True)
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(self.detector, ema_decay) if ema_decay else None
         self.last_eval: EvalResult | None = None
         self._results: list[dict] = []
 
@@ -93,12 +100,23 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        losses = self.detector.loss(self._images(images), targets)
+        # Sampling randomness is a function of (seed, step): a resumed run draws exactly what it would have drawn.
+        generator = torch.Generator(device=images.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        losses = self.detector.loss(self._images(images), targets, generator=generator)
         total = sum(losses.values())
         bs = len(targets)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
         return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.detector)
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """The EMA weights when kept, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.detector
 
     def configure_optimizers(self) -> dict:
         opt_cfg = dict(self.hparams.optimizer)
@@ -108,14 +126,14 @@ class DetectionModule(L.LightningModule):
         optimizer = get_class(opt_cfg.pop("_target_"))(groups, lr=lr, **opt_cfg)
         schedule = instantiate(self.hparams.scheduler)
         assert isinstance(schedule, WarmupSchedule)
-        scheduler = schedule.build(optimizer, self.trainer.estimated_stepping_batches)
+        scheduler = schedule.build(optimizer, total_training_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- prediction and evaluation ------------------------------------------------------------------------
     @torch.no_grad()
     def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Detections per image in original image pixels, with original COCO category ids."""
-        dets = self.detector.predict(self._images(images)).to_list()
+        dets = self.inference_model.predict(self._images(images)).to_list()
         out = []
         for det, target in zip(dets, targets):
             out.append({"boxes": to_original_pixels(det["boxes"].float(), target), "scores": det["scores"].float(),

@@ -24,6 +24,24 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return [{"params": ps, "lr": lr * mult, "weight_decay": wd} for (mult, wd), ps in groups.items()]
 
 
+def total_training_steps(trainer) -> int:
+    """Optimiser steps of the whole run, computed from the data module.
+
+    ``trainer.estimated_stepping_batches`` would give the same number, but calling it from ``configure_optimizers``
+    makes Lightning build the training loader before a checkpoint's loop state is restored, and a resumed run then
+    silently restarts its epoch from the first batch instead of continuing mid-epoch.
+    """
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    batches = math.ceil(len(trainer.datamodule.train_dataloader()) / max(1, trainer.world_size))
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None:
+        batches = int(batches * float(limit))
+    return max(1, batches // max(1, trainer.accumulate_grad_batches) * max(1, trainer.max_epochs))
+
+
 class WarmupSchedule:
     """Per-step learning-rate factor: linear warm-up, then cosine decay or step decay.
 

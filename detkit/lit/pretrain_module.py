@@ -11,7 +11,7 @@ from hydra.utils import get_class
 
 from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
-from detkit.lit.optim import WarmupSchedule, param_groups
+from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
 from detkit.models.backbones import ResNetEncoder
 from detkit.models.ssl.simclr import NTXentLoss, Projector
 
@@ -61,7 +61,7 @@ class SimCLRModule(L.LightningModule):
             lr = lr * batch / 256
         optimizer = cls(param_groups(self.named_parameters(), wd, lr), lr=lr, **cfg)
         scheduler = WarmupSchedule("cosine", warmup=self.hparams.warmup).build(
-            optimizer, self.trainer.estimated_stepping_batches)
+            optimizer, total_training_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_end(self) -> None:

@@ -38,12 +38,14 @@ class FasterRCNN(nn.Module):
         self.roi_heads = roi_heads(in_channels=backbone.out_channels, num_classes=num_classes,
                                    strides=[backbone.strides[n] for n in self.roi_levels])
 
-    def loss(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def loss(self, images: torch.Tensor, targets: list[dict],
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``images uint8 [B, 3, H, W]``, targets with ``boxes [N, 4]`` xyxy and ``labels [N]`` -> named losses
-        ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``."""
+        ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``. The anchor and RoI
+        sampling draw from ``generator`` (the global RNG if None)."""
         features = self.backbone(images)
-        proposals, rpn_losses = self.rpn(features, tuple(images.shape[-2:]), targets)
-        roi_losses = self.roi_heads.loss([features[n] for n in self.roi_levels], proposals, targets)
+        proposals, rpn_losses = self.rpn(features, tuple(images.shape[-2:]), targets, generator)
+        roi_losses = self.roi_heads.loss([features[n] for n in self.roi_levels], proposals, targets, generator)
         return {**rpn_losses, **roi_losses}
 
     def predict(self, images: torch.Tensor) -> Detections:

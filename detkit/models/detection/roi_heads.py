@@ -159,7 +159,7 @@ class RoIHeads(nn.Module):
         return self.box_predictor(self.box_head(self.pooler(features, rois)))
 
     def loss(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
-             targets: list[dict]) -> dict[str, torch.Tensor]:
+             targets: list[dict], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Sample proposals (ground truth appended) and return ``loss_classifier`` and ``loss_box_reg``."""
         device = features[0].device
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, device)
@@ -167,7 +167,8 @@ class RoIHeads(nn.Module):
         cand = torch.cat([props, gt_boxes], dim=1)
         cand_valid = torch.cat([valid, gt_valid], dim=1)
         matches = self.matcher(batched_box_iou(gt_boxes, cand), gt_valid)
-        pos, neg = self.sampler((matches >= 0) & cand_valid, (matches == Matcher.BACKGROUND) & cand_valid)
+        pos, neg = self.sampler((matches >= 0) & cand_valid, (matches == Matcher.BACKGROUND) & cand_valid,
+                                generator)
         img, idx = (pos | neg).nonzero(as_tuple=True)
         boxes = cand[img, idx]
         is_pos = pos[img, idx]

@@ -84,16 +84,17 @@ class RegionProposalNetwork(nn.Module):
         self.box_loss, self.nms_strategy = box_loss, nms_strategy
 
     def forward(self, features: Mapping[str, torch.Tensor], image_size: tuple[int, int],
-                targets: list[dict] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+                targets: list[dict] | None = None, generator: torch.Generator | None = None
+                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Return per-image proposals ``[P_i, 4]`` (xyxy, detached) and, given targets, the RPN losses
-        ``loss_objectness`` and ``loss_rpn_box_reg``."""
+        ``loss_objectness`` and ``loss_rpn_box_reg`` (anchor sampling draws from ``generator``)."""
         maps = list(features.values())
         anchors = self.anchor_generator(maps, image_size)
         logits, deltas = self.head(maps)
         proposals = self.propose(anchors, logits, deltas, image_size)
         losses = {}
         if targets is not None:
-            losses = self.loss(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets)
+            losses = self.loss(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets, generator)
         return proposals, losses
 
     def propose(self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
@@ -116,11 +117,11 @@ class RegionProposalNetwork(nn.Module):
         return [b[v] for b, v in zip(kept.boxes, kept.valid)]
 
     def loss(self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor,
-             targets: list[dict]) -> dict[str, torch.Tensor]:
+             targets: list[dict], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Losses from anchors ``[A, 4]``, logits ``[B, A]`` and deltas ``[B, A, 4]``, batched over images."""
         gt_boxes, _, gt_valid = pad_targets(targets, anchors.device)
         matches = self.matcher(batched_box_iou(gt_boxes, anchors[None]), gt_valid)  # [B, A]
-        pos, neg = self.sampler(matches >= 0, matches == Matcher.BACKGROUND)
+        pos, neg = self.sampler(matches >= 0, matches == Matcher.BACKGROUND, generator)
         sampled = pos | neg
         num = sampled.sum().clamp(min=1)
         img, idx = pos.nonzero(as_tuple=True)

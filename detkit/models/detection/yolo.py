@@ -210,8 +210,10 @@ class YOLO(nn.Module):
         level = torch.cat([torch.full((o.shape[1],), i, device=images.device) for i, o in enumerate(outs)])
         return torch.cat(outs, dim=1), points, strides, level
 
-    def loss(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Named losses ``loss_box``, ``loss_obj``, ``loss_cls`` (already weighted)."""
+    def loss(self, images: torch.Tensor, targets: list[dict],
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Named losses ``loss_box``, ``loss_obj``, ``loss_cls`` (already weighted). The assignment is
+        deterministic: ``generator`` is accepted for a uniform detector interface and unused."""
         raw, points, strides, level = self.forward_raw(images)
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, images.device)
         assigned = self.assigner(points, strides, level, gt_boxes, gt_valid)  # [B, A]

@@ -1,0 +1,34 @@
+"""Test-only Lightning callbacks (importable by Hydra from a subprocess run in the repository root)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL the training process when ``global_step`` reaches ``step``: no clean-up, no final checkpoint, as a
+    power cut or an out-of-memory kill would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordBatches(L.Callback):
+    """Append ``step image_ids pixel_sum box_sum`` per training batch to ``path`` (debugging determinism)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        images, targets = batch
+        ids = [t["image_id"] for t in targets]
+        boxes = sum(float(t["boxes"].sum()) for t in targets)
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {ids} {int(images.long().sum())} {boxes:.3f}\n")

@@ -1,0 +1,55 @@
+"""Short real trainings that must learn: each detector overfits a handful of real BCCD images (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from detkit.cli.train import train
+from detkit.paths import config_dir
+from tests.conftest import BCCD, load
+
+# Images from BCCD's train split with all three classes present.
+IMAGES = 4
+
+
+def bccd_subset(tmp_path: Path, n: int = IMAGES) -> Path:
+    data = load(BCCD / "annotations" / "train.json")
+    by_image: dict = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], set()).add(a["category_id"])
+    ids = [i for i in sorted(by_image) if len(by_image[i]) == 3][:n]
+    subset = {**data, "images": [im for im in data["images"] if im["id"] in ids],
+              "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    path = tmp_path / "subset.json"
+    path.write_text(json.dumps(subset))
+    return path
+
+
+def overfit(tmp_path: Path, overrides: list[str]) -> dict:
+    ann = bccd_subset(tmp_path)
+    images = BCCD / "images"
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"data.train_ann={ann}", f"data.train_images={images}", f"data.val_ann={ann}",
+            f"data.val_images={images}", "data.test_ann=null", "data.batch_size=4", "data.num_workers=0",
+            "data.train_transform.scale_range=[1.0,1.0]", "data.train_transform.color_jitter=0.0",
+            f"paths.output_dir={tmp_path / 'run'}", "logger=csv", *overrides])
+    return train(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_faster_rcnn_overfits_four_bccd_images(tmp_path):
+    metrics = overfit(tmp_path, ["model=faster_rcnn", "trainer.max_epochs=60", "trainer.check_val_every_n_epoch=60",
+                                 "model.optimizer.lr=0.02"])
+    assert metrics["AP50"] >= 0.9, metrics
+
+
+@pytest.mark.slow
+def test_yolo_overfits_four_bccd_images(tmp_path):
+    metrics = overfit(tmp_path, ["model=yolo", "trainer.max_epochs=60", "trainer.check_val_every_n_epoch=60",
+                                 "model.optimizer.lr=0.02", "model.ema_decay=null"])
+    assert metrics["AP50"] >= 0.9, metrics
