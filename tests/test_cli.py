@@ -17,8 +17,8 @@ from detkit.paths import config_dir
 from tests.conftest import dump, load
 
 BIN = Path(sys.executable).parent
-FAST = ["data.image_size=128", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
-        "model.detector.rpn.pre_nms_top_n={train:200,test:200}", "model.detector.rpn.post_nms_top_n={train:100,test:100}",
+FAST_DATA = ["data.image_size=128", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1"]
+FAST = [*FAST_DATA, "model.detector.rpn.pre_nms_top_n={train:200,test:200}", "model.detector.rpn.post_nms_top_n={train:100,test:100}",
         "model.detector.roi_heads.hidden=64", "model.detector.roi_heads.batch_size_per_image=64"]
 
 

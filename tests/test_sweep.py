@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from detkit.paths import config_dir
-from tests.test_cli import FAST, data_args, run
+from tests.test_cli import FAST, FAST_DATA, data_args, run
 
 
 def read_summary(sweep_dir):
@@ -20,7 +20,7 @@ def read_summary(sweep_dir):
 def test_two_by_two_multirun_writes_one_table(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "sweep"
-    r = run(["detkit-train", "-m", *data_args(ann, root), *FAST, "model=faster_rcnn,yolo", "seed=0,1",
+    r = run(["detkit-train", "-m", *data_args(ann, root), *FAST_DATA, "model=faster_rcnn,yolo", "seed=0,1",
              f"hydra.sweep.dir={sweep}"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = read_summary(sweep)
@@ -47,7 +47,8 @@ def test_a_failing_job_is_recorded_and_the_others_complete(synthetic, tmp_path):
 
 def test_optuna_sweeper_and_slurm_launcher_configs_compose():
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/sweeper=optuna", "hydra/launcher=slurm"], return_hydra_config=True)
+        cfg = compose("train", overrides=["hparams_search=optuna_lr_wd", "hydra/launcher=slurm"],
+                      return_hydra_config=True)
     sweeper, launcher = cfg.hydra.sweeper, cfg.hydra.launcher
     assert sweeper.direction == "maximize" and set(sweeper.params) == {"model.optimizer.lr",
                                                                        "model.optimizer.weight_decay"}
@@ -58,7 +59,7 @@ def test_optuna_sweeper_and_slurm_launcher_configs_compose():
 def test_optuna_sweep_runs_two_trials(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "optuna"
-    r = run(["detkit-train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", *data_args(ann, root),
+    r = run(["detkit-train", "-m", "hparams_search=optuna_lr_wd", "hydra.sweeper.n_trials=2", *data_args(ann, root),
              *FAST, f"hydra.sweep.dir={sweep}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_summary(sweep)) == 2 and (sweep / "optimization_results.yaml").is_file()

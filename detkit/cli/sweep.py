@@ -29,7 +29,7 @@ def write_job_status(out: Path, status: str, wall_time_s: float, error: str | No
     hc = HydraConfig.get()
     out.mkdir(parents=True, exist_ok=True)
     (out / STATUS_FILE).write_text(json.dumps({
-        "job": hc.job.num, "overrides": " ".join(hc.overrides.task), "status": status,
+        "job": hc.job.num, "overrides": list(hc.overrides.task), "status": status,
         "wall_time_s": round(wall_time_s, 1), "error": error}))
 
 
@@ -44,9 +44,14 @@ def _row(status_file: Path) -> dict[str, Any]:
 
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job directory of a sweep that recorded its status, in job order."""
-    rows = [_row(f) for f in sweep_dir.rglob(STATUS_FILE)]
-    return sorted(rows, key=lambda r: (r["job"] if r["job"] is not None else math.inf))
+    """One row per job directory of a sweep that recorded its status, in job order. The ``overrides`` column keeps
+    only what differs between jobs (overrides shared by every job are the sweep's fixed settings)."""
+    rows = sorted((_row(f) for f in sweep_dir.rglob(STATUS_FILE)),
+                  key=lambda r: (r["job"] if r["job"] is not None else math.inf))
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:
+        r["overrides"] = " ".join(o for o in r["overrides"] if o not in shared)
+    return rows
 
 
 def _fmt(value: Any) -> str:

@@ -8,7 +8,6 @@ in original image pixels, "score"}``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 from dataclasses import dataclass, field
@@ -72,15 +71,14 @@ def normalize_ground_truth(gt: dict) -> dict:
     for truth, so a ground-truth annotation with id 0 (as labelling tools export) silently counts as never matched.
     Results never refer to annotation ids, so renumbering changes nothing else.
     """
-    gt = copy.deepcopy(gt)
+    annotations = []
     for new_id, ann in enumerate(gt["annotations"], start=1):
-        ann["id"] = new_id
+        ann = {**ann, "id": new_id}  # a shallow copy per record: the caller's dicts are left untouched
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
-    gt.setdefault("info", {})
-    gt.setdefault("licenses", [])
-    return gt
+        annotations.append(ann)
+    return {"info": {}, "licenses": [], **gt, "annotations": annotations}
 
 
 def check_predictions(gt: dict, results: Sequence[dict]) -> None:
@@ -122,7 +120,7 @@ def _run_pycocotools(gt: dict, results: list[dict]) -> tuple[np.ndarray, np.ndar
         coco_gt.dataset = gt
         coco_gt.createIndex()
         if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to each dict
         else:  # pycocotools' loadRes cannot take an empty list
             coco_dt = COCO()
             coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
@@ -139,7 +137,7 @@ def _run_faster(gt: dict, results: list[dict]) -> tuple[np.ndarray, np.ndarray, 
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(gt)
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to each dict
         ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *a, **k: None)
         ev.evaluate()
         ev.accumulate()
