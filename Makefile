@@ -9,14 +9,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-slow bench study install clean help
+.PHONY: demo test test-slow bench bench-simclr install clean help
 
 help:
 	@echo "make demo       - set up .venv and run pretrain -> fine-tune -> evaluate on data/ (a few CPU minutes)"
 	@echo "make test       - set up .venv and run the test suite (fast tests)"
 	@echo "make test-slow  - the slow tests: real overfit trainings, DDP checks"
-	@echo "make bench      - benchmarks in scripts/ (see BENCHMARKS.md)"
-	@echo "make study      - the SimCLR-vs-scratch study on BCCD (see STUDY.md)"
+	@echo "make bench      - detector and evaluation benchmarks in scripts/ (see BENCHMARKS.md)"
+	@echo "make bench-simclr - SimCLR on CIFAR-10 images vs random init and raw pixels (needs ../shared/datasets)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_postprocess_eval.py
-	$(PY) scripts/bench_faster_rcnn.py
+	$(PY) scripts/bench_faster_rcnn.py --epochs 4
 
-study: $(STAMP)
-	$(VENV)/bin/detkit-train -m experiment=study_bccd
+bench-simclr: $(STAMP)
+	$(PY) scripts/bench_simclr_cifar.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

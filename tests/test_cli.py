@@ -35,7 +35,9 @@ def data_args(ann: Path, root: Path) -> list[str]:
     [], ["model=faster_rcnn", "backbone@model.backbone=resnet18_c4",
          "model.detector.rpn.anchor_generator.sizes=[[32,64,128]]",
          "model.detector.rpn.anchor_generator.aspect_ratios=[[0.5,1.0,2.0]]"],
-    ["optimizer=adamw", "scheduler=step", "logger=tensorboard"], ["experiment=pipeline"],
+    ["optimizer=adamw", "scheduler=step", "logger=tensorboard"], ["experiment=pipeline"], ["model=yolo"],
+    ["experiment=scratch_frcnn"], ["experiment=scratch_yolo"], ["experiment=simclr_frcnn"],
+    ["experiment=simclr_yolo"],
 ])
 def test_train_configs_compose_and_instantiate(overrides):
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
@@ -44,6 +46,8 @@ def test_train_configs_compose_and_instantiate(overrides):
     dm.setup("fit")
     model = instantiate(cfg.model, categories=dm.categories.to_list(), _recursive_=False)
     assert model.detector.num_classes == 3
+    if "pretrain" in " ".join(overrides) or "simclr" in " ".join(overrides) or "pipeline" in " ".join(overrides):
+        assert cfg.pretrain.data.images == cfg.data.train_images
     for node in cfg.callbacks.values():
         instantiate(node)
 

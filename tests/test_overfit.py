@@ -37,19 +37,20 @@ def overfit(tmp_path: Path, overrides: list[str]) -> dict:
             f"data.train_ann={ann}", f"data.train_images={images}", f"data.val_ann={ann}",
             f"data.val_images={images}", "data.test_ann=null", "data.batch_size=4", "data.num_workers=0",
             "data.train_transform.scale_range=[1.0,1.0]", "data.train_transform.color_jitter=0.0",
+            "data.train_transform.hflip=0.0", "data.train_transform.vflip=0.0",
             f"paths.output_dir={tmp_path / 'run'}", "logger=csv", *overrides])
     return train(cfg, tmp_path / "run")
 
 
 @pytest.mark.slow
 def test_faster_rcnn_overfits_four_bccd_images(tmp_path):
-    metrics = overfit(tmp_path, ["model=faster_rcnn", "trainer.max_epochs=60", "trainer.check_val_every_n_epoch=60",
+    metrics = overfit(tmp_path, ["model=faster_rcnn", "trainer.max_epochs=110", "trainer.check_val_every_n_epoch=110",
                                  "model.optimizer.lr=0.02"])
     assert metrics["AP50"] >= 0.9, metrics
 
 
 @pytest.mark.slow
 def test_yolo_overfits_four_bccd_images(tmp_path):
-    metrics = overfit(tmp_path, ["model=yolo", "trainer.max_epochs=60", "trainer.check_val_every_n_epoch=60",
+    metrics = overfit(tmp_path, ["model=yolo", "trainer.max_epochs=100", "trainer.check_val_every_n_epoch=100",
                                  "model.optimizer.lr=0.02", "model.ema_decay=null"])
     assert metrics["AP50"] >= 0.9, metrics

@@ -120,3 +120,24 @@ def test_encoder_file_that_does_not_fit_is_a_clear_error(tmp_path: Path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(EncoderLoadError, match="not a detkit encoder file"):
         load_encoder(tmp_path / "other.pt")
+
+
+def test_the_same_encoder_file_loads_into_both_detectors(tmp_path: Path):
+    from hydra.utils import instantiate
+
+    enc = ResNetEncoder(depth=18)
+    with torch.no_grad():
+        enc.layer4[1].bn2.weight[5] = 3.25
+    path = str(save_encoder(enc, tmp_path / "encoder.pt"))
+    for model_cfg in ("faster_rcnn", "yolo"):
+        from hydra import compose, initialize_config_dir
+
+        from detkit.paths import config_dir
+
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=[f"model={model_cfg}", f"model.backbone.init={path}",
+                                              "paths.output_dir=/tmp/x"])
+        module = instantiate(cfg.model, categories=[{"id": 1, "name": "a"}], _recursive_=False)
+        loaded = module.detector.backbone.encoder
+        assert loaded.layer4[1].bn2.weight[5].item() == 3.25, model_cfg
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in enc.state_dict().items())
