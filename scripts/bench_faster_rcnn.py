@@ -1,6 +1,7 @@
 """detkit's Faster R-CNN against torchvision's FasterRCNN: same backbone, image size, RoI counts and schedule.
 
     python scripts/bench_faster_rcnn.py [--epochs 6] [--image-size 320] [--batch-size 4] [--threads 2]
+                                        [--impls detkit,torchvision,yolo]
 
 Each implementation runs in its own process (so peak memory is its own): it trains on BCCD's train split (the copy
 embedded in data/), measuring training images/s after a few warm-up steps, then measures inference images/s and
@@ -43,6 +44,15 @@ def build_detkit(num_classes: int):
                       partial(RegionProposalNetwork, anchor_generator=AnchorGenerator(SIZES, RATIOS),
                               pre_nms_top_n=PRE, post_nms_top_n=POST),
                       partial(RoIHeads, hidden=512, batch_size_per_image=256, aligned=False))
+
+
+def build_yolo(num_classes: int):
+    """detkit's YOLO-style detector with its default settings (for issue 5's side-by-side figure)."""
+    from detkit.models.backbones import Backbone
+    from detkit.models.detection.yolo import YOLO
+
+    torch.manual_seed(0)
+    return YOLO(Backbone(depth=18, levels=["c5"], fpn=False), num_classes, score_thresh=0.001)
 
 
 class _TVBackbone(torch.nn.Module):
@@ -89,7 +99,9 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
                              image_size=args.image_size, batch_size=args.batch_size, num_workers=1)
     dm.setup("fit")
     cats = dm.categories
-    model = build_detkit(len(cats)) if impl == "detkit" else build_torchvision(len(cats), args.image_size)
+    builders = {"detkit": lambda: build_detkit(len(cats)), "yolo": lambda: build_yolo(len(cats)),
+                "torchvision": lambda: build_torchvision(len(cats), args.image_size)}
+    model = builders[impl]()
     steps = args.epochs * (len(dm.datasets["train"]) // args.batch_size)
     opt = torch.optim.SGD(param_groups(model.named_parameters(), 1e-4, args.lr), lr=args.lr, momentum=0.9)
     sched = WarmupSchedule("cosine", warmup=0.05).build(opt, steps)
@@ -99,7 +111,7 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     for epoch in range(args.epochs):
         for images, targets in dm.train_dataloader():
             t0 = time.perf_counter()
-            if impl == "detkit":
+            if impl != "torchvision":
                 losses = model.loss(images, targets)
             else:
                 tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
@@ -119,7 +131,7 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for images, targets in dm.val_dataloader():
             t0 = time.perf_counter()
-            if impl == "detkit":
+            if impl != "torchvision":
                 dets = model.predict(images).to_list()
             else:
                 dets = [{**d, "labels": d["labels"] - 1} for d in model(list(images.float()))]
@@ -142,18 +154,20 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--impl", choices=["detkit", "torchvision"], help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=["detkit", "torchvision", "yolo"], help=argparse.SUPPRESS)
+    p.add_argument("--impls", default="detkit,torchvision",
+                   help="comma-separated: detkit (Faster R-CNN), torchvision (its FasterRCNN), yolo (detkit YOLO)")
     args = p.parse_args()
     if args.impl:
         print(json.dumps(run_one(args.impl, args)))
         return
     rows = []
-    for impl in ("detkit", "torchvision"):
+    for impl in args.impls.split(","):
         cmd = [sys.executable, __file__, "--impl", impl] + [f"--{k.replace('_', '-')}={v}" for k, v in
-                                                             vars(args).items() if k != "impl" and v is not None]
+                                                             vars(args).items()
+                                                             if k not in ("impl", "impls") and v is not None]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    d, t = rows
     print(f"BCCD train {args.epochs} epochs at {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"torch {torch.__version__}")
     print("| impl | train img/s | infer img/s | peak RSS MB | val AP | val AP50 |")
@@ -161,9 +175,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['impl']} | {r['train_img_s']:.2f} | {r['infer_img_s']:.2f} | {r['peak_rss_mb']:.0f} | "
               f"{r['AP']:.4f} | {r['AP50']:.4f} |")
-    print(f"| ratio detkit/torchvision | {d['train_img_s'] / t['train_img_s']:.2f}x | "
-          f"{d['infer_img_s'] / t['infer_img_s']:.2f}x | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | "
-          f"{d['AP'] - t['AP']:+.4f} | {d['AP50'] - t['AP50']:+.4f} |")
+    by = {r["impl"]: r for r in rows}
+    if "detkit" in by and "torchvision" in by:
+        d, t = by["detkit"], by["torchvision"]
+        print(f"| ratio detkit/torchvision | {d['train_img_s'] / t['train_img_s']:.2f}x | "
+              f"{d['infer_img_s'] / t['infer_img_s']:.2f}x | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | "
+              f"{d['AP'] - t['AP']:+.4f} | {d['AP50'] - t['AP50']:+.4f} |")
 
 
 if __name__ == "__main__":
