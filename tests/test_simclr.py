@@ -141,3 +141,18 @@ def test_the_same_encoder_file_loads_into_both_detectors(tmp_path: Path):
         loaded = module.detector.backbone.encoder
         assert loaded.layer4[1].bn2.weight[5].item() == 3.25, model_cfg
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in enc.state_dict().items())
+
+
+def test_pretraining_views_change_from_epoch_to_epoch(tmp_path: Path):
+    """Augmentation seeds come from each epoch's worker base seed: with persistent workers every epoch would
+    repeat the same views (only shuffled). Compare the multiset of views across two epochs."""
+    from detkit.data.datamodule import PretrainDataModule
+    from detkit.data.synthetic import make_synthetic_coco
+
+    _, root = make_synthetic_coco(tmp_path / "d", num_images=6)
+    dm = PretrainDataModule(str(root), image_size=32, batch_size=6, num_workers=1, seed=0)
+    loader, epochs = dm.train_dataloader(), []  # one loader for the run, as Lightning uses it
+    for _ in range(2):
+        (v1, v2), = list(loader)
+        epochs.append(sorted(v1.flatten(1).long().sum(1).tolist()))
+    assert epochs[0] != epochs[1]

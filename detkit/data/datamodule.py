@@ -143,8 +143,9 @@ class PretrainDataModule(L.LightningDataModule):
     def __init__(self, images: str, ann_file: str | None = None, image_size: int = 64,
                  crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 0.5, batch_size: int = 128,
                  num_workers: int = 2, knn_train: str | None = None, knn_val: str | None = None,
-                 knn_per_class: int | None = 100) -> None:
+                 knn_per_class: int | None = 100, seed: int = 0) -> None:
         super().__init__()
+        self.seed = seed
         from detkit.data.unlabeled import ImageFolderDataset, ResizeImage, SimCLRViews, UnlabeledImages
 
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -157,6 +158,7 @@ class PretrainDataModule(L.LightningDataModule):
         log.info("pretraining on %d unlabeled images from %s", len(self.dataset), images)
 
     def train_dataloader(self) -> StatefulDataLoader:
+        # Non-persistent workers: each epoch draws a new base seed, so every epoch sees new views (item_seed()).
         return StatefulDataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
                                   num_workers=self.num_workers, drop_last=len(self.dataset) > self.batch_size,
-                                  persistent_workers=self.num_workers > 0)
+                                  persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
