@@ -30,9 +30,19 @@ def _default_data_dir() -> str:
     return str(repo_data if repo_data.is_dir() else Path.cwd() / "data")
 
 
+def _product(*values: float) -> float:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
 def register_resolvers() -> None:
+    """``${detkit_data:}``: the embedded data folder; ``${detkit_mul:a,b}``: a product (e.g. steps x scale)."""
     if not OmegaConf.has_resolver("detkit_data"):
         OmegaConf.register_new_resolver("detkit_data", _default_data_dir)
+    if not OmegaConf.has_resolver("detkit_mul"):
+        OmegaConf.register_new_resolver("detkit_mul", _product)
 
 
 register_resolvers()

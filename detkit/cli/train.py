@@ -18,11 +18,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detkit.cli.common import check_torchvision_ops, clean_errors, instantiate_dict, output_dir
 from detkit.eval.coco_eval import write_metrics
 from detkit.eval.curves import plot_pr_curves
+from detkit.models.backbones import EncoderLoadError
 from detkit.paths import config_dir
 
 log = logging.getLogger("detkit")
@@ -35,6 +37,14 @@ def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
     if not last.is_file():
         raise FileNotFoundError(f"ckpt_path=last but {last} does not exist: resume with the same hydra.run.dir")
     return str(last)
+
+
+def _check_init_choice(cfg: DictConfig) -> None:
+    """``init=simclr`` without an encoder file would silently train from random weights: refuse it."""
+    choice = HydraConfig.get().runtime.choices.get("init") if HydraConfig.initialized() else None
+    if choice == "simclr" and not cfg.model.backbone.get("init"):
+        raise EncoderLoadError("init=simclr needs the encoder file: add encoder=PATH/encoder.pt "
+                               "(written by detkit-pretrain)")
 
 
 def train(cfg: DictConfig, out: Path | None = None) -> dict:
@@ -51,6 +61,7 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
         with open_dict(cfg):
             cfg.model.backbone.init = str(encoder)
         L.seed_everything(cfg.seed, workers=True)
+    _check_init_choice(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates the dataset: a broken one stops here, before any training
     model = instantiate(cfg.model, categories=datamodule.categories.to_list(), image_size=cfg.data.image_size,
