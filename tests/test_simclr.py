@@ -3,6 +3,7 @@ the encoder hand-off to the detectors."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -156,3 +157,41 @@ def test_pretraining_views_change_from_epoch_to_epoch(tmp_path: Path):
         (v1, v2), = list(loader)
         epochs.append(sorted(v1.flatten(1).long().sum(1).tolist()))
     assert epochs[0] != epochs[1]
+
+
+def test_lars_scales_each_step_by_the_trust_ratio_and_skips_no_decay_groups():
+    from detkit.lit.lars import LARS
+
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=1.0, momentum=0.0,
+               trust_coefficient=0.01)
+    w.grad, b.grad = torch.tensor([0.6, 0.8]), torch.tensor([0.5])  # ||g|| = 1
+    opt.step()
+    trust = 0.01 * 5 / (1 + 0.1 * 5)
+    expected = torch.tensor([3.0, 4.0]) - trust * (torch.tensor([0.6, 0.8]) + 0.1 * torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(w.detach(), expected)
+    torch.testing.assert_close(b.detach(), torch.tensor([0.5]))  # plain SGD step: no trust ratio, no decay
+    # momentum accumulates the scaled steps like SGD's buffer
+    opt = LARS([w], lr=0.1, momentum=0.9, weight_decay=0.0, trust_coefficient=1.0)
+    opt.param_groups[0]["lars"] = True
+    before = w.detach().clone()
+    for _ in range(2):
+        w.grad = w.detach().clone()  # ||g|| = ||w|| -> trust 1
+        opt.step()
+    step1 = 0.1 * before
+    after1 = before - step1
+    torch.testing.assert_close(w.detach(), after1 - 0.1 * (after1 + 0.9 * before))
+
+
+def test_pretraining_runs_with_lars_from_the_config(synthetic, tmp_path: Path):
+    from tests.test_cli import run
+
+    ann, root = synthetic
+    out = tmp_path / "pre"
+    r = run(["detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
+             "data.num_workers=0", "trainer.max_epochs=1", "model.optimizer._target_=detkit.lit.lars.LARS",
+             "+model.optimizer.trust_coefficient=0.001", f"hydra.run.dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    loss = json.loads((out / "pretrain_metrics.json").read_text())["pretrain/loss"]
+    assert math.isfinite(loss) and (out / "encoder.pt").is_file()
