@@ -9,13 +9,15 @@ import torch
 from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms, box_iou, roi_align
 
 from detkit.models.detection.anchors import AnchorGenerator, anchors_per_location
 from detkit.models.detection.box_coder import BoxCoder
 from detkit.models.detection.boxes import batched_box_iou
 from detkit.models.detection.matcher import Matcher
 from detkit.models.detection.postprocess import batched_multiclass_nms
+from detkit.models.detection.roi_align import roi_align_gather
+from detkit.models.detection.roi_heads import RoIPooler
 from detkit.models.detection.sampler import BalancedSampler
 
 
@@ -176,3 +178,43 @@ def test_roi_postprocess_equals_torchvision(strategy):
         torch.testing.assert_close(d["boxes"], b)
         torch.testing.assert_close(d["scores"], s)
         assert torch.equal(d["labels"] + 1, lab)
+
+
+def _random_rois(n: int, batch: int, width: float, height: float, generator: torch.Generator) -> torch.Tensor:
+    """Boxes that also cross and leave the image (RoIAlign's edge rules matter there), some degenerate."""
+    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * torch.tensor([width, height]) * 1.1 - 10
+    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * torch.tensor([width, height]) * 0.5
+    wh[:3] = 0.0  # zero-size boxes
+    idx = torch.randint(0, batch, (n, 1), generator=generator).to(torch.float64)
+    return torch.cat([idx, xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_roi_align_gather_equals_torchvision_values_and_gradients(aligned, sampling_ratio):
+    g = torch.Generator().manual_seed(sampling_ratio)
+    feats = torch.randn(3, 5, 13, 17, dtype=torch.float64, generator=g, requires_grad=True)
+    rois = _random_rois(40, 3, 17 * 8, 13 * 8, g)
+    ref = roi_align(feats, rois, 7, 1 / 8, sampling_ratio, aligned)
+    out = roi_align_gather(feats, rois, 7, 1 / 8, sampling_ratio, aligned)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(out, feats, grad)[0], torch.autograd.grad(ref, feats, grad)[0])
+    assert roi_align_gather(feats, rois[:0], 7, 1 / 8, sampling_ratio, aligned).shape == (0, 5, 7, 7)
+
+
+def test_roi_pooler_gather_equals_the_torchvision_kernel_over_fpn_levels():
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 4, 40 // 2**i, 48 // 2**i, generator=g, requires_grad=True) for i in range(3)]
+    rois = _random_rois(60, 2, 384, 320, g).float()
+    outs, grads = [], []
+    for impl in ("torchvision", "gather"):
+        out = RoIPooler([8, 16, 32], impl=impl)(feats, rois)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), feats))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert RoIPooler([8]).use_gather(torch.device("cpu")) and not RoIPooler([8]).use_gather(torch.device("cuda"))
+    with pytest.raises(ValueError, match="fixed sampling_ratio"):
+        RoIPooler([8], sampling_ratio=0, impl="gather")

@@ -10,11 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from detkit.models.detection.roi_align import roi_align_gather
+
 from detkit.models.detection.box_coder import BoxCoder
 from detkit.models.detection.boxes import batched_box_iou, box_area, clip_boxes, pad_targets, small_boxes
 from detkit.models.detection.losses import box_regression_loss
 from detkit.models.detection.matcher import Matcher
 from detkit.models.detection.postprocess import Detections, batched_multiclass_nms, topk_candidates
+from detkit.models.detection.roi_align import roi_align_gather
 from detkit.models.detection.sampler import BalancedSampler
 
 
@@ -41,15 +44,25 @@ class RoIPooler(nn.Module):
         sampling_ratio: RoIAlign samples per bin (0 = adaptive).
         kind: ``"align"`` or ``"pool"``.
         aligned: RoIAlign with the half-pixel correction (detectron2's ROIAlignV2); torchvision uses False.
+        impl: RoIAlign kernel: ``"torchvision"`` (``torchvision.ops.roi_align``, one call per level),
+            ``"gather"`` (:func:`detkit.models.detection.roi_align.roi_align_gather`: the same values, one call for
+            all levels, multi-threaded forward and backward on CPU), or ``"auto"``: gather on CPU, torchvision on
+            other devices (its CUDA kernel is already parallel). Gather needs ``sampling_ratio > 0``.
     """
 
     def __init__(self, strides: Sequence[int], output_size: int = 7, sampling_ratio: int = 2, kind: str = "align",
-                 aligned: bool = True, canonical_scale: float = 224.0, canonical_level: int = 4) -> None:
+                 aligned: bool = True, canonical_scale: float = 224.0, canonical_level: int = 4,
+                 impl: str = "auto") -> None:
         super().__init__()
         if kind not in ("align", "pool"):
             raise ValueError(f"RoI pooler kind must be 'align' or 'pool', got {kind!r}")
+        if impl not in ("auto", "torchvision", "gather"):
+            raise ValueError(f"RoI pooler impl must be 'auto', 'torchvision' or 'gather', got {impl!r}")
+        if impl == "gather" and (kind != "align" or sampling_ratio <= 0):
+            raise ValueError("RoI pooler impl='gather' is RoIAlign with a fixed sampling_ratio > 0")
         self.strides = list(strides)
         self.output_size, self.sampling_ratio, self.kind, self.aligned = output_size, sampling_ratio, kind, aligned
+        self.impl = impl
         self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
         self.levels = [int(round(math.log2(s))) for s in self.strides]
 
@@ -65,8 +78,17 @@ class RoIPooler(nn.Module):
                              sampling_ratio=self.sampling_ratio, aligned=self.aligned)
         return roi_pool(feature, rois, self.output_size, spatial_scale=1.0 / stride)
 
+    def use_gather(self, device: torch.device) -> bool:
+        if self.impl == "auto":
+            return self.kind == "align" and self.sampling_ratio > 0 and device.type == "cpu"
+        return self.impl == "gather"
+
     def forward(self, features: list[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """``rois [K, 5]`` (batch index, xyxy) -> ``[K, C, S, S]``."""
+        if self.use_gather(features[0].device):
+            levels = self.assign_levels(rois[:, 1:]) if len(features) > 1 else None
+            return roi_align_gather(features, rois, self.output_size, [1.0 / s for s in self.strides],
+                                    self.sampling_ratio, self.aligned, levels=levels)
         if len(features) == 1:
             return self._pool_one(features[0], rois, self.strides[0])
         levels = self.assign_levels(rois[:, 1:])
@@ -110,7 +132,7 @@ class RoIHeads(nn.Module):
 
     Args:
         in_channels: feature channels; strides: strides of the pooled levels; num_classes: foreground classes.
-        pooler_kind / output_size / sampling_ratio / aligned: see :class:`RoIPooler`.
+        pooler_kind / output_size / sampling_ratio / aligned / pooler_impl: see :class:`RoIPooler`.
         hidden: width of the two FC layers.
         fg_iou_thresh: proposals with IoU >= this are foreground (0.5), the rest background.
         batch_size_per_image / positive_fraction: RoI sampling (512 / 0.25).
@@ -140,10 +162,11 @@ class RoIHeads(nn.Module):
         topk_candidates: int = 1000,
         box_loss: str = "smooth_l1",
         nms_strategy: str = "auto",
+        pooler_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.pooler = RoIPooler(strides, output_size, sampling_ratio, pooler_kind, aligned)
+        self.pooler = RoIPooler(strides, output_size, sampling_ratio, pooler_kind, aligned, impl=pooler_impl)
         self.box_head = TwoMLPHead(in_channels * output_size**2, hidden)
         self.box_predictor = BoxPredictor(hidden, num_classes)
         self.box_coder = BoxCoder(bbox_weights)
