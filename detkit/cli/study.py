@@ -150,6 +150,13 @@ def plot(arms: list[dict[str, Any]], path: Path) -> Path:
 def report(out: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``study.md``, ``study.json`` and ``study_ap50.png`` from ``OUT/finetune/summary.csv``."""
     summary = out / "finetune" / "summary.csv"
+    if not summary.is_file() and (out / "finetune").is_dir():
+        # an interrupted sweep (or one still running): tabulate the jobs that recorded a status so far
+        from detkit.cli.sweep import collect_rows, write_tables
+
+        rows = collect_rows(out / "finetune")
+        if rows:
+            write_tables(rows, out / "finetune")
     if not summary.is_file():
         raise FileNotFoundError(f"{summary} does not exist: run the fine-tuning sweep first")
     arms = aggregate(summary)
