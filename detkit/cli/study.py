@@ -1,6 +1,7 @@
 """``detkit-study``: does SimCLR pretraining on the unlabeled images improve detection? One reproducible study.
 
-    detkit-study [--out runs/study] [--scale 1] [--pretrain-epochs 30] [-- HYDRA OVERRIDES FOR FINE-TUNING...]
+    detkit-study [--out runs/study] [--scale 1] [--pretrain-epochs 60] [--pretrain-size 64]
+                 [-- HYDRA OVERRIDES FOR FINE-TUNING...]
 
 1. Pretrains one SimCLR encoder on the training images (labels unused; random resized crops of the full images)
    with ``detkit-pretrain`` -> ``OUT/pretrain/encoder.pt`` (reused if it is already there: a study can be resumed).
