@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,12 @@ class DetectionModule(L.LightningModule):
     # ---- training -------------------------------------------------------------------------------------------
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+
+    def on_fit_start(self) -> None:
+        # The EMA copy stays in eval mode on purpose (it is never trained), which makes Lightning warn "Found N
+        # module(s) in eval mode at the start of training" on every run; that warning is meant for modules a user
+        # forgot to switch back, so here it is only noise.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def training_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> torch.Tensor:
         images, targets = batch

@@ -171,6 +171,17 @@ class FPN(nn.Module):
         return outs
 
 
+class StatsFrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its stored ``running_mean``/``running_var`` and never updates them,
+    whatever ``.training`` says; its affine ``weight``/``bias`` still train unless their ``requires_grad`` is off.
+
+    Freezing by class rather than by ``.eval()`` survives trainers that set module modes themselves (Lightning
+    keeps, and restores, each module's own mode) and keeps the state-dict keys of ``nn.BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class Backbone(nn.Module):
     """Detection backbone: the shared :class:`ResNetEncoder`, an optional FPN and freezing options.
 
@@ -184,7 +195,8 @@ class Backbone(nn.Module):
         fpn: build an FPN over ``levels`` (required when more than one level is used).
         fpn_channels: FPN output channels.
         fpn_extra_pool: add the max-pooled extra coarse level (``p6``).
-        freeze_at: 0 trains everything; 1 freezes the stem; ``k`` freezes the stem and ``layer1..layer{k-1}``.
+        freeze_at: 0 trains everything; 1 freezes the stem; ``k`` freezes the stem and ``layer1..layer{k-1}`` (weights
+            and BatchNorm statistics).
         norm: ``"bn"`` (BatchNorm trains), ``"frozen_stats"`` (BatchNorm uses its stored statistics but its affine
             parameters train) or ``"frozen"`` (statistics and affine parameters fixed).
     """
@@ -232,23 +244,20 @@ class Backbone(nn.Module):
     def _freeze(self) -> None:
         enc = self.encoder
         stages = [[enc.conv1, enc.bn1], enc.layer1, enc.layer2, enc.layer3, enc.layer4]
-        for stage in stages[: self.freeze_at]:
+        for stage in stages[: self.freeze_at]:  # a frozen stage is frozen whole: weights and BN statistics
             for module in stage if isinstance(stage, list) else [stage]:
                 for p in module.parameters():
                     p.requires_grad_(False)
-        if self.norm == "frozen":
-            for m in enc.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    for p in m.parameters():
-                        p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "Backbone":
-        super().train(mode)
+                for m in module.modules():
+                    if type(m) is nn.BatchNorm2d:
+                        m.__class__ = StatsFrozenBatchNorm2d
         if self.norm != "bn":
-            for m in self.encoder.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
+            for m in enc.modules():
+                if type(m) is nn.BatchNorm2d:
+                    m.__class__ = StatsFrozenBatchNorm2d
+                    if self.norm == "frozen":
+                        for p in m.parameters():
+                            p.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""
