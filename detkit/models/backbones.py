@@ -243,21 +243,14 @@ class Backbone(nn.Module):
 
     def _freeze(self) -> None:
         enc = self.encoder
-        stages = [[enc.conv1, enc.bn1], enc.layer1, enc.layer2, enc.layer3, enc.layer4]
-        for stage in stages[: self.freeze_at]:  # a frozen stage is frozen whole: weights and BN statistics
-            for module in stage if isinstance(stage, list) else [stage]:
-                for p in module.parameters():
-                    p.requires_grad_(False)
-                for m in module.modules():
-                    if type(m) is nn.BatchNorm2d:
-                        m.__class__ = StatsFrozenBatchNorm2d
-        if self.norm != "bn":
-            for m in enc.modules():
-                if type(m) is nn.BatchNorm2d:
-                    m.__class__ = StatsFrozenBatchNorm2d
-                    if self.norm == "frozen":
-                        for p in m.parameters():
-                            p.requires_grad_(False)
+        stages = [nn.ModuleList([enc.conv1, enc.bn1]), enc.layer1, enc.layer2, enc.layer3, enc.layer4]
+        frozen = nn.ModuleList(stages[: self.freeze_at])  # a frozen stage is frozen whole: weights and BN statistics
+        frozen.requires_grad_(False)
+        for m in (enc if self.norm != "bn" else frozen).modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.__class__ = StatsFrozenBatchNorm2d
+                if self.norm == "frozen":
+                    m.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""
