@@ -195,3 +195,33 @@ def test_pretraining_runs_with_lars_from_the_config(synthetic, tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     loss = json.loads((out / "pretrain_metrics.json").read_text())["pretrain/loss"]
     assert math.isfinite(loss) and (out / "encoder.pt").is_file()
+
+
+def test_pretraining_killed_and_resumed_from_last_checkpoint_equals_an_uninterrupted_run(synthetic, tmp_path: Path):
+    """A run killed after its first epoch and restarted with ``+ckpt_path=OUT/checkpoints/last.ckpt`` ends with the
+    weights of the uninterrupted run (same seed: same shuffles, views and learning-rate schedule)."""
+    import signal
+
+    from tests.conftest import ROOT
+    from tests.test_cli import run
+
+    ann, root = synthetic  # 8 images, batch 4: 2 steps per epoch; views are reproducible per item in workers only
+
+    def pretrain(out: Path, *extra: str, **kw):
+        return run(["detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
+                    "data.num_workers=1", "trainer.max_epochs=2", f"hydra.run.dir={out}", *extra], **kw)
+
+    r = pretrain(tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"  # SIGKILL at the start of step 2 (epoch 1), after epoch 0's last.ckpt
+    r = pretrain(cut, "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=2",
+                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not (cut / "encoder.pt").exists()
+    r = pretrain(cut, f"+ckpt_path={cut / 'checkpoints' / 'last.ckpt'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = torch.load(tmp_path / "full/encoder.pt", map_location="cpu", weights_only=True)["state_dict"]
+    resumed = torch.load(cut / "encoder.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert not [k for k in full if not torch.equal(full[k], resumed[k])]
+    metrics = json.loads((cut / "pretrain_metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["epochs_this_run"] == 1

@@ -2,6 +2,8 @@
 
 Writes ``OUT/encoder.pt`` (the encoder file ``model.backbone.init`` takes), ``OUT/checkpoints/last.ckpt`` and
 ``OUT/pretrain_metrics.json`` (final loss, kNN accuracy when a monitor set is configured, wall time, images/s).
+``+ckpt_path=OUT/checkpoints/last.ckpt`` (saved at the end of every epoch) resumes a stopped run with the same
+command; its wall time and images/s then cover the epochs trained after resuming (``epochs_this_run``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from detkit.paths import config_dir
 log = logging.getLogger("detkit")
 
 
+class _StartEpoch(L.Callback):
+    """Records the epoch training starts from (after a checkpoint is restored), so a resumed run's images/s covers
+    only the epochs it trained itself."""
+
+    epoch = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch = trainer.current_epoch
+
+
 def pretrain(cfg: DictConfig, out: Path) -> Path:
     """Run SimCLR from a pretraining config node; return the path of the written encoder file."""
     out.mkdir(parents=True, exist_ok=True)
@@ -31,15 +43,21 @@ def pretrain(cfg: DictConfig, out: Path) -> Path:
     L.seed_everything(cfg.get("seed", 0), workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
-    trainer = instantiate(cfg.trainer, default_root_dir=str(out), callbacks=[checkpoint],
+    # last.ckpt after every epoch. (save_last=True with save_top_k=0 writes nothing at a training-epoch end when
+    # there is no validation loop: Lightning only copies "last" from a top-k save.)
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
+                                 save_on_train_epoch_end=True, enable_version_counter=False)
+    started = _StartEpoch()
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]  # +callbacks.NAME._target_=...
+    trainer = instantiate(cfg.trainer, default_root_dir=str(out), callbacks=[checkpoint, started, *extra],
                           logger=L.pytorch.loggers.CSVLogger(str(out), name="logs", version=""))
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     wall = time.time() - start
+    ran = trainer.current_epoch - started.epoch  # a resumed run times only the epochs it trained itself
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics.update(epochs=trainer.current_epoch, wall_time_s=round(wall, 1),
-                   images_per_s=round(len(datamodule.dataset) * trainer.current_epoch / max(wall, 1e-9), 1))
+    metrics.update(epochs=trainer.current_epoch, epochs_this_run=ran, wall_time_s=round(wall, 1),
+                   images_per_s=round(len(datamodule.dataset) * ran / max(wall, 1e-9), 1))
     encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": "simclr", **metrics})
     (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("encoder: %s (%s)", encoder, ", ".join(f"{k}={v}" for k, v in metrics.items()))

@@ -14,6 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from detkit.data.coco import CategoryMap, CocoDetection
 from detkit.data.collate import detection_collate
 from detkit.data.mosaic import Mosaic
+from detkit.data.shuffle import EpochShuffle, starting_epoch
 from detkit.data.transforms import DetectionTransform
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ class DetectionDataModule(L.LightningDataModule):
         check_images: decode every image during validation.
         train_fraction, subset_seed: keep a fixed random fraction of the training images (label budget).
         mosaic: probability of a 2x2 mosaic per training item (0 disables; see :class:`detkit.data.mosaic.Mosaic`).
-        seed: seeds the training loader's own generator, which draws the shuffle order and the workers' seeds (and
-            so the augmentations); its state is part of the loader state saved in checkpoints.
+        seed: with the epoch, fixes the shuffle order and the workers' seeds (and so the augmentations) of every
+            epoch (:class:`detkit.data.shuffle.EpochShuffle`), so resumed runs reproduce uninterrupted ones.
     """
 
     def __init__(
@@ -110,10 +111,12 @@ class DetectionDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         if self.mosaic > 0:
             dataset = Mosaic(dataset, self.mosaic)
+        generator = torch.Generator()
         return StatefulDataLoader(
-            dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            collate_fn=detection_collate, drop_last=len(self.datasets["train"]) > self.batch_size,
-            persistent_workers=False, generator=torch.Generator().manual_seed(self.seed),
+            dataset, batch_size=self.batch_size,
+            sampler=EpochShuffle(len(dataset), self.seed, generator, starting_epoch(self.trainer)),
+            num_workers=self.num_workers, collate_fn=detection_collate,
+            drop_last=len(self.datasets["train"]) > self.batch_size, persistent_workers=False, generator=generator,
         )  # non-persistent workers: each epoch draws a new base seed for item_seed()
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -159,6 +162,9 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         # Non-persistent workers: each epoch draws a new base seed, so every epoch sees new views (item_seed()).
-        return StatefulDataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
+        generator = torch.Generator()
+        return StatefulDataLoader(self.dataset, batch_size=self.batch_size,
+                                  sampler=EpochShuffle(len(self.dataset), self.seed, generator,
+                                                      starting_epoch(self.trainer)),
                                   num_workers=self.num_workers, drop_last=len(self.dataset) > self.batch_size,
-                                  persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
+                                  persistent_workers=False, generator=generator)

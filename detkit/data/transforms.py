@@ -33,7 +33,8 @@ def item_seed(index: int) -> int | None:
     """The random seed of dataset item ``index`` in this epoch, or ``None`` in the main process.
 
     In a data-loader worker it is a function of the epoch's base seed (``worker_info.seed - worker_info.id``,
-    drawn from the loader's generator and restored by ``StatefulDataLoader`` on resume) and the item index alone,
+    drawn from the loader's generator, which :class:`detkit.data.shuffle.EpochShuffle` reseeds from the run seed and
+    the epoch, and restored by ``StatefulDataLoader`` on a mid-epoch resume) and the item index alone,
     so an item gets the same augmentation whichever worker loads it, and a resumed run reproduces the interrupted
     one exactly (this needs non-persistent workers, so that each epoch draws a new base seed).
     """

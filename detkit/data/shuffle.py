@@ -1,0 +1,61 @@
+"""Training-set shuffling that depends only on ``(seed, epoch)``, so a run resumed at any epoch boundary draws
+exactly what the uninterrupted run drew."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochShuffle(Sampler[int]):
+    """A random permutation of ``range(num_items)`` per epoch, plus the data-loader workers' base seed.
+
+    ``RandomSampler`` with a loader generator draws each epoch from a stream that continues across epochs. When a
+    run is resumed from an end-of-epoch checkpoint, Lightning does not restore the (exhausted) loader's state, so
+    the resumed run would start that stream over and replay epoch 0's order and augmentations. Here Lightning's
+    ``set_epoch(epoch)`` call (made before each epoch's iterator is created) reseeds both the permutation and
+    ``generator`` — the loader's own generator, from which PyTorch draws the workers' base seed, i.e. the
+    augmentation seeds of :func:`detkit.data.transforms.item_seed`. Mid-epoch resumes still go through
+    ``StatefulDataLoader``'s saved state, which replays this sampler to the saved position.
+
+    Lightning creates a run's first iterator before its first ``set_epoch`` call, so the sampler must be built
+    with the epoch the run starts at (:func:`starting_epoch`), not 0.
+
+    Args:
+        num_items: dataset length.
+        seed: run seed.
+        generator: the ``generator`` passed to the data loader (reseeded per epoch).
+        epoch: the epoch the first iterator draws.
+    """
+
+    def __init__(self, num_items: int, seed: int, generator: torch.Generator, epoch: int = 0) -> None:
+        self.num_items, self.seed, self.generator = num_items, seed, generator
+        self.set_epoch(epoch)
+
+    def _epoch_seed(self) -> int:
+        return (self.seed * 1_000_003 + self.epoch) % 2**63
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self._epoch_seed())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.Generator().manual_seed(self._epoch_seed() ^ 0x5EED)
+        yield from torch.randperm(self.num_items, generator=order).tolist()
+
+
+def starting_epoch(trainer) -> int:
+    """The epoch a Lightning ``trainer`` is about to train (after restoring a checkpoint), or 0 outside ``fit``.
+
+    This is the value Lightning passes to ``set_epoch`` (the fit loop's processed-epoch count), read at the time
+    ``train_dataloader()`` is called, which is after the checkpoint's loop state has been restored.
+    """
+    try:
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+    except (AttributeError, RuntimeError):
+        return 0
