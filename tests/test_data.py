@@ -143,3 +143,25 @@ def test_yolo_labels_convert_with_class_ids_from_zero(tmp_path):
     assert len(problems) == 1 and "class index 7" in problems[0] and "a.txt: line 3" in problems[0]
     ann = dump(coco, tmp_path / "yolo.json")
     assert validate_coco(ann, tmp_path / "images").ok
+
+
+def test_epoch_shuffle_is_a_function_of_seed_and_epoch_alone():
+    """The order and the loader generator's state depend on (seed, epoch) only, not on what was drawn before, so a
+    run that starts at epoch 3 (a resume) sees what an uninterrupted run saw at epoch 3."""
+    from detkit.data.shuffle import EpochShuffle
+
+    def draw(epoch: int, warmup: int = 0) -> tuple[list[int], int]:
+        g = torch.Generator()
+        s = EpochShuffle(10, seed=7, generator=g)
+        for e in range(warmup):  # epochs consumed before, as in an uninterrupted run
+            s.set_epoch(e)
+            list(s)
+            torch.empty(()).random_(generator=g)  # the base seed a loader iterator draws
+        s.set_epoch(epoch)
+        return list(s), int(torch.empty((), dtype=torch.int64).random_(generator=g))
+
+    order, base_seed = draw(3, warmup=3)
+    assert sorted(order) == list(range(10))
+    assert draw(3) == (order, base_seed)
+    assert draw(4)[0] != order and draw(4)[1] != base_seed
+    assert list(EpochShuffle(10, 8, torch.Generator(), epoch=3)) != order  # another seed, another order
