@@ -14,7 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from detkit.data.coco import CategoryMap, CocoDetection
 from detkit.data.collate import detection_collate
 from detkit.data.mosaic import Mosaic
-from detkit.data.shuffle import EpochShuffle, starting_epoch
+from detkit.data.shuffle import epoch_shuffled_loader
 from detkit.data.transforms import DetectionTransform
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,8 @@ class DetectionDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         if self.mosaic > 0:
             dataset = Mosaic(dataset, self.mosaic)
-        generator = torch.Generator()
-        return StatefulDataLoader(
-            dataset, batch_size=self.batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed, generator, starting_epoch(self.trainer)),
-            num_workers=self.num_workers, collate_fn=detection_collate,
-            drop_last=len(self.datasets["train"]) > self.batch_size, persistent_workers=False, generator=generator,
-        )  # non-persistent workers: each epoch draws a new base seed for item_seed()
+        return epoch_shuffled_loader(dataset, self.seed, self.trainer, self.batch_size,
+                                     num_workers=self.num_workers, collate_fn=detection_collate)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
@@ -161,10 +156,6 @@ class PretrainDataModule(L.LightningDataModule):
         log.info("pretraining on %d unlabeled images from %s", len(self.dataset), images)
 
     def train_dataloader(self) -> StatefulDataLoader:
-        # Non-persistent workers: each epoch draws a new base seed, so every epoch sees new views (item_seed()).
-        generator = torch.Generator()
-        return StatefulDataLoader(self.dataset, batch_size=self.batch_size,
-                                  sampler=EpochShuffle(len(self.dataset), self.seed, generator,
-                                                      starting_epoch(self.trainer)),
-                                  num_workers=self.num_workers, drop_last=len(self.dataset) > self.batch_size,
-                                  persistent_workers=False, generator=generator)
+        # every epoch sees new views: item_seed() depends on the epoch's base seed
+        return epoch_shuffled_loader(self.dataset, self.seed, self.trainer, self.batch_size,
+                                     num_workers=self.num_workers)

@@ -3,10 +3,11 @@ exactly what the uninterrupted run drew."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class EpochShuffle(Sampler[int]):
@@ -59,3 +60,13 @@ def starting_epoch(trainer) -> int:
         return int(trainer.fit_loop.epoch_progress.current.processed)
     except (AttributeError, RuntimeError):
         return 0
+
+
+def epoch_shuffled_loader(dataset, seed: int, trainer, batch_size: int, **kwargs: Any) -> StatefulDataLoader:
+    """The training loader of both data modules: :class:`EpochShuffle` order, its generator as the loader's, and
+    non-persistent workers (each epoch draws a new base seed for :func:`detkit.data.transforms.item_seed`)."""
+    generator = torch.Generator()
+    return StatefulDataLoader(dataset, batch_size=batch_size,
+                              sampler=EpochShuffle(len(dataset), seed, generator, starting_epoch(trainer)),
+                              drop_last=len(dataset) > batch_size, persistent_workers=False, generator=generator,
+                              **kwargs)
