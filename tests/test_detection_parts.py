@@ -79,6 +79,25 @@ def test_box_coder_hand_computed_and_clamped():
     torch.testing.assert_close(huge, torch.tensor([[-15.0, -30.0, 25.0, 50.0]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_under_autocast_is_float32_and_exact(dtype):
+    """Under mixed precision the head's deltas arrive in half precision; boxes must still be decoded in float32
+    (a box near x=600 decoded in bf16 is off by up to 4 px)."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.tensor([[580.3, 590.7, 620.9, 640.2]]).repeat(200, 1) + torch.rand(200, 4, generator=g) * 30
+    head = torch.nn.Linear(4, 4)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    with torch.autocast("cpu", dtype=dtype):
+        deltas = head(torch.randn(200, 4, generator=g))
+        assert deltas.dtype == dtype  # the situation the decode must cope with
+        boxes = coder.decode(deltas, ref)
+        targets = coder.encode(boxes, ref)
+        iou = batched_box_iou(boxes[None], ref[None])
+    assert boxes.dtype == targets.dtype == iou.dtype == torch.float32
+    torch.testing.assert_close(boxes, coder.decode(deltas.float(), ref), atol=1e-3, rtol=0)
+    torch.testing.assert_close(iou[0], box_iou(boxes, ref), atol=1e-6, rtol=0)
+
+
 def test_degenerate_boxes_encode_finite():
     coder = BoxCoder((10, 10, 5, 5))
     deltas = coder.encode(torch.tensor([[5.0, 5.0, 5.0, 5.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))

@@ -34,23 +34,33 @@ class BoxCoder:
         return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
     def encode(self, boxes: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """``boxes [..., 4], reference [..., 4] -> deltas [..., 4]``. Sizes are floored at a tiny epsilon so
-        degenerate boxes give large but finite targets, never NaN."""
+        """``boxes [..., 4], reference [..., 4] -> float32 deltas [..., 4]``. Sizes are floored at a tiny epsilon
+        so degenerate boxes give large but finite targets, never NaN. Computed in float32 whatever the autocast
+        dtype (see :meth:`decode`)."""
         wx, wy, ww, wh = self.weights
         eps = 1e-6
-        cx, cy, w, h = self._centre_size(boxes)
-        rcx, rcy, rw, rh = self._centre_size(reference)
-        rw, rh = rw.clamp(min=eps), rh.clamp(min=eps)
-        return torch.stack((wx * (cx - rcx) / rw, wy * (cy - rcy) / rh,
-                            ww * torch.log(w.clamp(min=eps) / rw), wh * torch.log(h.clamp(min=eps) / rh)), dim=-1)
+        with torch.autocast(boxes.device.type, enabled=False):
+            cx, cy, w, h = self._centre_size(boxes.float())
+            rcx, rcy, rw, rh = self._centre_size(reference.float())
+            rw, rh = rw.clamp(min=eps), rh.clamp(min=eps)
+            return torch.stack((wx * (cx - rcx) / rw, wy * (cy - rcy) / rh,
+                                ww * torch.log(w.clamp(min=eps) / rw), wh * torch.log(h.clamp(min=eps) / rh)), dim=-1)
 
     def decode(self, deltas: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """``deltas [..., 4], reference [..., 4] -> boxes [..., 4]`` (xyxy)."""
+        """``deltas [..., 4], reference [..., 4] -> float32 boxes [..., 4]`` (xyxy absolute pixels).
+
+        Always float32, with autocast disabled: under mixed precision the head's deltas arrive in fp16/bf16, and
+        decoding in that dtype rounds a coordinate near x=600 to the nearest 0.5 px (fp16) or 4 px (bf16), which
+        then ties scores and shifts every evaluated box. ``dw``/``dh`` are clamped at ``scale_clamp`` from above
+        (as torchvision) and non-finite deltas decode to non-finite boxes that callers mask as invalid.
+        """
         wx, wy, ww, wh = self.weights
-        rcx, rcy, rw, rh = self._centre_size(reference.to(deltas.dtype))
-        dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
-        dw = (deltas[..., 2] / ww).clamp(max=self.scale_clamp)
-        dh = (deltas[..., 3] / wh).clamp(max=self.scale_clamp)
-        cx, cy = dx * rw + rcx, dy * rh + rcy
-        w, h = torch.exp(dw) * rw, torch.exp(dh) * rh
-        return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+        with torch.autocast(deltas.device.type, enabled=False):
+            deltas = deltas.float()
+            rcx, rcy, rw, rh = self._centre_size(reference.float())
+            dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+            dw = (deltas[..., 2] / ww).clamp(max=self.scale_clamp)
+            dh = (deltas[..., 3] / wh).clamp(max=self.scale_clamp)
+            cx, cy = dx * rw + rcx, dy * rh + rcy
+            w, h = torch.exp(dw) * rw, torch.exp(dh) * rh
+            return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)

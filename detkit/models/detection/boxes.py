@@ -14,13 +14,15 @@ def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """IoU of every pair, batched: ``[B, N, 4] x [B, M, 4] -> [B, N, M]``.
 
     Equals ``torchvision.ops.box_iou`` per batch element (which has no batch dimension); degenerate boxes give 0,
-    never NaN.
+    never NaN. Always float32 (autocast disabled): IoUs decide matches and scores, and half precision ties them.
     """
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
-    return inter / union.clamp(min=torch.finfo(union.dtype).eps)
+    with torch.autocast(boxes1.device.type, enabled=False):
+        boxes1, boxes2 = boxes1.float(), boxes2.float()
+        lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+        rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)
+        union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
+        return inter / union.clamp(min=torch.finfo(union.dtype).eps)
 
 
 def clip_boxes(boxes: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
