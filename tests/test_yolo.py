@@ -49,6 +49,25 @@ def test_large_box_goes_to_the_coarse_level_and_tiny_box_keeps_its_centre_cell()
     assert tiny == [12 * 40 + 12]  # the stride-8 cell containing (101.25, 101.25), though no centre is inside
 
 
+@pytest.mark.parametrize("size", [(320, 320), (256, 384), (640, 480)])
+def test_every_box_of_any_size_anywhere_gets_a_positive_cell(size):
+    """Tiny boxes whose centre cell lies on a level their size range excludes used to get no positive cell (the
+    centre-cell fallback was decided before the range filter). One random box per image, 1 px to the image size."""
+    h, w = size
+    shapes = [(h // s, w // s) for s in STRIDES]
+    points, strides = cell_centres(shapes, STRIDES, torch.device("cpu"))
+    level = torch.cat([torch.full((a * b,), i) for i, (a, b) in enumerate(shapes)])
+    g = torch.Generator().manual_seed(h + w)
+    n = 2000
+    side = torch.exp(torch.rand(n, 2, generator=g) * torch.log(torch.tensor([w, h]) * 0.9)).clamp(min=1.0)
+    side[: n // 2] = 1.0 + torch.rand(n // 2, 2, generator=g) * 8  # half of them 1-9 px
+    x0y0 = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - side)
+    boxes = torch.cat([x0y0, x0y0 + side], dim=1)[:, None]  # [n images, 1 box, 4]
+    assigned = CentreSamplingAssigner()(points, strides, level, boxes, torch.ones(n, 1, dtype=torch.bool))
+    missed = (~(assigned == 0).any(dim=1)).nonzero().flatten()
+    assert len(missed) == 0, f"{len(missed)} boxes without a positive cell, e.g. {boxes[missed[:3], 0].tolist()}"
+
+
 def test_overlapping_boxes_give_the_cell_to_the_smaller_and_padding_is_ignored():
     points, strides, level = grid()
     boxes = torch.tensor([[[40.0, 24.0, 80.0, 64.0], [50.0, 34.0, 70.0, 54.0], [0, 0, 0, 0]],

@@ -132,7 +132,14 @@ class CentreSamplingAssigner:
     def __init__(self, center_radius: float = 2.5,
                  size_ranges: Sequence[Sequence[float]] | None = ((0, 64), (64, 128), (128, INF))) -> None:
         self.center_radius = center_radius
-        self.size_ranges = [tuple(r) for r in size_ranges] if size_ranges is not None else None
+        self.size_ranges = [tuple(float(v) for v in r) for r in size_ranges] if size_ranges is not None else None
+        if self.size_ranges is not None:
+            edges = [r[0] for r in self.size_ranges] + [self.size_ranges[-1][1]]
+            if edges[0] != 0 or any(a[1] != b[0] for a, b in zip(self.size_ranges, self.size_ranges[1:])) \
+                    or edges[-1] < 1e6:
+                raise ValueError(f"YOLO size_ranges must tile [0, inf) level after level (each range starting where "
+                                 f"the previous one ends, the last ending at >= 1e6), got {size_ranges}: a box "
+                                 "whose size falls in a gap would never be learned")
 
     def __call__(self, points: torch.Tensor, strides: torch.Tensor, level: torch.Tensor, gt_boxes: torch.Tensor,
                  gt_valid: torch.Tensor) -> torch.Tensor:
@@ -149,12 +156,16 @@ class CentreSamplingAssigner:
         r = self.center_radius * strides
         near = ((x - cx).abs() < r) & ((y - cy).abs() < r)
         centre_cell = ((x - cx).abs() <= strides / 2) & ((y - cy).abs() <= strides / 2)
-        ok = (inside & near) | (centre_cell & inside.any(-1, keepdim=True).logical_not())
+        in_range = torch.ones_like(inside)
         if self.size_ranges is not None:
             half = torch.maximum(x1 - x0, y1 - y0) / 2  # [B, G, 1]
             lo = torch.tensor([r[0] for r in self.size_ranges], device=points.device)[level]
             hi = torch.tensor([r[1] for r in self.size_ranges], device=points.device)[level]
-            ok &= (half >= lo) & (half < hi)
+            in_range = (half >= lo) & (half < hi)
+        ok = inside & near & in_range
+        # A box no cell centre falls inside (smaller than a stride) gets the cell containing its centre, on the
+        # level its size range picks; decided after the range filter, so every box has at least one cell.
+        ok |= centre_cell & in_range & ~ok.any(-1, keepdim=True)
         ok &= gt_valid[..., None]
         area = ((x1 - x0) * (y1 - y0)).expand_as(ok)
         area = torch.where(ok, area, torch.full_like(area, INF))
