@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.models.backbones import Backbone, ResNetEncoder
+from detkit.models.backbones import Backbone, FrozenBatchNorm2d, ResNetEncoder
 
 
 def _stats(backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -92,4 +92,30 @@ def test_frozen_stats_hold_through_a_lightning_fit_with_validation():
     after = _stats(module.backbone)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(weight, module.backbone.encoder.bn1.weight)  # the affine part did train
-    assert isinstance(module.backbone.encoder.bn1, nn.BatchNorm2d)
+    assert isinstance(module.backbone.encoder.bn1, FrozenBatchNorm2d)
+
+
+@pytest.mark.parametrize("options", [{"norm": "frozen_stats"}, {"norm": "frozen"}, {"freeze_at": 3}])
+def test_frozen_norms_survive_the_sync_batchnorm_conversion_of_ddp(options):
+    """`trainer=ddp` sets sync_batchnorm, and Lightning then runs SyncBatchNorm.convert_sync_batchnorm, which
+    turns every _BatchNorm into a trainable SyncBatchNorm: frozen layers must not be among them."""
+    backbone = Backbone(levels=["c5"], fpn=False, **options)
+    frozen_before = {n for n, m in backbone.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert frozen_before
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    frozen_after = {n for n, m in converted.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert frozen_after == frozen_before
+    synced = {n for n, m in converted.named_modules() if isinstance(m, nn.SyncBatchNorm)}
+    assert not synced & frozen_before
+    assert bool(synced) == ("freeze_at" in options)  # the stages left trainable still synchronise
+    # a training step of the converted model (SyncBatchNorm runs as plain BatchNorm without a process group)
+    # leaves the frozen statistics where they were, while the synchronised ones move
+    converted.train()
+    before = {k: v.clone() for k, v in converted.state_dict().items() if "running_" in k}
+    opt = torch.optim.SGD([p for p in converted.parameters() if p.requires_grad], lr=0.1)
+    converted(_images())["c5"].square().mean().backward()
+    opt.step()
+    after = converted.state_dict()
+    frozen_keys = [k for k in before if k.rsplit(".", 1)[0] in frozen_before]
+    assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k not in frozen_keys)

@@ -171,15 +171,52 @@ class FPN(nn.Module):
         return outs
 
 
-class StatsFrozenBatchNorm2d(nn.BatchNorm2d):
+class FrozenBatchNorm2d(nn.Module):
     """BatchNorm that always normalises with its stored ``running_mean``/``running_var`` and never updates them,
     whatever ``.training`` says; its affine ``weight``/``bias`` still train unless their ``requires_grad`` is off.
 
     Freezing by class rather than by ``.eval()`` survives trainers that set module modes themselves (Lightning
-    keeps, and restores, each module's own mode) and keeps the state-dict keys of ``nn.BatchNorm2d``."""
+    keeps, and restores, each module's own mode). It is deliberately *not* a ``torch.nn.modules.batchnorm._BatchNorm``
+    subclass: ``SyncBatchNorm.convert_sync_batchnorm`` (what ``trainer=ddp`` with ``sync_batchnorm: true`` runs)
+    replaces every ``_BatchNorm`` with a trainable ``SyncBatchNorm``, which would silently undo the freezing on
+    multi-GPU runs. The state-dict keys are those of ``nn.BatchNorm2d``, so encoder files load either way.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, train_affine: bool = True) -> "FrozenBatchNorm2d":
+        """A frozen copy of ``bn`` (same statistics and affine values); ``train_affine=False`` also fixes those."""
+        frozen = cls(bn.num_features, bn.eps).to(bn.running_mean.device)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                getattr(frozen, name).copy_(getattr(bn, name))
+        frozen.weight.requires_grad_(train_affine and bn.weight.requires_grad)
+        frozen.bias.requires_grad_(train_affine and bn.bias.requires_grad)
+        return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def freeze_batchnorm(module: nn.Module, train_affine: bool = True) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` inside ``module`` by a :class:`FrozenBatchNorm2d` copy (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d.from_batchnorm(child, train_affine))
+        else:
+            freeze_batchnorm(child, train_affine)
+    return module
 
 
 class Backbone(nn.Module):
@@ -244,13 +281,14 @@ class Backbone(nn.Module):
     def _freeze(self) -> None:
         enc = self.encoder
         stages = [nn.ModuleList([enc.conv1, enc.bn1]), enc.layer1, enc.layer2, enc.layer3, enc.layer4]
-        frozen = nn.ModuleList(stages[: self.freeze_at])  # a frozen stage is frozen whole: weights and BN statistics
-        frozen.requires_grad_(False)
-        for m in (enc if self.norm != "bn" else frozen).modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.__class__ = StatsFrozenBatchNorm2d
-                if self.norm == "frozen":
-                    m.requires_grad_(False)
+        nn.ModuleList(stages[: self.freeze_at]).requires_grad_(False)  # frozen stages: weights and statistics
+        if self.norm != "bn":
+            freeze_batchnorm(enc, train_affine=self.norm == "frozen_stats")
+            return
+        if self.freeze_at >= 1:
+            enc.bn1 = FrozenBatchNorm2d.from_batchnorm(enc.bn1, train_affine=False)
+        for layer in stages[1: self.freeze_at]:
+            freeze_batchnorm(layer, train_affine=False)
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""
