@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.data.validate import DatasetError, UnusableInputError
 from detkit.eval.coco_eval import PredictionError
 from detkit.models.backbones import EncoderLoadError
@@ -22,7 +23,8 @@ from detkit.models.backbones import EncoderLoadError
 log = logging.getLogger("detkit")
 
 #: Errors caused by user input: reported as one clear message, without a traceback.
-USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError)
+USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError,
+               ConfigKeyError)
 
 
 def _default_data_dir() -> str:
@@ -71,6 +73,8 @@ def is_multirun() -> bool:
 def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run an entry point with clean failure handling.
 
+    Every key of the config is first checked against its node's ``_target_`` (:mod:`detkit.config_check`), so a
+    misspelled key stops the run before anything is built.
     Single run: a user-input error is one message and exit status 1 (other errors keep their traceback).
     Multirun: any error is logged and recorded in the job directory (``job_status.json``) and the job returns NaN,
     so the other jobs go on and the sweep summary lists this one as failed (see :mod:`detkit.cli.sweep`).
@@ -83,6 +87,7 @@ def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         start = time.time()
         multirun = is_multirun()
         try:
+            check_config_keys(cfg)
             result = fn(cfg)
         except USER_ERRORS as e:
             if multirun:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 

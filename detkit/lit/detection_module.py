@@ -66,7 +66,6 @@ class DetectionModule(L.LightningModule):
         image_size: int | None = None,
         ema_decay: float | None = None,
         seed: int = 0,
-        **_: Any,
     ) -> None:
         super().__init__()
         backbone, detector, categories = plain_config(backbone), plain_config(detector), plain_config(categories)

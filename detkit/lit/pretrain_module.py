@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import lightning as L
 import torch
@@ -33,7 +32,7 @@ class SimCLRModule(L.LightningModule):
 
     def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
                  temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
-                 scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07, **_: Any) -> None:
+                 scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07) -> None:
         super().__init__()
         optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.3, "momentum": 0.9,
                                        "weight_decay": 1e-4})

@@ -17,7 +17,6 @@ from detkit.models.detection.boxes import batched_box_iou, box_area, clip_boxes,
 from detkit.models.detection.losses import box_regression_loss
 from detkit.models.detection.matcher import Matcher
 from detkit.models.detection.postprocess import Detections, batched_multiclass_nms, topk_candidates
-from detkit.models.detection.roi_align import roi_align_gather
 from detkit.models.detection.sampler import BalancedSampler
 
 
