@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT / "data" / "bccd"
 SHARED = ROOT.parent / "shared" / "datasets"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/datasets (developer checkouts and CI)")
+
+
+def env_with_path(*paths: str | Path, base: dict | None = None) -> dict:
+    """The environment for a subprocess with ``paths`` put in front of ``PYTHONPATH`` (the caller's entries are kept:
+    where detkit's dependencies are installed on ``PYTHONPATH``, a subprocess must still find them)."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
 
 
 @pytest.fixture

@@ -72,14 +72,37 @@ def test_train_writes_config_checkpoints_and_metrics(synthetic, tmp_path):
     assert (out / "pr_curves.png").is_file()
     # the checkpoint alone drives prediction and evaluation
     r = run(["detkit-predict", f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", f"input={root}",
-             "score_threshold=0.0", f"hydra.run.dir={tmp_path / 'pred'}"])
+             "score_threshold=0.0", "device=cpu", f"hydra.run.dir={tmp_path / 'pred'}"])
     assert r.returncode == 0, r.stderr
     preds = load(tmp_path / "pred" / "predictions.json")
     assert len(preds["images"]) == 8 and len(list((tmp_path / "pred" / "visualizations").glob("*.jpg"))) == 8
-    r = run(["detkit-eval", f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", f"data.val_ann={ann}",
-             f"data.val_images={root}", f"hydra.run.dir={tmp_path / 'ev'}"])
+    ckpt = out / "checkpoints" / "last.ckpt"
+    r = run(["detkit-eval", f"checkpoint={ckpt}", f"data.val_ann={ann}", f"data.val_images={root}", "device=cpu",
+             f"hydra.run.dir={tmp_path / 'ev'}"])
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "ev" / "metrics.json")["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    assert load(tmp_path / "ev" / "metrics.json")["device"] == "cpu"
+    check_eval_refuses_other_categories(ckpt, ann, root, tmp_path, metrics["AP"])
+
+
+def check_eval_refuses_other_categories(ckpt: Path, ann: Path, root: Path, tmp_path: Path, ap: float) -> None:
+    """detkit-eval compares the checkpoint's categories with the dataset's; by_name maps renumbered ids."""
+    data = load(ann)
+    shifted = {**data, "categories": [{**c, "id": c["id"] + 10} for c in data["categories"]],
+               "annotations": [{**a, "category_id": a["category_id"] + 10} for a in data["annotations"]]}
+    shifted_ann = dump(shifted, tmp_path / "shifted.json")
+    args = [f"checkpoint={ckpt}", f"data.val_ann={shifted_ann}", f"data.val_images={root}", "device=cpu"]
+    r = run(["detkit-eval", *args, f"hydra.run.dir={tmp_path / 'ev2'}"])
+    text = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in text, text
+    assert "categories of checkpoint" in text and "'id': 10" in text and "'id': 0" in text  # both lists shown
+    r = run(["detkit-eval", *args, "category_mapping=by_name", f"hydra.run.dir={tmp_path / 'ev3'}"])
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "ev3" / "metrics.json")["AP"] == pytest.approx(ap, abs=1e-9)
+    renamed = {**data, "categories": [{**c, "name": c["name"] + "_x"} for c in data["categories"]]}
+    args[1] = f"data.val_ann={dump(renamed, tmp_path / 'renamed.json')}"
+    r = run(["detkit-eval", *args, "category_mapping=by_name", f"hydra.run.dir={tmp_path / 'ev4'}"])
+    assert r.returncode == 1 and "no category named" in r.stdout + r.stderr
 
 
 def test_eval_files_mode_and_its_errors(synthetic, tmp_path):

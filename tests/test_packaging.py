@@ -9,7 +9,7 @@ import tomllib
 import pytest
 
 from detkit.paths import config_dir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, env_with_path
 
 
 def test_every_detkit_package_is_listed_in_pyproject():
@@ -33,6 +33,6 @@ def test_a_regular_install_ships_conf_and_runs_a_hydra_app(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True)
     r = subprocess.run([sys.executable, "-m", "detkit.cli.train", "--cfg", "job"], capture_output=True, text=True,
-                       cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+                       cwd=tmp_path, env=env_with_path(target, base={"PATH": "/usr/bin:/bin"}))
     assert r.returncode == 0, r.stderr
     assert "faster_rcnn" in r.stdout or "FasterRCNN" in r.stdout

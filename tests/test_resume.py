@@ -3,14 +3,13 @@ the same weights as an uninterrupted run (CPU)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 
 import torch
 
 from detkit.data.synthetic import make_synthetic_coco
-from tests.conftest import ROOT
+from tests.conftest import ROOT, env_with_path
 from tests.test_cli import BIN, FAST, data_args
 
 # 12 images, batch 2: 6 steps per epoch; a checkpoint every 4 steps lands mid-epoch (steps 4 and 8).
@@ -44,7 +43,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
     out = tmp_path / "killed"  # SIGKILL at the start of step 5: epoch 0, batch 5 of 6; last checkpoint at step 4
     r = subprocess.run(train_cmd(ann, root, out, "+callbacks.kill._target_=tests.helpers.KillAtStep",
                                  "+callbacks.kill.step=5"), capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env=env_with_path(ROOT))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     last = out / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)

@@ -202,7 +202,7 @@ def test_pretraining_killed_and_resumed_from_last_checkpoint_equals_an_uninterru
     weights of the uninterrupted run (same seed: same shuffles, views and learning-rate schedule)."""
     import signal
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, env_with_path
     from tests.test_cli import run
 
     ann, root = synthetic  # 8 images, batch 4: 2 steps per epoch; views are reproducible per item in workers only
@@ -215,7 +215,7 @@ def test_pretraining_killed_and_resumed_from_last_checkpoint_equals_an_uninterru
     assert r.returncode == 0, r.stderr[-3000:]
     cut = tmp_path / "cut"  # SIGKILL at the start of step 2 (epoch 1), after epoch 0's last.ckpt
     r = pretrain(cut, "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=2",
-                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+                 env=env_with_path(ROOT))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert not (cut / "encoder.pt").exists()
     r = pretrain(cut, f"+ckpt_path={cut / 'checkpoints' / 'last.ckpt'}")

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config_check import ConfigKeyError, check_config_keys
+from detkit.data.coco import CategoryMismatchError
 from detkit.data.validate import DatasetError, UnusableInputError
 from detkit.eval.coco_eval import PredictionError
 from detkit.models.backbones import EncoderLoadError
@@ -24,7 +25,7 @@ log = logging.getLogger("detkit")
 
 #: Errors caused by user input: reported as one clear message, without a traceback.
 USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError,
-               ConfigKeyError)
+               ConfigKeyError, CategoryMismatchError)
 
 
 def _default_data_dir() -> str:

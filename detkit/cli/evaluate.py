@@ -43,9 +43,12 @@ def evaluate_files(cfg: DictConfig) -> EvalResult:
 
 
 def evaluate_checkpoint(cfg: DictConfig, out: Path) -> EvalResult:
+    """Run a checkpoint on ``data.val_*`` and evaluate it on ``device`` (``auto``: CUDA when available).
+
+    The model's categories must be the dataset's (ids and names), unless ``category_mapping=by_name``."""
     from detkit.lit.detection_module import DetectionModule
 
-    check_torchvision_ops(cfg.trainer.accelerator)
+    check_torchvision_ops(cfg.device)
     module = DetectionModule.from_checkpoint(cfg.checkpoint)
     module.hparams.eval_backend = cfg.backend
     with open_dict(cfg):
@@ -55,7 +58,9 @@ def evaluate_checkpoint(cfg: DictConfig, out: Path) -> EvalResult:
         raise FileNotFoundError("checkpoint mode needs data.val_ann=GT.json and data.val_images=DIR")
     datamodule = instantiate(cfg.data)
     datamodule.setup("validate")
-    trainer = instantiate(cfg.trainer)
+    module.categories = module.categories.mapped_to(datamodule.categories, cfg.category_mapping,
+                                                    what=f"checkpoint {cfg.checkpoint}")
+    trainer = instantiate(cfg.trainer, accelerator=cfg.device)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     (out / "predictions.json").write_text(json.dumps(module.gather_results()))
     return module.last_eval
@@ -72,7 +77,8 @@ def main(cfg: DictConfig) -> float:
     else:
         raise FileNotFoundError("give checkpoint=CKPT (with data.val_ann/data.val_images) or "
                                 "ground_truth=GT.json predictions=PRED.json")
-    write_metrics(out / "metrics.json", result, {"backend": cfg.backend})
+    write_metrics(out / "metrics.json", result, {"backend": cfg.backend, "device": cfg.device if cfg.checkpoint
+                                                  else None})
     plot_pr_curves(result, out / "pr_curves.png")
     print(result.summary())
     log.info("metrics: %s", out / "metrics.json")

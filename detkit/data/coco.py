@@ -22,14 +22,19 @@ from detkit.data.validate import DatasetError, drop_invalid, group_by_image, loa
 log = logging.getLogger(__name__)
 
 
+class CategoryMismatchError(ValueError):
+    """A model's categories differ from those of the dataset it is evaluated on."""
+
+
 class CategoryMap:
     """Maps COCO category ids (any integers, in any order) to contiguous labels ``0..C-1`` and back.
 
-    Labels follow ascending category id, so the mapping does not depend on the order of the json's list.
+    Labels follow ascending category id, so the mapping does not depend on the order of the json's list
+    (``sort=False`` keeps the given order: a model's labels renamed to another dataset's ids).
     """
 
-    def __init__(self, categories: Sequence[dict]) -> None:
-        ordered = sorted(categories, key=lambda c: c["id"])
+    def __init__(self, categories: Sequence[dict], sort: bool = True) -> None:
+        ordered = sorted(categories, key=lambda c: c["id"]) if sort else list(categories)
         self.ids: list[int] = [int(c["id"]) for c in ordered]
         self.names: list[str] = [str(c["name"]) for c in ordered]
         self._label_of = {cid: i for i, cid in enumerate(self.ids)}
@@ -46,6 +51,30 @@ class CategoryMap:
 
     def to_list(self) -> list[dict]:
         return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
+
+    def mapped_to(self, dataset: "CategoryMap", mapping: str = "strict", what: str = "the model") -> "CategoryMap":
+        """This (a model's) map, checked against a dataset's; returns the map predictions must use.
+
+        ``mapping="strict"``: ids and names must be the same, else :class:`CategoryMismatchError` listing both.
+        ``mapping="by_name"``: every model class must name a dataset category; the model's labels then report the
+        dataset's ids for those names (the dataset may have extra categories, which then have no predictions).
+        """
+        if mapping not in ("strict", "by_name"):
+            raise ValueError(f"category_mapping must be 'strict' or 'by_name', got {mapping!r}")
+        if self.to_list() == dataset.to_list():
+            return self
+        both = f"{what}: {self.to_list()}\n  dataset: {dataset.to_list()}"
+        if mapping == "strict":
+            raise CategoryMismatchError(
+                f"the categories of {what} and of the dataset differ (ids or names):\n  {both}\n"
+                "evaluate on a dataset with the training categories, or pass category_mapping=by_name to match "
+                "classes by name")
+        id_of = dict(zip(dataset.names, dataset.ids))
+        missing = [n for n in self.names if n not in id_of]
+        if missing:
+            raise CategoryMismatchError(f"category_mapping=by_name: the dataset has no category named {missing}:"
+                                        f"\n  {both}")
+        return CategoryMap([{"id": id_of[n], "name": n} for n in self.names], sort=False)
 
 
 def read_rgb(path: Path) -> np.ndarray:
