@@ -35,15 +35,17 @@ def build_detkit(num_classes: int):
     from detkit.models.backbones import Backbone
     from detkit.models.detection.anchors import AnchorGenerator
     from detkit.models.detection.faster_rcnn import FasterRCNN
-    from detkit.models.detection.roi_heads import RoIHeads
+    from detkit.models.detection.roi_heads import RoIHeads, RoIPooler, TwoMLPHead
     from detkit.models.detection.rpn import RegionProposalNetwork
+    from detkit.models.detection.sampler import BalancedSampler
 
     torch.manual_seed(0)
-    backbone = Backbone(depth=18, levels=["c3", "c4", "c5"], fpn=True, fpn_channels=128)
+    backbone = Backbone(depth=18, levels=["c3", "c4", "c5"], neck="fpn", neck_channels=128)
     return FasterRCNN(backbone, num_classes,
                       partial(RegionProposalNetwork, anchor_generator=AnchorGenerator(SIZES, RATIOS),
                               pre_nms_top_n=PRE, post_nms_top_n=POST),
-                      partial(RoIHeads, hidden=512, batch_size_per_image=256, aligned=False))
+                      partial(RoIHeads, pooler=partial(RoIPooler, aligned=False), box_head=partial(TwoMLPHead, hidden=512),
+                              sampler=BalancedSampler(256, 0.25)))
 
 
 def build_yolo(num_classes: int):
@@ -52,7 +54,7 @@ def build_yolo(num_classes: int):
     from detkit.models.detection.yolo import YOLO
 
     torch.manual_seed(0)
-    return YOLO(Backbone(depth=18, levels=["c5"], fpn=False), num_classes, score_thresh=0.001)
+    return YOLO(Backbone(depth=18, neck="pan", neck_channels=96), num_classes)
 
 
 class _TVBackbone(torch.nn.Module):
@@ -75,7 +77,7 @@ def build_torchvision(num_classes: int, image_size: int):
     from detkit.models.backbones import Backbone
 
     torch.manual_seed(0)
-    backbone = _TVBackbone(Backbone(depth=18, levels=["c3", "c4", "c5"], fpn=True, fpn_channels=128))
+    backbone = _TVBackbone(Backbone(depth=18, levels=["c3", "c4", "c5"], neck="fpn", neck_channels=128))
     return FasterRCNN(
         backbone, num_classes=None, min_size=image_size, max_size=image_size, image_mean=[0.0] * 3,
         image_std=[1.0] * 3, rpn_anchor_generator=AnchorGenerator(SIZES, RATIOS),
@@ -84,6 +86,18 @@ def build_torchvision(num_classes: int, image_size: int):
         box_roi_pool=MultiScaleRoIAlign(["p3", "p4", "p5"], 7, 2),
         box_head=TwoMLPHead(128 * 49, 512), box_predictor=FastRCNNPredictor(512, num_classes + 1),
         box_batch_size_per_image=256, box_detections_per_img=100)
+
+
+def padded(dets: list[dict]):
+    """torchvision's per-image detection dicts as detkit's padded Detections."""
+    from detkit.data.collate import Targets
+    from detkit.models.detection.postprocess import Detections
+
+    t = Targets.from_list([{"boxes": d["boxes"], "labels": d["labels"]} for d in dets], pad_multiple=1)
+    scores = torch.zeros(t.valid.shape)
+    for i, d in enumerate(dets):
+        scores[i, : len(d["scores"])] = d["scores"]
+    return Detections(t.boxes, scores, t.labels, t.valid)
 
 
 def run_one(impl: str, args: argparse.Namespace) -> dict:
@@ -114,7 +128,8 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
             if impl != "torchvision":
                 losses = model.loss(images, targets)
             else:
-                tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+                tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1}
+                              for t in map(targets.image, range(targets.num_images))]
                 losses = model(list(images.float()), tv_targets)
             loss = sum(losses.values())
             opt.zero_grad()
@@ -132,14 +147,15 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
         for images, targets in dm.val_dataloader():
             t0 = time.perf_counter()
             if impl != "torchvision":
-                dets = model.predict(images).to_list()
+                dets = model.predict(images)
             else:
-                dets = [{**d, "labels": d["labels"] - 1} for d in model(list(images.float()))]
+                dets = padded([{**d, "labels": d["labels"] - 1} for d in model(list(images.float()))])
             infer_time += time.perf_counter() - t0
             n += len(images)
-            for d, t in zip(dets, targets):
-                results += detections_to_results(to_original_pixels(d["boxes"], t), d["scores"],
-                                                 cats.ids_of(d["labels"]), t["image_id"])
+            boxes = to_original_pixels(dets, targets)
+            for i, (d, image_id) in enumerate(zip(dets.to_list(), targets.image_ids.tolist())):
+                results += detections_to_results(boxes[i][dets.valid[i]], d["scores"], cats.ids_of(d["labels"]),
+                                                 image_id)
     stats = evaluate_coco(dm.datasets["val"].coco_data, results).stats
     return {"impl": impl, "train_img_s": train_images / train_time, "infer_img_s": n / infer_time,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -28,7 +28,7 @@ class RecordBatches(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         images, targets = batch
-        ids = [t["image_id"] for t in targets]
-        boxes = sum(float(t["boxes"].sum()) for t in targets)
+        ids = targets.image_ids.tolist()
+        boxes = float((targets.boxes * targets.valid[..., None]).sum())
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {ids} {int(images.long().sum())} {boxes:.3f}\n")

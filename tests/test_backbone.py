@@ -19,7 +19,7 @@ def _images() -> torch.Tensor:
 
 
 def test_bn_updates_statistics_in_training_mode():
-    backbone = Backbone(levels=["c5"], fpn=False, norm="bn").train()
+    backbone = Backbone(levels=["c5"], neck="none", norm="bn").train()
     before = _stats(backbone)
     backbone(_images())
     assert any(not torch.equal(before[k], v) for k, v in _stats(backbone).items())
@@ -27,7 +27,7 @@ def test_bn_updates_statistics_in_training_mode():
 
 @pytest.mark.parametrize("norm", ["frozen_stats", "frozen"])
 def test_frozen_norm_keeps_statistics_even_in_training_mode(norm):
-    backbone = Backbone(levels=["c5"], fpn=False, norm=norm)
+    backbone = Backbone(levels=["c5"], neck="none", norm=norm)
     backbone.train()  # what a trainer does; the statistics must not move anyway
     before = _stats(backbone)
     out = backbone(_images())["c5"]
@@ -38,8 +38,8 @@ def test_frozen_norm_keeps_statistics_even_in_training_mode(norm):
 
 
 def test_frozen_stats_trains_the_affine_parameters_and_frozen_does_not():
-    fs = Backbone(levels=["c5"], fpn=False, norm="frozen_stats")
-    fz = Backbone(levels=["c5"], fpn=False, norm="frozen")
+    fs = Backbone(levels=["c5"], neck="none", norm="frozen_stats")
+    fz = Backbone(levels=["c5"], neck="none", norm="frozen")
     fs(_images())["c5"].sum().backward()
     assert fs.encoder.bn1.weight.requires_grad and fs.encoder.bn1.weight.grad is not None
     assert not fz.encoder.bn1.weight.requires_grad and not fz.encoder.layer4[1].bn2.bias.requires_grad
@@ -52,7 +52,7 @@ def test_frozen_norm_keeps_the_state_dict_keys_of_the_encoder():
 
 
 def test_freeze_at_freezes_weights_and_statistics_of_the_early_stages_only():
-    backbone = Backbone(levels=["c5"], fpn=False, freeze_at=2).train()  # stem + layer1
+    backbone = Backbone(levels=["c5"], neck="none", freeze_at=2).train()  # stem + layer1
     enc = backbone.encoder
     assert not any(p.requires_grad for m in (enc.conv1, enc.bn1, enc.layer1) for p in m.parameters())
     assert all(p.requires_grad for p in enc.layer2.parameters())
@@ -68,7 +68,7 @@ def test_freeze_at_freezes_weights_and_statistics_of_the_early_stages_only():
 class _Fit(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = Backbone(levels=["c5"], fpn=False, norm="frozen_stats")
+        self.backbone = Backbone(levels=["c5"], neck="none", norm="frozen_stats")
 
     def training_step(self, batch, batch_idx):
         return self.backbone(batch[0])["c5"].square().mean()
@@ -99,7 +99,7 @@ def test_frozen_stats_hold_through_a_lightning_fit_with_validation():
 def test_frozen_norms_survive_the_sync_batchnorm_conversion_of_ddp(options):
     """`trainer=ddp` sets sync_batchnorm, and Lightning then runs SyncBatchNorm.convert_sync_batchnorm, which
     turns every _BatchNorm into a trainable SyncBatchNorm: frozen layers must not be among them."""
-    backbone = Backbone(levels=["c5"], fpn=False, **options)
+    backbone = Backbone(levels=["c5"], neck="none", **options)
     frozen_before = {n for n, m in backbone.named_modules() if isinstance(m, FrozenBatchNorm2d)}
     assert frozen_before
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)

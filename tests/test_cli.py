@@ -19,7 +19,7 @@ from tests.conftest import dump, load
 BIN = Path(sys.executable).parent
 FAST_DATA = ["data.image_size=128", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1"]
 FAST = [*FAST_DATA, "model.detector.rpn.pre_nms_top_n={train:200,test:200}", "model.detector.rpn.post_nms_top_n={train:100,test:100}",
-        "model.detector.roi_heads.hidden=64", "model.detector.roi_heads.batch_size_per_image=64"]
+        "model.detector.roi_heads.box_head.hidden=64", "model.detector.roi_heads.sampler.batch_size_per_image=64"]
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -32,7 +32,7 @@ def data_args(ann: Path, root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("overrides", [
-    [], ["model=faster_rcnn", "backbone@model.backbone=resnet18_c4",
+    [], ["model=faster_rcnn", "backbone@model.detector.backbone=resnet18_c4",
          "model.detector.rpn.anchor_generator.sizes=[[32,64,128]]",
          "model.detector.rpn.anchor_generator.aspect_ratios=[[0.5,1.0,2.0]]"],
     ["optimizer=adamw", "scheduler=step", "logger=tensorboard"], ["experiment=pipeline"], ["model=yolo"],
@@ -140,7 +140,7 @@ def test_pretrain_writes_an_encoder_the_detector_loads(synthetic, tmp_path):
              "data.num_workers=0", "trainer.max_epochs=1", f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stderr
     assert (out / "encoder.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
-    r = run(["detkit-train", *data_args(ann, root), *FAST, f"model.backbone.init={out / 'encoder.pt'}",
+    r = run(["detkit-train", *data_args(ann, root), *FAST, f"model.detector.backbone.init={out / 'encoder.pt'}",
              f"hydra.run.dir={tmp_path / 'ft'}"])
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "ft" / "run.json")["encoder_init"] == str(out / "encoder.pt")

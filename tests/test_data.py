@@ -16,6 +16,7 @@ from detkit.data.transforms import DetectionTransform
 from detkit.data.validate import validate_coco
 from detkit.eval.coco_eval import detections_to_results, evaluate_coco
 from detkit.lit.detection_module import to_original_pixels
+from detkit.models.detection.postprocess import Detections
 from tests.conftest import BCCD, SHARED, dump, load, needs_shared
 
 
@@ -27,12 +28,14 @@ def test_ids_from_zero_round_trip_through_loading_and_evaluation(synthetic):
     assert min(c["id"] for c in data["categories"]) == 0 and min(im["id"] for im in data["images"]) == 0
     ds = CocoDetection(ann, root, transform=DetectionTransform(size=160, train=False))
     assert sum(len(r.labels) for r in ds.records) == len(data["annotations"])
+    _, targets = detection_collate([ds[i] for i in range(len(ds))])
+    as_dets = Detections(targets.boxes, targets.valid.float(), targets.labels, targets.valid)
+    boxes = to_original_pixels(as_dets, targets)
     results = []
-    for i in range(len(ds)):
-        _, t = ds[i]
-        boxes = to_original_pixels(t["boxes"], t)
-        results += detections_to_results(boxes, torch.ones(len(boxes)), ds.categories.ids_of(t["labels"]),
-                                         t["image_id"])
+    for i, image_id in enumerate(targets.image_ids.tolist()):
+        keep = targets.valid[i]
+        results += detections_to_results(boxes[i][keep], torch.ones(int(keep.sum())),
+                                         ds.categories.ids_of(targets.labels[i][keep]), image_id)
     assert len(results) == len(data["annotations"])
     stats = evaluate_coco(data, results, backend="pycocotools").stats
     assert stats["AP"] == pytest.approx(1.0, abs=1e-6) and stats["AP50"] == pytest.approx(1.0)
@@ -43,9 +46,18 @@ def test_empty_images_are_kept_and_collate(synthetic):
     ds = CocoDetection(ann, root, transform=DetectionTransform(size=128, train=True))
     empties = [i for i, r in enumerate(ds.records) if len(r.labels) == 0]
     assert empties, "fixture has empty images"
-    images, targets = detection_collate([ds[i] for i in range(4)])
+    items = [ds[i] for i in range(4)]
+    images, targets = detection_collate(items)
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 128, 128)
-    assert targets[0]["boxes"].shape == (0, 4) and targets[0]["labels"].shape == (0,)
+    # one padded tensor per field; an empty image has no valid row, the others keep every box in order
+    most = max(len(t["boxes"]) for _, t in items)
+    assert targets.boxes.shape == (4, max(8, -(-most // 8) * 8), 4) and targets.valid.sum(1).tolist() == \
+        [len(t["boxes"]) for _, t in items]
+    for i, (_, t) in enumerate(items):
+        assert torch.equal(targets.image(i)["boxes"], t["boxes"]) and torch.equal(targets.image(i)["labels"],
+                                                                                   t["labels"])
+    assert targets.image_ids.tolist() == [t["image_id"] for _, t in items]
+    assert targets.image(empties[0])["boxes"].shape == (0, 4)
 
 
 def test_crowd_boxes_are_not_trained_but_stay_for_evaluation(synthetic, tmp_path):

@@ -11,20 +11,24 @@ from detkit.data.transforms import DetectionTransform
 from detkit.lit.detection_module import DetectionModule
 
 BACKBONE = {"_target_": "detkit.models.backbones.Backbone", "depth": 18, "levels": ["c3", "c4", "c5"],
-            "fpn_channels": 32}
+            "neck_channels": 32}
 DETECTOR = {"_target_": "detkit.models.detection.faster_rcnn.FasterRCNN",
             "rpn": {"_target_": "detkit.models.detection.rpn.RegionProposalNetwork", "_partial_": True,
                     "anchor_generator": {"_target_": "detkit.models.detection.anchors.AnchorGenerator",
                                          "sizes": [[16], [32], [64]], "aspect_ratios": [[0.5, 1.0, 2.0]] * 3}},
-            "roi_heads": {"_target_": "detkit.models.detection.roi_heads.RoIHeads", "_partial_": True, "hidden": 64,
-                          "score_thresh": 0.0}}
+            "roi_heads": {"_target_": "detkit.models.detection.roi_heads.RoIHeads", "_partial_": True,
+                          "box_head": {"_target_": "detkit.models.detection.roi_heads.TwoMLPHead", "_partial_": True,
+                                       "hidden": 64},
+                          "inference": {"_target_": "detkit.models.detection.postprocess.PostProcess",
+                                        "score_thresh": 0.0}},
+            "backbone": BACKBONE}
 
 
 def trained_module(tmp_path) -> tuple[DetectionModule, DetectionDataModule]:
     """A small Faster R-CNN trained for a few steps on synthetic images, so evaluation has real matches."""
     ann, root = make_synthetic_coco(tmp_path / "d", num_images=7, seed=2)  # odd: the sampler pads one rank
     L.seed_everything(0)
-    module = DetectionModule(BACKBONE, DETECTOR, [{"id": i, "name": f"c{i}"} for i in range(3)],
+    module = DetectionModule(DETECTOR, [{"id": i, "name": f"c{i}"} for i in range(3)],
                              {"_target_": "torch.optim.SGD", "lr": 0.02, "momentum": 0.9},
                              {"_target_": "detkit.lit.optim.WarmupSchedule", "warmup": 0.1})
     dm = DetectionDataModule(str(ann), str(root), str(ann), str(root), image_size=128, batch_size=4, num_workers=0,

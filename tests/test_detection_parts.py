@@ -9,13 +9,14 @@ import torch
 from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, box_iou, roi_align
+from torchvision.ops import batched_nms, box_iou, nms, roi_align
 
 from detkit.models.detection.anchors import AnchorGenerator, anchors_per_location
 from detkit.models.detection.box_coder import BoxCoder
 from detkit.models.detection.boxes import batched_box_iou
 from detkit.models.detection.matcher import Matcher
-from detkit.models.detection.postprocess import batched_multiclass_nms
+from detkit.host_sync import HostSyncCounter
+from detkit.models.detection.postprocess import batched_multiclass_nms, cluster_nms
 from detkit.models.detection.roi_align import roi_align_gather
 from detkit.models.detection.roi_heads import RoIPooler
 from detkit.models.detection.sampler import BalancedSampler
@@ -136,15 +137,37 @@ def test_matcher_low_quality_match_keeps_best_anchor():
     assert m.tolist() == [[0, -1]]
 
 
-def test_sampler_respects_budget_and_fraction():
+def test_sampler_draws_a_fixed_number_positives_first_within_budget():
     g = torch.Generator().manual_seed(0)
     pos = torch.rand(4, 1000, generator=g) < 0.2
     neg = ~pos
     pos[3] = False  # an image without positives gets only negatives
-    sp, sn = BalancedSampler(256, 0.25)(pos, neg, generator=g)
-    assert (sp & ~pos).sum() == 0 and (sn & ~neg).sum() == 0
-    assert sp.sum(1).tolist()[:3] == [64, 64, 64] and sp[3].sum() == 0
-    assert (sp.sum(1) + sn.sum(1)).tolist() == [256] * 4
+    neg[2, 100:] = False  # an image with too few candidates: 64 positives + its few negatives, the rest invalid
+    neg[2] &= ~pos[2]
+    s = BalancedSampler(256, 0.25)(pos, neg, generator=g)
+    assert s.index.shape == s.positive.shape == s.valid.shape == (4, 256)
+    chosen_pos = pos.gather(1, s.index) & s.valid
+    chosen_neg = neg.gather(1, s.index) & s.valid
+    assert torch.equal(s.positive, chosen_pos) and torch.equal(s.valid, chosen_pos | chosen_neg)
+    assert s.positive.sum(1).tolist() == [64, 64, 64, 0]
+    assert s.valid.sum(1).tolist() == [256, 256, 64 + int(neg[2].sum()), 256]
+    # positives come first, and no candidate is sampled twice
+    assert all(bool(p[: int(p.sum())].all()) for p in s.positive)
+    assert all(len(set(row[v].tolist())) == int(v.sum()) for row, v in zip(s.index, s.valid))
+
+
+def test_sampler_draws_uniformly_and_reproducibly():
+    pos = torch.zeros(1, 100, dtype=torch.bool)
+    pos[0, :10] = True
+    counts = torch.zeros(100)
+    for seed in range(400):
+        s = BalancedSampler(8, 0.25)(pos, ~pos, generator=torch.Generator().manual_seed(seed))
+        counts[s.index[0][s.valid[0]]] += 1
+    assert counts[:10].sum() == 2 * 400 and counts[10:].sum() == 6 * 400
+    assert counts[:10].min() > 40 and counts[10:].min() > 10  # every candidate drawn (expected 80 and ~27)
+    a = BalancedSampler(8, 0.25)(pos, ~pos, generator=torch.Generator().manual_seed(3))
+    b = BalancedSampler(8, 0.25)(pos, ~pos, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # ---- post-processing -----------------------------------------------------------------------------------------
@@ -157,46 +180,94 @@ def _reference_loop(boxes, scores, labels, valid, thresh, max_det):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["per_image", "batched"])
-def test_batched_nms_equals_per_image_torchvision_loop(strategy):
-    g = torch.Generator().manual_seed(7)
-    b, n = 5, 300
-    boxes = random_boxes(b * n, seed=8).view(b, n, 4)
+def _nms_case(seed: int, b: int = 5, n: int = 300, classes: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(b * n, seed=seed + 1).view(b, n, 4)
     scores = torch.rand(b, n, generator=g)
-    labels = torch.randint(0, 6, (b, n), generator=g)
+    labels = torch.randint(0, classes, (b, n), generator=g)
     valid = scores > 0.2
-    valid[2] = False  # an image with no candidates
-    dets = batched_multiclass_nms(boxes, scores, labels, valid, 0.5, 40, strategy=strategy)
-    for (rb, rs, rl), d in zip(_reference_loop(boxes, scores, labels, valid, 0.5, 40), dets.to_list()):
+    if b > 2:
+        valid[2] = False  # an image with no candidates
+    return boxes, scores, labels, valid
+
+
+@pytest.mark.parametrize("strategy", ["torchvision", "cluster"])
+@pytest.mark.parametrize("seed, thresh", [(7, 0.5), (11, 0.3), (13, 0.7)])
+def test_batched_nms_equals_per_image_torchvision_loop(strategy, seed, thresh):
+    boxes, scores, labels, valid = _nms_case(seed)
+    dets = batched_multiclass_nms(boxes, scores, labels, valid, thresh, 40, strategy=strategy)
+    assert dets.boxes.shape == (5, 40, 4)
+    for (rb, rs, rl), d in zip(_reference_loop(boxes, scores, labels, valid, thresh, 40), dets.to_list()):
         assert torch.equal(d["boxes"], rb) and torch.equal(d["scores"], rs) and torch.equal(d["labels"], rl)
     assert dets.valid[2].sum() == 0
 
 
-@pytest.mark.parametrize("strategy", ["per_image", "batched"])
-def test_roi_postprocess_equals_torchvision(strategy):
+@pytest.mark.parametrize("seed", range(5))
+def test_cluster_nms_is_greedy_nms_on_dense_overlapping_boxes(seed):
+    """Crowded scenes (many boxes around a few centres) make the longest suppression chains."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(6, 2, generator=g) * 200
+    xy = centres[torch.randint(0, 6, (800,), generator=g)] + torch.randn(800, 2, generator=g) * 6
+    wh = 20 + torch.rand(800, 2, generator=g) * 30
+    boxes = torch.cat([xy, xy + wh], 1)[None]
+    scores = torch.rand(1, 800, generator=g)
+    order = scores[0].argsort(descending=True)
+    keep = cluster_nms(boxes[:, order], torch.ones(1, 800, dtype=torch.bool), None, 0.5)
+    assert torch.equal(order[keep[0]], nms(boxes[0], scores[0], 0.5))
+
+
+def test_cluster_nms_converges_in_few_iterations_and_inexact_mode_never_reads_back():
+    boxes, scores, labels, valid = _nms_case(3, b=1, n=1000)
+    order = scores[0].argsort(descending=True)
+    b, v, lab = boxes[:, order], valid[:, order], labels[:, order]
+    exact = cluster_nms(b, v, lab, 0.5)
+    with HostSyncCounter() as sync:
+        fixed = cluster_nms(b, v, lab, 0.5, exact=False, iterations=4)
+    assert sync.total == 0 and torch.equal(fixed, exact)
+
+
+@pytest.mark.parametrize("nms_strategy", ["torchvision", "cluster"])
+def test_roi_postprocess_equals_torchvision(nms_strategy):
     """Same proposals, logits and deltas -> the same detections as torchvision's RoIHeads.postprocess_detections
     (torchvision puts background at index 0 and predicts deltas for it too; detkit puts it last)."""
     from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
 
-    from detkit.models.detection.roi_heads import RoIHeads, pad_boxes
+    from detkit.data.collate import Targets
+    from detkit.models.detection.postprocess import PostProcess
+    from detkit.models.detection.roi_heads import RoIHeads
+    from detkit.models.detection.rpn import Proposals
 
     g = torch.Generator().manual_seed(9)
     c, image_size = 4, (240, 320)
     proposals = [random_boxes(n, size=220, seed=10 + n) for n in (50, 0, 80)]
-    k = sum(len(p) for p in proposals)
-    logits = torch.randn(k, c + 1, generator=g) * 3
-    deltas = torch.randn(k, 4 * c, generator=g) * 0.5
-    ours = RoIHeads(8, [8], c, topk_candidates=10**6, nms_strategy=strategy)
-    props, valid = pad_boxes(proposals)
-    dets = ours.postprocess_detections(logits, deltas, props, valid, image_size).to_list()
+    padded = Targets.from_list([{"boxes": p, "labels": torch.zeros(len(p), dtype=torch.int64)} for p in proposals])
+    props = Proposals(padded.boxes, padded.valid, torch.zeros(()))
+    k = props.boxes.shape[1]
+    logits = torch.randn(3, k, c + 1, generator=g) * 3
+    deltas = torch.randn(3, k, c, 4, generator=g) * 0.5
+    ours = RoIHeads(8, [8], c, inference=PostProcess(topk_candidates=10**6, nms=nms_strategy))
+    dets = ours.postprocess_detections(logits, deltas, props, image_size).to_list()
     tv = TVRoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0), 0.05, 0.5, 100)
-    tv_logits = torch.cat([logits[:, c:], logits[:, :c]], dim=1)
-    tv_deltas = torch.cat([torch.zeros(k, 4), deltas], dim=1)
+    tv_logits = torch.cat([logits[..., c:], logits[..., :c]], dim=-1)[padded.valid]
+    tv_deltas = torch.cat([torch.zeros(3, k, 4), deltas.flatten(2)], dim=-1)[padded.valid]
     tv_boxes, tv_scores, tv_labels = tv.postprocess_detections(tv_logits, tv_deltas, proposals, [image_size] * 3)
     for d, b, s, lab in zip(dets, tv_boxes, tv_scores, tv_labels):
         torch.testing.assert_close(d["boxes"], b)
         torch.testing.assert_close(d["scores"], s)
         assert torch.equal(d["labels"] + 1, lab)
+
+
+@pytest.mark.parametrize("kind", ["giou", "ciou"])
+def test_iou_losses_equal_torchvision(kind):
+    from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
+
+    from detkit.models.detection.losses import iou_loss
+
+    a, b = random_boxes(400, seed=20), random_boxes(400, seed=21)
+    reference = (generalized_box_iou_loss if kind == "giou" else complete_box_iou_loss)(a, b)
+    torch.testing.assert_close(iou_loss(a, b, kind), reference, atol=1e-6, rtol=1e-5)
+    padding = torch.zeros(3, 4)  # zero-size padding pairs: finite, so a mask can remove them
+    assert torch.isfinite(iou_loss(padding, padding, kind)).all()
 
 
 def _random_rois(n: int, batch: int, width: float, height: float, generator: torch.Generator) -> torch.Tensor:
@@ -225,15 +296,33 @@ def test_roi_align_gather_equals_torchvision_values_and_gradients(aligned, sampl
 def test_roi_pooler_gather_equals_the_torchvision_kernel_over_fpn_levels():
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 4, 40 // 2**i, 48 // 2**i, generator=g, requires_grad=True) for i in range(3)]
-    rois = _random_rois(60, 2, 384, 320, g).float()
+    boxes = _random_rois(60, 2, 384, 320, g)[:, 1:].float().view(2, 30, 4)  # 30 RoIs per image
     outs, grads = [], []
     for impl in ("torchvision", "gather"):
-        out = RoIPooler([8, 16, 32], impl=impl)(feats, rois)
+        out = RoIPooler([8, 16, 32], impl=impl)(feats, boxes)
         outs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), feats))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert RoIPooler([8]).use_gather(torch.device("cpu")) and not RoIPooler([8]).use_gather(torch.device("cuda"))
+    assert RoIPooler([8]).use_gather and not RoIPooler([8], impl="torchvision").use_gather
     with pytest.raises(ValueError, match="fixed sampling_ratio"):
         RoIPooler([8], sampling_ratio=0, impl="gather")
+
+
+@pytest.mark.parametrize("impl", ["gather", "torchvision"])
+def test_pooler_and_level_assignment_survive_nan_inf_and_empty_boxes(impl):
+    """A diverged RPN decodes to NaN/inf boxes: the FPN level of a NaN box used to become int64's minimum and index
+    out of bounds. Every such box must pool finite values from a valid level."""
+    feats = [torch.randn(2, 4, 40 // 2**i, 48 // 2**i) for i in range(3)]
+    nan, inf = float("nan"), float("inf")
+    boxes = torch.tensor([[[nan, nan, nan, nan], [0.0, 0.0, inf, inf], [-inf, -inf, 10.0, 10.0]],
+                          [[5.0, 5.0, 5.0, 5.0], [1e30, 1e30, 2e30, 2e30], [10.0, 10.0, 90.0, 60.0]]])
+    pooler = RoIPooler([8, 16, 32], impl=impl)
+    levels = pooler.assign_levels(boxes)
+    assert ((levels >= 0) & (levels < 3)).all()
+    out = pooler(feats, boxes)
+    assert out.shape == (6, 4, 7, 7) and torch.isfinite(out).all()
+    rois = torch.cat([torch.tensor([[0.0], [0.0], [0.0], [1.0], [1.0], [1.0]]), boxes.view(6, 4)], 1)
+    assert torch.isfinite(roi_align_gather(feats, rois, 7, [1 / 8, 1 / 16, 1 / 32], 2, True,
+                                           levels=pooler.assign_levels(rois[:, 1:]))).all()

@@ -9,18 +9,19 @@ import torch
 from detkit.models.backbones import Backbone
 from detkit.models.detection.anchors import AnchorGenerator
 from detkit.models.detection.faster_rcnn import FasterRCNN
-from detkit.models.detection.roi_heads import RoIHeads
+from detkit.models.detection.roi_heads import RoIHeads, TwoMLPHead
 from detkit.models.detection.rpn import RegionProposalNetwork
+from detkit.models.detection.sampler import BalancedSampler
 
 
 def small_detector(num_classes: int = 2) -> FasterRCNN:
     torch.manual_seed(0)
-    backbone = Backbone(depth=18, levels=["c3", "c4", "c5"], fpn=True, fpn_channels=32)
+    backbone = Backbone(depth=18, levels=["c3", "c4", "c5"], neck="fpn", neck_channels=32)
     anchors = AnchorGenerator(sizes=[[16], [32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]] * 3)
     return FasterRCNN(backbone, num_classes, partial(RegionProposalNetwork, anchor_generator=anchors,
                                                      pre_nms_top_n={"train": 300, "test": 300},
                                                      post_nms_top_n={"train": 200, "test": 100}),
-                      partial(RoIHeads, hidden=64, batch_size_per_image=64))
+                      partial(RoIHeads, box_head=partial(TwoMLPHead, hidden=64), sampler=BalancedSampler(64, 0.25)))
 
 
 def test_empty_images_and_degenerate_boxes_train_without_nan():

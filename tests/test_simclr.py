@@ -136,7 +136,7 @@ def test_the_same_encoder_file_loads_into_both_detectors(tmp_path: Path):
         from detkit.paths import config_dir
 
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=[f"model={model_cfg}", f"model.backbone.init={path}",
+            cfg = compose("train", overrides=[f"model={model_cfg}", f"model.detector.backbone.init={path}",
                                               "paths.output_dir=/tmp/x"])
         module = instantiate(cfg.model, categories=[{"id": 1, "name": "a"}], _recursive_=False)
         loaded = module.detector.backbone.encoder

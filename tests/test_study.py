@@ -21,14 +21,14 @@ def compose_train(overrides: list[str]):
 
 def test_study_experiment_sweeps_every_arm_on_one_schedule():
     cfg = compose_train(["experiment=study_bccd", "init=simclr", "encoder=/x/encoder.pt", "study.scale=3"])
-    assert cfg.model.backbone.init == "/x/encoder.pt"
+    assert cfg.model.detector.backbone.init == "/x/encoder.pt"
     assert cfg.trainer.max_steps == 180 and cfg.trainer.max_epochs == -1  # steps x scale, epochs unbounded
     params = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert params == {"model": ["faster_rcnn", "yolo"], "init": ["scratch", "simclr"],
                       "data.train_fraction": ["0.25", "1.0"], "seed": ["0", "1", "2"]}
     assert math.prod(len(v) for v in params.values()) == 24
     scratch = compose_train(["experiment=study_bccd", "model=yolo", "encoder=/x/encoder.pt"])
-    assert scratch.model.backbone.init is None and scratch.trainer.max_steps == 60
+    assert scratch.model.detector.backbone.init is None and scratch.trainer.max_steps == 60
 
 
 def test_init_simclr_without_an_encoder_is_a_clear_error(synthetic, tmp_path):

@@ -14,13 +14,12 @@ SHAPES, STRIDES = [(40, 40), (20, 20), (10, 10)], [8, 16, 32]  # a 320 x 320 inp
 
 
 def grid():
-    points, strides = cell_centres(SHAPES, STRIDES, torch.device("cpu"))
-    level = torch.cat([torch.full((h * w,), i) for i, (h, w) in enumerate(SHAPES)])
-    return points, strides, level
+    return cell_centres(SHAPES, STRIDES, torch.device("cpu"))
 
 
 def test_cell_centres_hand_computed():
-    points, strides, _ = grid()
+    points, strides, level = grid()
+    assert level[1600 + 7].item() == 1 and level[-1].item() == 2
     assert points.shape == (1600 + 400 + 100, 2)
     assert points[5 * 40 + 7].tolist() == [60.0, 44.0] and strides[5 * 40 + 7] == 8  # row 5, col 7 at stride 8
     assert points[1600 + 2 * 20 + 3].tolist() == [56.0, 40.0] and strides[1600] == 16
@@ -55,8 +54,7 @@ def test_every_box_of_any_size_anywhere_gets_a_positive_cell(size):
     centre-cell fallback was decided before the range filter). One random box per image, 1 px to the image size."""
     h, w = size
     shapes = [(h // s, w // s) for s in STRIDES]
-    points, strides = cell_centres(shapes, STRIDES, torch.device("cpu"))
-    level = torch.cat([torch.full((a * b,), i) for i, (a, b) in enumerate(shapes)])
+    points, strides, level = cell_centres(shapes, STRIDES, torch.device("cpu"))
     g = torch.Generator().manual_seed(h + w)
     n = 2000
     side = torch.exp(torch.rand(n, 2, generator=g) * torch.log(torch.tensor([w, h]) * 0.9)).clamp(min=1.0)
@@ -80,12 +78,16 @@ def test_overlapping_boxes_give_the_cell_to_the_smaller_and_padding_is_ignored()
 
 def small_yolo(num_classes: int = 2) -> YOLO:
     torch.manual_seed(0)
-    return YOLO(Backbone(depth=18, levels=["c5"], fpn=False), num_classes, neck_channels=32)
+    return YOLO(Backbone(depth=18, neck="pan", neck_channels=32), num_classes)
 
 
-def test_yolo_needs_a_backbone_without_fpn():
-    with pytest.raises(ValueError, match="fpn: false"):
-        YOLO(Backbone(depth=18), 2)
+def test_yolo_needs_a_multi_level_neck_and_one_size_range_per_level():
+    with pytest.raises(ValueError, match="neck: pan"):
+        YOLO(Backbone(depth=18, levels=["c5"], neck="none"), 2)
+    with pytest.raises(ValueError, match="one range per level"):
+        YOLO(Backbone(depth=18, levels=["c4", "c5"], neck="pan"), 2)
+    with pytest.raises(ValueError, match="tile"):
+        CentreSamplingAssigner(size_ranges=[[0, 64], [80, 1e8]])
 
 
 def test_yolo_trains_on_empty_images_without_nan_and_learns():

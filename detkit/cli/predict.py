@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
 from detkit.data.coco import read_rgb
-from detkit.data.collate import pad_images
+from detkit.data.collate import detection_collate
 from detkit.data.convert import IMAGE_SUFFIXES
 from detkit.data.transforms import LetterboxImage
 from detkit.data.unlabeled import list_images
@@ -32,7 +32,9 @@ PALETTE = ["yellow", "cyan", "magenta", "lime", "orange", "red", "blue", "white"
 
 
 class ImageFiles(Dataset):
-    """Image files -> ``(letterboxed uint8 [3, S, S], {"index", "path", "orig_size", "scale"})``."""
+    """Image files -> ``(letterboxed uint8 [3, S, S], {"image_id", "orig_size", "scale", "boxes", "labels"})``,
+    the image id being the file's index (no boxes: the batch's :class:`~detkit.data.collate.Targets` carry only
+    the mapping back to original pixels)."""
 
     def __init__(self, files: list[Path], size: int) -> None:
         self.files, self.letterbox = files, LetterboxImage(size)
@@ -43,13 +45,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         image = read_rgb(self.files[i])
         boxed, scale = self.letterbox(image)
-        meta = {"index": i, "orig_size": torch.tensor(image.shape[:2]), "scale": scale}
+        meta = {"image_id": i, "orig_size": torch.tensor(image.shape[:2]), "scale": scale,
+                "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
         return torch.from_numpy(boxed.transpose(2, 0, 1).copy()), meta
-
-
-def _collate(batch):
-    images, metas = zip(*batch)
-    return pad_images(images), list(metas)
 
 
 def input_files(path: str) -> list[Path]:
@@ -82,19 +80,19 @@ def main(cfg: DictConfig) -> None:
     files = input_files(cfg.input)
     size = cfg.image_size or module.hparams.get("image_size") or 320
     loader = DataLoader(ImageFiles(files, size), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        collate_fn=_collate)
+                        collate_fn=detection_collate, pin_memory=device.type == "cuda")
     names = module.categories.names
     images, results = [], []
     vis_dir = out / "visualizations"
     vis_dir.mkdir(parents=True, exist_ok=True)
-    for batch, metas in tqdm(loader, desc="predict", unit="batch"):
-        for det, meta in zip(module.predict_batch(batch.to(device), metas), metas):
+    for batch, targets in tqdm(loader, desc="predict", unit="batch"):
+        dets = module.predict_batch(batch.to(device, non_blocking=True), targets)
+        for det, (h, w) in zip(dets, targets.orig_sizes.tolist()):
             keep = det["scores"] >= cfg.score_threshold
-            det = {k: v[keep].cpu() if torch.is_tensor(v) else v for k, v in det.items()}
-            path = files[meta["index"]]
-            h, w = (int(v) for v in meta["orig_size"])
-            images.append({"id": meta["index"], "file_name": str(path), "width": w, "height": h})
-            results += detections_to_results(det["boxes"], det["scores"], det["category_ids"], meta["index"])
+            det = {k: v[keep] if torch.is_tensor(v) else v for k, v in det.items()}
+            path = files[det["image_id"]]
+            images.append({"id": det["image_id"], "file_name": str(path), "width": w, "height": h})
+            results += detections_to_results(det["boxes"], det["scores"], det["category_ids"], det["image_id"])
             if cfg.draw:
                 draw(path, det, names, vis_dir / (path.stem + ".jpg"))
     for i, r in enumerate(results):

@@ -1,6 +1,6 @@
 """``detkit-pretrain data.images=DIR [trainer.max_epochs=N] [hydra.run.dir=OUT]``: SimCLR pretraining.
 
-Writes ``OUT/encoder.pt`` (the encoder file ``model.backbone.init`` takes), ``OUT/checkpoints/last.ckpt`` and
+Writes ``OUT/encoder.pt`` (the encoder file ``model.detector.backbone.init`` takes), ``OUT/checkpoints/last.ckpt`` and
 ``OUT/pretrain_metrics.json`` (final loss, kNN accuracy when a monitor set is configured, wall time, images/s).
 ``+ckpt_path=OUT/checkpoints/last.ckpt`` (saved at the end of every epoch) resumes a stopped run with the same
 command; its wall time and images/s then cover the epochs trained after resuming (``epochs_this_run``).

@@ -1,7 +1,7 @@
 """``detkit-train``: fine-tune a detector (optionally after SimCLR pretraining) and evaluate it.
 
   detkit-train model=faster_rcnn|yolo data.train_ann=A.json data.train_images=DIR data.val_ann=B.json \
-      data.val_images=DIR [model.backbone.init=ENCODER.pt] [trainer.max_epochs=N] [hydra.run.dir=OUT]
+      data.val_images=DIR [model.detector.backbone.init=ENCODER.pt] [trainer.max_epochs=N] [hydra.run.dir=OUT]
 
 Writes into the run directory: ``.hydra/config.yaml`` (resolved config), ``checkpoints/{best,last}.ckpt``,
 ``metrics.json`` (12 COCO stats + per_class; identical for two runs with the same seed), ``run.json`` (wall time,
@@ -42,7 +42,7 @@ def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
 def _check_init_choice(cfg: DictConfig) -> None:
     """``init=simclr`` without an encoder file would silently train from random weights: refuse it."""
     choice = HydraConfig.get().runtime.choices.get("init") if HydraConfig.initialized() else None
-    if choice == "simclr" and not cfg.model.backbone.get("init"):
+    if choice == "simclr" and not cfg.model.detector.backbone.get("init"):
         raise EncoderLoadError("init=simclr needs the encoder file: add encoder=PATH/encoder.pt "
                                "(written by detkit-pretrain)")
 
@@ -59,7 +59,7 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
 
         encoder = pretrain(cfg.pretrain, out / "pretrain")
         with open_dict(cfg):
-            cfg.model.backbone.init = str(encoder)
+            cfg.model.detector.backbone.init = str(encoder)
         L.seed_everything(cfg.seed, workers=True)
     _check_init_choice(cfg)
     datamodule = instantiate(cfg.data)
@@ -80,7 +80,7 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
     metrics_path = write_metrics(out / "metrics.json", result, extra)
     (out / "run.json").write_text(json.dumps({
         "wall_time_s": round(time.time() - start, 1), "checkpoint": best or None,
-        "encoder_init": cfg.model.backbone.get("init"), "seed": cfg.seed}, indent=2))
+        "encoder_init": cfg.model.detector.backbone.get("init"), "seed": cfg.seed}, indent=2))
     plot_pr_curves(result, out / "pr_curves.png")
     log.info("%s", result.summary())
     log.info("metrics: %s\nplots: %s\ncheckpoints: %s\nconfig: %s", metrics_path, out / "pr_curves.png",

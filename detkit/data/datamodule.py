@@ -37,6 +37,8 @@ class DetectionDataModule(L.LightningDataModule):
         mosaic: probability of a 2x2 mosaic per training item (0 disables; see :class:`detkit.data.mosaic.Mosaic`).
         seed: with the epoch, fixes the shuffle order and the workers' seeds (and so the augmentations) of every
             epoch (:class:`detkit.data.shuffle.EpochShuffle`), so resumed runs reproduce uninterrupted ones.
+        pin_memory: pin batches in page-locked memory so that host-to-GPU copies run asynchronously; ``None``
+            pins when the trainer runs on a GPU.
     """
 
     def __init__(
@@ -58,9 +60,10 @@ class DetectionDataModule(L.LightningDataModule):
         subset_seed: int = 0,
         mosaic: float = 0.0,
         seed: int = 0,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
-        self.mosaic, self.seed = mosaic, seed
+        self.mosaic, self.seed, self._pin_memory = mosaic, seed, pin_memory
         self.paths = {"train": (train_ann, train_images), "val": (val_ann, val_images),
                       "test": (test_ann, test_images)}
         self.train_transform = train_transform or DetectionTransform(image_size, train=True)
@@ -106,16 +109,23 @@ class DetectionDataModule(L.LightningDataModule):
                 return dataset.categories
         raise ValueError("no dataset configured: set data.train_ann/data.train_images or data.val_ann/val_images")
 
+    @property
+    def pin_memory(self) -> bool:
+        if self._pin_memory is not None:
+            return self._pin_memory
+        accelerator = getattr(self.trainer, "accelerator", None) if self.trainer is not None else None
+        return type(accelerator).__name__ == "CUDAAccelerator"
+
     def train_dataloader(self) -> StatefulDataLoader:
         dataset = self.datasets["train"]
         if self.mosaic > 0:
             dataset = Mosaic(dataset, self.mosaic)
-        return epoch_shuffled_loader(dataset, self.seed, self.trainer, self.batch_size,
-                                     num_workers=self.num_workers, collate_fn=detection_collate)
+        return epoch_shuffled_loader(dataset, self.seed, self.trainer, self.batch_size, num_workers=self.num_workers,
+                                     collate_fn=detection_collate, pin_memory=self.pin_memory)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=detection_collate)
+                          num_workers=self.num_workers, collate_fn=detection_collate, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

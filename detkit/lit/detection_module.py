@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -14,10 +14,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detkit.data.coco import CategoryMap
+from detkit.data.collate import Targets
 from detkit.eval.coco_eval import STAT_KEYS, EvalResult, detections_to_results, evaluate_coco
+from detkit.lit.divergence import DivergenceMonitor
 from detkit.lit.ema import ModelEMA
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
 from detkit.models.detection.boxes import clip_boxes
+from detkit.models.detection.postprocess import Detections
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,12 @@ def plain_config(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
 
 
-def to_original_pixels(boxes: torch.Tensor, target: dict) -> torch.Tensor:
-    """Map ``[n, 4]`` xyxy boxes from letterboxed input pixels back to the original image (undo scale, clip)."""
-    h, w = (int(v) for v in target["orig_size"])
-    return clip_boxes(boxes / float(target["scale"]), h, w)
+def to_original_pixels(dets: Detections, targets: Targets) -> torch.Tensor:
+    """Map the padded boxes ``[B, K, 4]`` from letterboxed input pixels back to each original image (undo the
+    scale, clip to the original size), batched on the detections' device."""
+    sizes = targets.orig_sizes.to(dets.boxes.device)
+    scales = targets.scales.to(dets.boxes.device)
+    return clip_boxes(dets.boxes / scales[:, None, None], sizes[:, 0, None], sizes[:, 1, None])
 
 
 class DetectionModule(L.LightningModule):
@@ -40,8 +45,8 @@ class DetectionModule(L.LightningModule):
     the model: ``DetectionModule.from_checkpoint(path)``.
 
     Args:
-        backbone: config of :class:`detkit.models.backbones.Backbone` (``init`` = SimCLR encoder file).
-        detector: config of the detector (``FasterRCNN`` or ``YOLO``), called with ``backbone`` and ``num_classes``.
+        detector: config of the detector (``FasterRCNN`` or ``YOLO``) with its ``backbone`` node
+            (``backbone.init`` = SimCLR encoder file); ``num_classes`` comes from ``categories``.
         categories: the dataset's COCO categories ``[{"id", "name"}]`` (defines the classes).
         optimizer: config of a ``torch.optim`` optimiser (``_partial_``-style: everything but the parameters).
         scheduler: config of :class:`detkit.lit.optim.WarmupSchedule`.
@@ -51,11 +56,13 @@ class DetectionModule(L.LightningModule):
         image_size: the letterbox size the model is trained at (prediction and evaluation reuse it).
         ema_decay: keep an exponential moving average of the detector's weights and evaluate/predict with it.
         seed: seeds the training-time sampling (with the step number, so resumed runs draw the same samples).
+        compile: run the detector's loss (the whole training forward) under ``torch.compile``.
+        divergence_check_every: check the loss terms for non-finite values every this many steps (see
+            :mod:`detkit.lit.divergence`; no host synchronisation on a GPU).
     """
 
     def __init__(
         self,
-        backbone: dict,
         detector: dict,
         categories: list[dict],
         optimizer: dict,
@@ -66,30 +73,39 @@ class DetectionModule(L.LightningModule):
         image_size: int | None = None,
         ema_decay: float | None = None,
         seed: int = 0,
+        compile: bool = False,
+        divergence_check_every: int = 1,
     ) -> None:
         super().__init__()
-        backbone, detector, categories = plain_config(backbone), plain_config(detector), plain_config(categories)
+        detector, categories = plain_config(detector), plain_config(categories)
         optimizer, scheduler = plain_config(optimizer), plain_config(scheduler)
-        self.save_hyperparameters({"backbone": backbone, "detector": detector, "categories": list(categories),
-                                   "optimizer": optimizer, "scheduler": scheduler,
-                                   "backbone_lr_mult": backbone_lr_mult, "eval_backend": eval_backend,
-                                   "channels_last": channels_last, "image_size": image_size,
-                                   "ema_decay": ema_decay, "seed": seed})
+        self.save_hyperparameters({"detector": detector, "categories": list(categories), "optimizer": optimizer,
+                                   "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
+                                   "eval_backend": eval_backend, "channels_last": channels_last,
+                                   "image_size": image_size, "ema_decay": ema_decay, "seed": seed,
+                                   "compile": compile, "divergence_check_every": divergence_check_every})
         self.categories = CategoryMap(categories)
-        self.detector = instantiate(detector, backbone=instantiate(backbone), num_classes=len(self.categories),
-                                    _recursive_=True)
+        self.detector = instantiate(detector, num_classes=len(self.categories), _recursive_=True)
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.detector, ema_decay) if ema_decay else None
         self.last_eval: EvalResult | None = None
         self._results: list[dict] = []
+        self._generators: dict[str, torch.Generator] = {}
+        self._loss_fn: Callable | None = None
+        self.divergence = DivergenceMonitor(every=divergence_check_every)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DetectionModule":
         """Rebuild a trained model from a Lightning checkpoint (loaded with ``weights_only=True``)."""
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         hp = dict(ckpt["hyper_parameters"])
-        hp["backbone"] = {**hp["backbone"], "init": None}  # weights come from the checkpoint, not the encoder file
+        if "detector" not in hp or "backbone" not in hp["detector"]:
+            raise ValueError(f"{path} is not a checkpoint of this detkit version's DetectionModule (no "
+                             "detector.backbone in its hyper-parameters)")
+        detector = dict(hp["detector"])
+        detector["backbone"] = {**detector["backbone"], "init": None}  # weights come from the checkpoint
+        hp["detector"] = detector
         module = cls(**hp)
         module.load_state_dict(ckpt["state_dict"])
         return module
@@ -98,26 +114,51 @@ class DetectionModule(L.LightningModule):
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
 
+    def sampling_generator(self, device: torch.device) -> torch.Generator:
+        """This step's generator for anchor/RoI sampling: one per device, created once and reseeded from (seed,
+        step) every step, so a resumed run draws exactly what it would have drawn (reseeding is host-side)."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device)
+        return self._generators[key].manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+
+    @property
+    def loss_fn(self) -> Callable:
+        """The detector's ``loss``, compiled with ``torch.compile`` when ``compile`` is set."""
+        if self._loss_fn is None:
+            self._loss_fn = torch.compile(self.detector.loss) if self.hparams.compile else self.detector.loss
+        return self._loss_fn
+
     def on_fit_start(self) -> None:
         # The EMA copy stays in eval mode on purpose (it is never trained), which makes Lightning warn "Found N
         # module(s) in eval mode at the start of training" on every run; that warning is meant for modules a user
         # forgot to switch back, so here it is only noise.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        opt = self.hparams.optimizer
+        self.divergence.hint = (
+            f"What to try: a lower learning rate (model.optimizer.lr, now {opt.get('lr')}), gradient clipping "
+            "(trainer.gradient_clip_val=10), a longer warm-up (model.scheduler.warmup=500, in steps). The last "
+            "checkpoint saved before this step is unaffected.")
 
-    def training_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        # Sampling randomness is a function of (seed, step): a resumed run draws exactly what it would have drawn.
-        generator = torch.Generator(device=images.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        losses = self.detector.loss(self._images(images), targets, generator=generator)
+        losses = self.loss_fn(self._images(images), targets, generator=self.sampling_generator(images.device))
         total = sum(losses.values())
-        bs = len(targets)
+        bs = images.shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        self.divergence.record(self.global_step, losses, getattr(self.detector, "diagnostics", {}))
         return total
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.detector)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.divergence.flush()  # never write weights that a non-finite loss has already updated
+
+    def on_train_end(self) -> None:
+        self.divergence.flush()
 
     @property
     def inference_model(self) -> torch.nn.Module:
@@ -137,25 +178,27 @@ class DetectionModule(L.LightningModule):
 
     # ---- prediction and evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Detections per image in original image pixels, with original COCO category ids."""
-        dets = self.inference_model.predict(self._images(images)).to_list()
-        out = []
-        for det, target in zip(dets, targets):
-            out.append({"boxes": to_original_pixels(det["boxes"].float(), target), "scores": det["scores"].float(),
-                        "labels": det["labels"], "category_ids": self.categories.ids_of(det["labels"]),
-                        "image_id": target.get("image_id")})
-        return out
+    def predict_batch(self, images: torch.Tensor, targets: Targets) -> list[dict[str, torch.Tensor]]:
+        """Detections per image in original image pixels, with original COCO category ids, on the host.
+
+        The padded detections are mapped back to original pixels on the device and copied to the host once per
+        batch."""
+        dets = self.inference_model.predict(self._images(images))
+        boxes = to_original_pixels(dets, targets)
+        host = Detections(boxes.float(), dets.scores.float(), dets.labels, dets.valid).cpu()
+        image_ids = targets.image_ids.tolist()  # after the copy above has waited: no extra stall
+        return [{**det, "category_ids": self.categories.ids_of(det["labels"]), "image_id": image_id}
+                for det, image_id in zip(host.to_list(), image_ids)]
 
     def on_validation_epoch_start(self) -> None:
         self._results = []
 
-    def validation_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> None:
         images, targets = batch
         for det in self.predict_batch(images, targets):
             self._results += detections_to_results(det["boxes"], det["scores"], det["category_ids"], det["image_id"])
 
-    def test_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_start(self) -> None:

@@ -1,4 +1,5 @@
-"""The ResNet encoder shared by SimCLR pretraining and both detectors, the FPN, and the encoder file hand-off.
+"""The ResNet encoder shared by SimCLR pretraining and both detectors, the detection backbone (encoder + neck),
+and the encoder file hand-off.
 
 An encoder file (written by ``detkit-pretrain`` as ``encoder.pt``) is a plain dict loadable with
 ``torch.load(weights_only=True)``::
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50
+
+from detkit.models.necks import FPN, PANNeck
 
 ENCODER_FORMAT = "detkit-encoder/1"
 _BUILDERS = {18: resnet18, 34: resnet34, 50: resnet50}
@@ -118,7 +121,7 @@ def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
     blob = read_encoder_file(path)
     if blob["arch"] != encoder.arch:
         raise EncoderLoadError(f"{path} holds a ResNet {blob['arch']} but the model is configured as "
-                               f"{encoder.arch}: set model.backbone.depth/small_stem to match the file")
+                               f"{encoder.arch}: set model.detector.backbone.depth/small_stem to match the file")
     own = encoder.state_dict()
     missing = sorted(set(own) - set(blob["state_dict"]))
     unexpected = sorted(set(blob["state_dict"]) - set(own))
@@ -135,40 +138,6 @@ def load_encoder(path: str | Path) -> ResNetEncoder:
     encoder = ResNetEncoder(**blob["arch"])
     load_encoder_weights(encoder, path)
     return encoder
-
-
-class FPN(nn.Module):
-    """Feature pyramid network (Lin et al. 2017): 1x1 lateral convs, nearest-upsample top-down path merged by
-    addition, 3x3 output convs; optionally one extra coarser level by stride-2 max-pooling of the top output
-    (``p6`` for the RPN, as in the original).
-
-    Args:
-        in_channels: channels of the input levels, finest first.
-        out_channels: channels of every output level.
-        extra_pool: add the max-pooled extra level.
-    """
-
-    def __init__(self, in_channels: Sequence[int], out_channels: int, extra_pool: bool = False) -> None:
-        super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
-        self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
-        self.extra_pool = extra_pool
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Finest-first feature maps -> finest-first outputs (plus the extra level last)."""
-        inner = self.lateral[-1](features[-1])
-        outs = [self.output[-1](inner)]
-        for i in range(len(features) - 2, -1, -1):
-            lateral = self.lateral[i](features[i])
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            outs.insert(0, self.output[i](inner))
-        if self.extra_pool:
-            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
-        return outs
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -219,19 +188,23 @@ def freeze_batchnorm(module: nn.Module, train_affine: bool = True) -> nn.Module:
     return module
 
 
-class Backbone(nn.Module):
-    """Detection backbone: the shared :class:`ResNetEncoder`, an optional FPN and freezing options.
+NECKS = ("fpn", "pan", "none")
 
-    The contract the heads rely on: ``forward(images)`` returns an ordered dict of feature maps (finest first),
-    :attr:`out_channels` (the same for every level) and :attr:`strides` (per level, in input pixels).
+
+class Backbone(nn.Module):
+    """Detection backbone: the shared :class:`ResNetEncoder`, a neck (FPN, PAN or none) and freezing options.
+
+    The contract every detector relies on: ``forward(images)`` returns an ordered dict of feature maps (finest
+    first), :attr:`out_channels` (the same for every level) and :attr:`strides` (per level name, in input pixels).
 
     Args:
         depth, small_stem: the encoder architecture (must match an ``init`` file).
         init: path to an encoder file from ``detkit-pretrain``; ``None`` for random initialisation.
-        levels: encoder levels used, e.g. ``["c4"]`` (single level, no FPN) or ``["c3", "c4", "c5"]``.
-        fpn: build an FPN over ``levels`` (required when more than one level is used).
-        fpn_channels: FPN output channels.
-        fpn_extra_pool: add the max-pooled extra coarse level (``p6``).
+        levels: encoder levels used, e.g. ``["c4"]`` (single level, ``neck: none``) or ``["c3", "c4", "c5"]``.
+        neck: ``"fpn"`` (:class:`detkit.models.necks.FPN`, Faster R-CNN), ``"pan"``
+            (:class:`detkit.models.necks.PANNeck`, YOLO) or ``"none"`` (one level, the encoder's own channels).
+        neck_channels: output channels of the neck.
+        extra_pool: FPN only: add a max-pooled extra coarse level (``p6`` for ``c3-c5``).
         freeze_at: 0 trains everything; 1 freezes the stem; ``k`` freezes the stem and ``layer1..layer{k-1}`` (weights
             and BatchNorm statistics).
         norm: ``"bn"`` (BatchNorm trains), ``"frozen_stats"`` (BatchNorm uses its stored statistics but its affine
@@ -244,40 +217,44 @@ class Backbone(nn.Module):
         small_stem: bool = False,
         init: str | None = None,
         levels: Sequence[str] = ("c3", "c4", "c5"),
-        fpn: bool = True,
-        fpn_channels: int = 128,
-        fpn_extra_pool: bool = False,
+        neck: str = "fpn",
+        neck_channels: int = 128,
+        extra_pool: bool = False,
         freeze_at: int = 0,
         norm: str = "bn",
     ) -> None:
         super().__init__()
         if norm not in ("bn", "frozen_stats", "frozen"):
             raise ValueError(f"backbone norm must be 'bn', 'frozen_stats' or 'frozen', got {norm!r}")
+        if neck not in NECKS:
+            raise ValueError(f"backbone neck must be one of {NECKS}, got {neck!r}")
         levels = list(levels)
-        if not levels or any(lv not in LEVELS for lv in levels):
-            raise ValueError(f"backbone levels must be a non-empty subset of {LEVELS}, got {levels}")
-        if len(levels) > 1 and not fpn:
-            raise ValueError(f"levels {levels} need fpn=true (without an FPN the levels have different widths)")
+        if not levels or any(lv not in LEVELS for lv in levels) or levels != sorted(levels):
+            raise ValueError(f"backbone levels must be a non-empty, finest-first subset of {LEVELS}, got {levels}")
+        if len(levels) > 1 and neck == "none":
+            raise ValueError(f"levels {levels} need a neck (fpn or pan): without one the levels have different widths")
+        if extra_pool and neck != "fpn":
+            raise ValueError("extra_pool adds a max-pooled FPN level: it needs neck=fpn")
         self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
         if init:
             load_encoder_weights(self.encoder, init)
         self.levels, self.norm, self.freeze_at = levels, norm, freeze_at
         enc = self.encoder
-        if fpn:
-            self.fpn = FPN([enc.channels[lv] for lv in levels], fpn_channels, extra_pool=fpn_extra_pool)
-            self.out_channels = fpn_channels
-            names = [f"p{lv[1]}" for lv in levels]
-            strides = [enc.strides[lv] for lv in levels]
-            if fpn_extra_pool:
+        in_channels = [enc.channels[lv] for lv in levels]
+        strides = [enc.strides[lv] for lv in levels]
+        names = list(levels) if neck == "none" else [f"p{lv[1]}" for lv in levels]
+        if neck == "fpn":
+            self.neck: nn.Module | None = FPN(in_channels, neck_channels, extra_pool=extra_pool)
+            if extra_pool:
                 names.append(f"p{int(levels[-1][1]) + 1}")
                 strides.append(strides[-1] * 2)
+        elif neck == "pan":
+            self.neck = PANNeck(in_channels, neck_channels)
         else:
-            self.fpn = None
-            self.out_channels = enc.channels[levels[0]]
-            names, strides = levels, [enc.strides[levels[0]]]
+            self.neck = None
+        self.out_channels = in_channels[0] if neck == "none" else neck_channels
         self.strides = dict(zip(names, strides))
         self._freeze()
-
     def _freeze(self) -> None:
         enc = self.encoder
         stages = [nn.ModuleList([enc.conv1, enc.bn1]), enc.layer1, enc.layer2, enc.layer3, enc.layer4]
@@ -294,6 +271,6 @@ class Backbone(nn.Module):
         """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""
         feats = self.encoder.features(self.encoder.normalize(images), upto=self.levels[-1])
         maps = [feats[lv] for lv in self.levels]
-        if self.fpn is not None:
-            maps = self.fpn(maps)
+        if self.neck is not None:
+            maps = self.neck(maps)
         return OrderedDict(zip(self.strides, maps))

@@ -68,7 +68,8 @@ class AnchorGenerator(nn.Module):
         return self._cache[key]
 
     def forward(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> list[torch.Tensor]:
-        """Anchors per level, ``[H_l * W_l * A_l, 4]`` xyxy, shared by every image of the (padded) batch.
+        """Anchors per level, ``[H_l * W_l * A_l, 4]`` xyxy, shared by every image of the (padded) batch; cached
+        per feature shape and device, so a training step builds no anchors after the first.
 
         Order within a level: location-major (row, then column), anchor-minor, matching a head output of shape
         ``[B, A, H, W]`` permuted to ``[B, H, W, A]``.
@@ -80,6 +81,13 @@ class AnchorGenerator(nn.Module):
             stride = (image_size[0] // grid[0], image_size[1] // grid[1])
             out.append(self.grid_anchors(level, grid, stride, f.device))
         return out
+
+    def concatenated(self, per_level: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.cat(per_level)``, cached with the per-level tensors it was made from."""
+        key = tuple(id(a) for a in per_level)
+        if key not in self._cache:
+            self._cache[key] = torch.cat(list(per_level))
+        return self._cache[key]
 
 
 def anchors_per_location(sizes: Sequence[Sequence[float]], ratios: Sequence[Sequence[float]]) -> int:

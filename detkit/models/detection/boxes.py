@@ -26,9 +26,16 @@ def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
 
 def clip_boxes(boxes: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
-    """Clip ``[..., 4]`` xyxy boxes to ``[0, width] x [0, height]``."""
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
+    """Clip ``[..., 4]`` xyxy boxes to ``[0, width] x [0, height]``; tensor bounds broadcast against
+    ``boxes[..., 0]`` (e.g. ``[B, 1]`` per image for ``[B, K, 4]`` boxes)."""
+    if isinstance(width, torch.Tensor) or isinstance(height, torch.Tensor):
+        w = torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device)[..., None]
+        h = torch.as_tensor(height, dtype=boxes.dtype, device=boxes.device)[..., None]
+        x = torch.minimum(boxes[..., 0::2].clamp(min=0), w)
+        y = torch.minimum(boxes[..., 1::2].clamp(min=0), h)
+    else:
+        x = boxes[..., 0::2].clamp(min=0, max=width)
+        y = boxes[..., 1::2].clamp(min=0, max=height)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
 
 
@@ -37,19 +44,6 @@ def small_boxes(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     return ((boxes[..., 2] - boxes[..., 0]) < min_size) | ((boxes[..., 3] - boxes[..., 1]) < min_size)
 
 
-def pad_targets(targets: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack per-image targets into padded tensors.
-
-    Returns ``boxes [B, G, 4]`` (xyxy), ``labels [B, G]`` (int64) and ``valid [B, G]`` (bool), with
-    ``G = max(1, max_i N_i)`` so that images without boxes still have a (fully invalid) row.
-    """
-    g = max([1] + [len(t["boxes"]) for t in targets])
-    boxes = torch.zeros(len(targets), g, 4, device=device)
-    labels = torch.zeros(len(targets), g, dtype=torch.int64, device=device)
-    valid = torch.zeros(len(targets), g, dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):  # a copy per image: the number of boxes differs per image
-        n = len(t["boxes"])
-        boxes[i, :n] = t["boxes"].to(device)
-        labels[i, :n] = t["labels"].to(device)
-        valid[i, :n] = True
-    return boxes, labels, valid
+def finite_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Mask ``[...]`` of boxes whose four coordinates are finite (a diverging head decodes to inf/NaN)."""
+    return torch.isfinite(boxes).all(dim=-1)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from detkit.data.collate import Targets, as_targets
 from detkit.models.backbones import Backbone
 from detkit.models.detection.postprocess import Detections
 from detkit.models.detection.roi_heads import RoIHeads
@@ -20,7 +21,7 @@ class FasterRCNN(nn.Module):
     shape contract (``out_channels``, ``strides``) and the number of classes, so configs never repeat them.
 
     Args:
-        backbone: :class:`detkit.models.backbones.Backbone`.
+        backbone: :class:`detkit.models.backbones.Backbone` (``neck: fpn`` or a single level with ``neck: none``).
         num_classes: foreground classes ``C`` (labels ``0..C-1``).
         rpn: ``(in_channels) -> RegionProposalNetwork``.
         roi_heads: ``(in_channels, strides, num_classes) -> RoIHeads``; the RoI pooler uses the backbone levels
@@ -37,14 +38,19 @@ class FasterRCNN(nn.Module):
         self.roi_levels = list(backbone.strides)[: len(backbone.levels)]
         self.roi_heads = roi_heads(in_channels=backbone.out_channels, num_classes=num_classes,
                                    strides=[backbone.strides[n] for n in self.roi_levels])
+        #: Detached health figures of the last ``loss`` call (read by the training loop's divergence check).
+        self.diagnostics: dict[str, torch.Tensor] = {}
 
-    def loss(self, images: torch.Tensor, targets: list[dict],
+    def loss(self, images: torch.Tensor, targets: Targets | Sequence[dict],
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``images uint8 [B, 3, H, W]``, targets with ``boxes [N, 4]`` xyxy and ``labels [N]`` -> named losses
-        ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``. The anchor and RoI
-        sampling draw from ``generator`` (the global RNG if None)."""
+        """``images uint8 [B, 3, H, W]`` and padded :class:`~detkit.data.collate.Targets` (``boxes`` xyxy input
+        pixels; a list of per-image dicts is padded once) -> named losses ``loss_objectness``,
+        ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``. Anchor and RoI sampling draw from
+        ``generator`` (the global RNG if None)."""
+        targets = as_targets(targets, images.device)
         features = self.backbone(images)
         proposals, rpn_losses = self.rpn(features, tuple(images.shape[-2:]), targets, generator)
+        self.diagnostics = {"nonfinite_proposals": proposals.nonfinite}
         roi_losses = self.roi_heads.loss([features[n] for n in self.roi_levels], proposals, targets, generator)
         return {**rpn_losses, **roi_losses}
 

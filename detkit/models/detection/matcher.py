@@ -29,7 +29,7 @@ class Matcher:
         self.allow_low_quality_matches = allow_low_quality_matches
 
     def __call__(self, iou: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
-        """Match, batched.
+        """Match, batched and fixed-shape (``torch.where``, no boolean-mask assignment).
 
         Args:
             iou: ``[B, G, A]`` IoU of ``G`` (padded) ground-truth boxes with ``A`` reference boxes.
@@ -39,13 +39,11 @@ class Matcher:
             ``[B, A]`` int64 match codes as described in the class docstring.
         """
         iou = iou.masked_fill(~gt_valid[..., None], -1.0)
-        best, matches = iou.max(dim=1)  # [B, A]
-        all_matches = matches.clone()
-        matches[best < self.low] = self.BACKGROUND
-        matches[(best >= self.low) & (best < self.high)] = self.IGNORE
+        best, best_gt = iou.max(dim=1)  # [B, A]
+        code = torch.where(best < self.low, self.BACKGROUND, self.IGNORE)
+        matches = torch.where(best >= self.high, best_gt, code)
         if self.allow_low_quality_matches:
             highest = iou.max(dim=2, keepdim=True).values  # [B, G, 1]
             is_best = (iou == highest) & gt_valid[..., None] & (highest > 0)
-            update = is_best.any(dim=1)
-            matches = torch.where(update, all_matches, matches)
+            matches = torch.where(is_best.any(dim=1), best_gt, matches)
         return matches

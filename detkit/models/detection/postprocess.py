@@ -1,9 +1,19 @@
-"""Batched post-processing: top-k, class-aware NMS over a batch, capped detections per image.
+"""Post-processing: class-aware NMS over a whole batch, and capped, padded detections per image.
 
-NMS cost grows with the square of the boxes in one call. On a CPU, one ``batched_nms`` call over a whole batch's
-candidates is several times slower than one call per image (measured in ``scripts/bench_postprocess_eval.py``);
-on a GPU one call for the whole batch avoids per-image launches and host synchronisation. ``strategy="auto"``
-picks per device; both strategies keep exactly the same boxes.
+Two NMS implementations keep exactly the same boxes (greedy NMS: a box is dropped when a higher-scoring kept box
+of its class overlaps it by IoU > threshold):
+
+* ``"cluster"`` — Cluster-NMS (Zheng et al. 2020, "Enhancing Geometric Factors in Model Learning and Inference";
+  Bolya et al., YOLACT++) on fixed-shape tensors: the score-sorted candidates' ``[N, K, K]`` "i suppresses j" mask
+  (IoU > threshold, same class, i before j) is applied to the kept set until the kept set stops changing; that
+  fixed point is greedy NMS. Everything stays on the device; the only host traffic is one boolean per
+  ``check_every`` iterations to stop (none at all with ``exact=False``, which runs a fixed number of iterations).
+  Measured: 1-4 iterations reach the fixed point on RPN proposals and on random boxes.
+* ``"torchvision"`` — ``torchvision.ops.batched_nms`` per image (a host loop). Its CUDA kernel copies an
+  ``N x N/64`` bitmask to the host and reduces it there, which stalls a GPU; on a CPU it is the faster one.
+
+``"auto"`` picks what ``scripts/bench_postprocess_eval.py`` and ``scripts/bench_gpu.py`` measured fastest on each
+device (BENCHMARKS.md): torchvision on CPU, cluster on CUDA.
 """
 
 from __future__ import annotations
@@ -13,12 +23,14 @@ from typing import NamedTuple
 import torch
 from torchvision.ops import batched_nms
 
-STRATEGIES = ("auto", "per_image", "batched")
+from detkit.models.detection.boxes import batched_box_iou, finite_boxes, small_boxes
+
+STRATEGIES = ("auto", "cluster", "torchvision")
 
 
 class Detections(NamedTuple):
-    """Padded per-image detections, sorted by decreasing score: ``boxes [B, K, 4]`` xyxy, ``scores [B, K]``,
-    ``labels [B, K]`` int64 and ``valid [B, K]`` bool (False for padding)."""
+    """Padded per-image detections, sorted by decreasing score: ``boxes [B, K, 4]`` xyxy (float32), ``scores
+    [B, K]``, ``labels [B, K]`` int64 and ``valid [B, K]`` bool (False for padding)."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
@@ -26,84 +38,148 @@ class Detections(NamedTuple):
     valid: torch.Tensor
 
     def to_list(self) -> list[dict[str, torch.Tensor]]:
-        """Per image ``{"boxes" [n, 4], "scores" [n], "labels" [n]}``."""
+        """Per image ``{"boxes" [n, 4], "scores" [n], "labels" [n]}`` (on the host side; not for hot paths)."""
         return [{"boxes": b[v], "scores": s[v], "labels": c[v]}
                 for b, s, c, v in zip(self.boxes, self.scores, self.labels, self.valid)]
+
+    def cpu(self) -> "Detections":
+        return Detections(*(t.cpu() for t in self))
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"nms strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
-        return "per_image" if device.type == "cpu" else "batched"
+        return "torchvision" if device.type == "cpu" else "cluster"
     return strategy
 
 
-def topk_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[B, min(k, N)]`` of each image's highest scores (``scores [B, N]``)."""
-    return scores.topk(min(k, scores.shape[1]), dim=1).indices
+def cluster_nms(boxes: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None, iou_threshold: float,
+                exact: bool = True, iterations: int = 4) -> torch.Tensor:
+    """Greedy NMS of score-sorted candidates, batched: ``boxes [N, K, 4]`` (xyxy, decreasing score along ``K``),
+    ``valid [N, K]``, ``labels [N, K]`` (NMS within a class; ``None``: one class) -> ``keep [N, K]`` bool.
+
+    With ``exact=True`` the kept set is iterated to its fixed point (greedy NMS), checking convergence on the host
+    once every ``iterations`` iterations; with ``exact=False`` exactly ``iterations`` iterations run and nothing
+    reaches the host (the first iterations are those of Fast-NMS and converge towards greedy NMS from there).
+    """
+    k = boxes.shape[1]
+    upper = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)
+    suppresses = (batched_box_iou(boxes, boxes) > iou_threshold) & upper & valid[:, :, None]
+    if labels is not None:
+        suppresses &= labels[:, :, None] == labels[:, None, :]
+    keep = valid
+    while True:
+        for _ in range(iterations):
+            previous = keep
+            keep = valid & ~(suppresses & keep[:, :, None]).any(dim=1)
+        # the fixed point is reached when an iteration changes nothing: one boolean to the host per round
+        if not exact or torch.equal(keep, previous):
+            return keep
 
 
-def _pack(keep_img: torch.Tensor, keep_idx: torch.Tensor, batch: int, max_det: int, boxes: torch.Tensor,
-          scores: torch.Tensor, labels: torch.Tensor) -> Detections:
-    """Scatter kept ``(image, index)`` pairs, sorted by decreasing score, into padded ``[B, max_det]`` slots."""
-    order = torch.sort(keep_img, stable=True).indices  # group by image, keep score order inside each image
-    keep_img, keep_idx = keep_img[order], keep_idx[order]
-    counts = torch.bincount(keep_img, minlength=batch)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(keep_img), device=keep_img.device) - starts[keep_img]
-    sel = rank < max_det
-    keep_img, keep_idx, rank = keep_img[sel], keep_idx[sel], rank[sel]
-    out_boxes = boxes.new_zeros(batch, max_det, 4)
-    out_scores = scores.new_zeros(batch, max_det)
-    out_labels = labels.new_zeros(batch, max_det)
-    valid = torch.zeros(batch, max_det, dtype=torch.bool, device=boxes.device)
-    out_boxes[keep_img, rank] = boxes[keep_img, keep_idx]
-    out_scores[keep_img, rank] = scores[keep_img, keep_idx]
-    out_labels[keep_img, rank] = labels[keep_img, keep_idx]
-    valid[keep_img, rank] = True
-    return Detections(out_boxes, out_scores, out_labels, valid)
+def _first_kept(keep: torch.Tensor, max_det: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``[B, max_det]`` of the first ``max_det`` True entries of each row of ``keep [B, N]`` (in order) and
+    their validity, without a host synchronisation (a top-k over a position key)."""
+    n = keep.shape[1]
+    position = torch.arange(n, 0, -1, device=keep.device)  # earlier = larger
+    key = torch.where(keep, position, torch.zeros_like(position))
+    top = key.topk(min(max_det, n), dim=1).indices
+    return top, keep.gather(1, top)
 
 
-def batched_multiclass_nms(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    labels: torch.Tensor,
-    valid: torch.Tensor,
-    iou_threshold: float,
-    max_det: int,
-    strategy: str = "auto",
-    num_classes: int | None = None,
-) -> Detections:
+def _pad_to(t: torch.Tensor, size: int, value: float = 0) -> torch.Tensor:
+    if t.shape[1] >= size:
+        return t
+    pad = t.new_full((t.shape[0], size - t.shape[1], *t.shape[2:]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def batched_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                           iou_threshold: float, max_det: int, strategy: str = "auto",
+                           exact: bool = True) -> Detections:
     """Class-aware NMS for every image of a batch.
 
     Args:
-        boxes: ``[B, N, 4]`` xyxy candidates.
-        scores: ``[B, N]``.
-        labels: ``[B, N]`` int64 class of each candidate (NMS only suppresses within a class).
-        valid: ``[B, N]`` bool, candidates to consider (score threshold, size filter, padding).
-        iou_threshold: suppression IoU.
-        max_det: detections kept per image, highest scores first.
-        strategy: ``"per_image"`` (one ``batched_nms`` per image), ``"batched"`` (one call for the batch, image
-            index folded into the class index) or ``"auto"`` (per device).
-        num_classes: an upper bound on ``labels``; lets the batched strategy skip a host synchronisation.
+        boxes: ``[B, N, 4]`` xyxy candidates; scores: ``[B, N]``; labels: ``[B, N]`` int64 (NMS only suppresses
+            within a class); valid: ``[B, N]`` bool, candidates to consider (non-finite boxes never are).
+        iou_threshold: suppression IoU; max_det: detections kept per image, highest scores first.
+        strategy: ``"cluster"``, ``"torchvision"`` or ``"auto"`` (see the module docstring).
+        exact: cluster strategy only; see :func:`cluster_nms`.
 
     Returns:
-        :class:`Detections` padded to ``max_det``. Keeps the same boxes as a per-image loop of
+        :class:`Detections` padded to ``[B, max_det]``: the same boxes as a per-image loop of
         ``torchvision.ops.batched_nms`` followed by taking the first ``max_det``.
     """
-    batch, n = scores.shape
-    strategy = resolve_strategy(strategy, boxes.device)
-    if strategy == "batched":
-        img, idx = valid.nonzero(as_tuple=True)
-        bound = num_classes if num_classes is not None else int(labels.max().item()) + 1 if labels.numel() else 1
-        group = img * bound + labels[img, idx]
-        keep = batched_nms(boxes[img, idx].float(), scores[img, idx].float(), group, iou_threshold)
-        return _pack(img[keep], idx[keep], batch, max_det, boxes, scores, labels)
-    kept_img, kept_idx = [], []
-    for b in range(batch):  # torchvision has no batched kernel whose cost stays linear in the number of images
-        idx = valid[b].nonzero(as_tuple=True)[0]
-        keep = batched_nms(boxes[b, idx].float(), scores[b, idx].float(), labels[b, idx], iou_threshold)[:max_det]
-        kept_idx.append(idx[keep])
-        kept_img.append(torch.full_like(keep, b))
-    return _pack(torch.cat(kept_img), torch.cat(kept_idx), batch, max_det, boxes, scores, labels)
+    valid = valid & finite_boxes(boxes) & torch.isfinite(scores)
+    if resolve_strategy(strategy, boxes.device) == "torchvision":
+        return _torchvision_nms(boxes, scores, labels, valid, iou_threshold, max_det)
+    key = scores.float().masked_fill(~valid, float("-inf"))
+    order = key.argsort(dim=1, descending=True, stable=True)  # stable, as torchvision's CPU kernel
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    scores, labels, valid = scores.gather(1, order), labels.gather(1, order), valid.gather(1, order)
+    keep = cluster_nms(boxes, valid, labels, iou_threshold, exact=exact)
+    top, top_valid = _first_kept(keep, max_det)
+    out = Detections(boxes.gather(1, top[..., None].expand(-1, -1, 4)), scores.gather(1, top),
+                     labels.gather(1, top), top_valid)
+    return Detections(*(_pad_to(t, max_det) for t in out))
+
+
+def _torchvision_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                     iou_threshold: float, max_det: int) -> Detections:
+    b = boxes.shape[0]
+    out = Detections(boxes.new_zeros(b, max_det, 4), scores.new_zeros(b, max_det),
+                     labels.new_zeros(b, max_det), torch.zeros(b, max_det, dtype=torch.bool, device=boxes.device))
+    for i in range(b):  # torchvision's kernels take one image; its CUDA nms also synchronises per call
+        idx = valid[i].nonzero(as_tuple=True)[0]
+        keep = idx[batched_nms(boxes[i, idx].float(), scores[i, idx].float(), labels[i, idx], iou_threshold)]
+        keep = keep[:max_det]
+        n = len(keep)
+        out.boxes[i, :n], out.scores[i, :n], out.labels[i, :n] = boxes[i, keep], scores[i, keep], labels[i, keep]
+        out.valid[i, :n] = True
+    return out
+
+
+class PostProcess:
+    """Detections from per-class scores: score threshold, top-k candidates, class-aware NMS, cap per image.
+
+    The config node ``inference`` of the RoI heads and of the YOLO detector.
+
+    Args:
+        score_thresh: candidates scoring at most this are dropped.
+        nms_thresh: NMS IoU threshold.
+        topk_candidates: highest-scoring (box, class) pairs per image that enter NMS.
+        detections_per_img: detections kept per image.
+        nms: NMS strategy (``auto``, ``cluster``, ``torchvision``; see the module docstring).
+        min_size: boxes narrower or shorter than this (pixels) are dropped.
+    """
+
+    def __init__(self, score_thresh: float = 0.05, nms_thresh: float = 0.5, topk_candidates: int = 1000,
+                 detections_per_img: int = 100, nms: str = "auto", min_size: float = 1e-2) -> None:
+        if nms not in STRATEGIES:
+            raise ValueError(f"nms strategy must be one of {STRATEGIES}, got {nms!r}")
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.topk_candidates, self.detections_per_img = topk_candidates, detections_per_img
+        self.nms, self.min_size = nms, min_size
+
+    def __call__(self, boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None = None) -> Detections:
+        """``boxes`` ``[B, N, 4]`` (shared by the classes) or ``[B, N, C, 4]`` (class-specific), xyxy input pixels;
+        ``scores [B, N, C]``; ``valid [B, N]`` (padding) -> padded :class:`Detections` ``[B, detections_per_img]``.
+        """
+        b, n, c = scores.shape
+        scores = scores.float()
+        per_class = boxes.dim() == 4
+        keep = scores > self.score_thresh
+        if valid is not None:
+            keep &= valid[..., None]
+        box_ok = finite_boxes(boxes) & ~small_boxes(boxes, self.min_size)
+        keep &= box_ok if per_class else box_ok[..., None]
+        flat = scores.masked_fill(~keep, -1.0).reshape(b, n * c)
+        top = flat.topk(min(self.topk_candidates, n * c), dim=1).indices  # [B, K], sorted by score
+        top_scores = flat.gather(1, top)
+        labels = top % c
+        src = boxes.reshape(b, n * c, 4) if per_class else boxes
+        box_index = top if per_class else top // c
+        cand = src.gather(1, box_index[..., None].expand(-1, -1, 4))
+        return batched_multiclass_nms(cand, top_scores, labels, top_scores > self.score_thresh, self.nms_thresh,
+                                      self.detections_per_img, self.nms)

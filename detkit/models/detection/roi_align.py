@@ -28,7 +28,9 @@ def _axis_corners(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tenso
     """Bilinear corners along one axis, as torchvision's ``bilinear_interpolate``.
 
     ``coords [K, N]`` sample positions in feature pixels, ``size [K, 1]`` the feature map's length on that axis ->
-    (``index [K, N, 2]`` low/high pixel, ``weight [K, N, 2]`` their weights, 0 outside ``[-1, size]``)."""
+    (``index [K, N, 2]`` low/high pixel, ``weight [K, N, 2]`` their weights, 0 outside ``[-1, size]``).
+    Non-finite coordinates (a diverged box) contribute 0 and index pixel 0: never an out-of-bounds index."""
+    coords = torch.nan_to_num(coords, nan=-2.0)  # NaN -> outside; +-inf -> +-max float, outside as well
     valid = (coords >= -1) & (coords <= size)
     c = coords.clamp(min=0)
     last = size - 1
@@ -39,6 +41,21 @@ def _axis_corners(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tenso
     frac = c - low
     weight = torch.stack([1 - frac, frac], dim=-1) * valid[..., None].to(coords.dtype)
     return torch.stack([low, high], dim=-1).long(), weight
+
+
+_TABLES: dict = {}
+
+
+def _level_tables(shapes: tuple, batch: int, scales: tuple, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-level ``(height, width)``, first row in the stacked feature rows, and scale, as device tensors; cached
+    per shapes and device (building them from Python numbers on a GPU is a host-to-device copy that waits)."""
+    key = (shapes, batch, scales, str(device), dtype)
+    if key not in _TABLES:
+        hw = torch.tensor(shapes, device=device)
+        first_row = torch.cumsum(torch.cat([hw.new_zeros(1), batch * hw[:-1].prod(1)]), 0)
+        _TABLES[key] = (hw, first_row, torch.tensor(scales, dtype=dtype, device=device))
+    return _TABLES[key]
 
 
 def roi_align_gather(features: torch.Tensor | Sequence[torch.Tensor], rois: torch.Tensor, output_size: int,
@@ -63,19 +80,19 @@ def roi_align_gather(features: torch.Tensor | Sequence[torch.Tensor], rois: torc
     if k == 0:
         return maps[0].new_zeros(0, c, p, p)
     dtype, device = maps[0].dtype, maps[0].device
-    # per-level tables, looked up per RoI: height, width, scale, first row of the level in the stacked rows
-    hw = torch.tensor([m.shape[2:] for m in maps], device=device)
-    first_row = torch.cumsum(torch.cat([hw.new_zeros(1), b * hw[:-1].prod(1)]), 0)
+    gdtype = torch.float64 if dtype == torch.float64 else torch.float32  # geometry never in half precision
+    hw, first_row, scale_of_level = _level_tables(tuple(tuple(m.shape[2:]) for m in maps), b, tuple(scales),
+                                                  device, gdtype)
     lvl = levels.long() if levels is not None else torch.zeros(k, dtype=torch.long, device=device)
-    h, w = hw[lvl, 0:1].to(dtype), hw[lvl, 1:2].to(dtype)  # [K, 1]
-    scale = torch.tensor(scales, dtype=dtype, device=device)[lvl, None]
+    h, w = hw[lvl, 0:1].to(gdtype), hw[lvl, 1:2].to(gdtype)  # [K, 1]
+    scale = scale_of_level[lvl, None]
 
     offset = 0.5 if aligned else 0.0
-    boxes = rois[:, 1:].to(dtype) * scale - offset
+    boxes = rois[:, 1:].to(gdtype) * scale - offset
     start, size = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]
     if not aligned:
         size = size.clamp(min=1.0)
-    steps = (torch.arange(p * s, device=device, dtype=dtype) + 0.5) / (p * s)
+    steps = (torch.arange(p * s, device=device, dtype=gdtype) + 0.5) / (p * s)
     ys_idx, ys_w = _axis_corners(start[:, 1:2] + steps * size[:, 1:2], h)  # [K, p*s, 2]
     xs_idx, xs_w = _axis_corners(start[:, 0:1] + steps * size[:, 0:1], w)
     # per axis [K, p, s, 2] -> every (bin_y, bin_x) bag holds (s * 2) x (s * 2) corners
@@ -84,7 +101,7 @@ def roi_align_gather(features: torch.Tensor | Sequence[torch.Tensor], rois: torc
     width = hw[lvl, 1].view(k, 1, 1, 1, 1)
     base = (first_row[lvl] + rois[:, 0].long() * hw[lvl].prod(1)).view(k, 1, 1, 1, 1)
     index = (base + ys_idx * width + xs_idx).view(k * p * p, -1)
-    weight = (ys_w * xs_w / (s * s)).view(k * p * p, -1)
+    weight = (ys_w * xs_w / (s * s)).view(k * p * p, -1).to(dtype)
     rows = torch.cat([m.permute(0, 2, 3, 1).reshape(-1, c) for m in maps])  # [sum B*H*W, C], channels contiguous
     out = F.embedding_bag(index, rows, mode="sum", per_sample_weights=weight)  # [K*p*p, C]
     return out.view(k, p, p, c).permute(0, 3, 1, 2).contiguous()

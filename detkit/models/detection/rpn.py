@@ -1,19 +1,25 @@
-"""Region proposal network: anchors scored for objectness and refined into proposals (Ren et al. 2015)."""
+"""Region proposal network: anchors scored for objectness and refined into proposals (Ren et al. 2015).
+
+Fixed-shape throughout: proposals are ``[B, P, 4]`` with a ``[B, P]`` valid mask (``P = post_nms_top_n``), the
+anchor sample is ``B x batch_size_per_image`` slots, and the losses are masked sums, so a training step has no
+host synchronisation and no data-dependent shape.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detkit.data.collate import Targets
 from detkit.models.detection.anchors import AnchorGenerator, anchors_per_location
 from detkit.models.detection.box_coder import BoxCoder
-from detkit.models.detection.boxes import batched_box_iou, clip_boxes, pad_targets, small_boxes
-from detkit.models.detection.losses import box_regression_loss
+from detkit.models.detection.boxes import batched_box_iou, clip_boxes, finite_boxes, small_boxes
+from detkit.models.detection.losses import box_regression_loss, masked_mean
 from detkit.models.detection.matcher import Matcher
-from detkit.models.detection.postprocess import batched_multiclass_nms
+from detkit.models.detection.postprocess import batched_multiclass_nms, cluster_nms, resolve_strategy
 from detkit.models.detection.sampler import BalancedSampler
 
 
@@ -41,36 +47,49 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
+class Proposals(NamedTuple):
+    """``boxes [B, P, 4]`` (xyxy input pixels, float32, detached) and ``valid [B, P]``, sorted by decreasing
+    objectness within each image; ``nonfinite`` counts the top candidates whose box or score was not finite (a
+    diverging RPN; they are never proposed)."""
+
+    boxes: torch.Tensor
+    valid: torch.Tensor
+    nonfinite: torch.Tensor
+
+
 class RegionProposalNetwork(nn.Module):
-    """RPN with batched target assignment, sampling and proposal filtering.
+    """RPN with batched target assignment, fixed-size anchor sampling and fixed-size proposals.
 
     Args:
         in_channels: backbone feature channels.
         anchor_generator: anchor sizes/ratios per level (its level count must match the backbone's).
+        sampler: anchor sampling (256 per image, half positives, as Faster R-CNN).
         pre_nms_top_n: proposals kept per level and image before NMS, ``{"train": n, "test": n}``.
-        post_nms_top_n: proposals kept per image after NMS, ``{"train": n, "test": n}``.
-        nms_thresh: NMS IoU among proposals.
+        post_nms_top_n: proposals kept per image after NMS, ``{"train": n, "test": n}`` (= ``P``).
+        nms_thresh: NMS IoU among proposals (within a level, as torchvision).
+        nms: ``"auto"``, ``"cluster"`` or ``"torchvision"`` (see :mod:`detkit.models.detection.postprocess`).
+        nms_iterations: cluster NMS runs this many iterations, with no host synchronisation (proposals only
+            need to be good candidates: 1-3 iterations reach greedy NMS's result on RPN outputs, see
+            :func:`~detkit.models.detection.postprocess.cluster_nms`).
         fg_iou_thresh / bg_iou_thresh: matcher thresholds (0.7 / 0.3).
-        batch_size_per_image / positive_fraction: anchor sampling (256 / 0.5).
         min_size: proposals smaller than this (pixels) are dropped.
         box_loss: ``"smooth_l1"`` or ``"l1"``.
-        nms_strategy: ``"auto"``, ``"per_image"`` or ``"batched"`` (see :mod:`detkit.models.detection.postprocess`).
     """
 
     def __init__(
         self,
         in_channels: int,
         anchor_generator: AnchorGenerator,
+        sampler: BalancedSampler | None = None,
         pre_nms_top_n: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006 (read-only)
         post_nms_top_n: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006
         nms_thresh: float = 0.7,
+        nms: str = "auto",
+        nms_iterations: int = 4,
         fg_iou_thresh: float = 0.7,
         bg_iou_thresh: float = 0.3,
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
         min_size: float = 1e-3,
         box_loss: str = "smooth_l1",
-        nms_strategy: str = "auto",
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -78,54 +97,81 @@ class RegionProposalNetwork(nn.Module):
         self.head = RPNHead(in_channels, num_anchors)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
-        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.sampler = sampler or BalancedSampler(256, 0.5)
         self.pre_nms_top_n, self.post_nms_top_n = dict(pre_nms_top_n), dict(post_nms_top_n)
-        self.nms_thresh, self.min_size = nms_thresh, min_size
-        self.box_loss, self.nms_strategy = box_loss, nms_strategy
+        self.nms_thresh, self.nms, self.nms_iterations = nms_thresh, nms, nms_iterations
+        self.min_size, self.box_loss = min_size, box_loss
 
     def forward(self, features: Mapping[str, torch.Tensor], image_size: tuple[int, int],
-                targets: list[dict] | None = None, generator: torch.Generator | None = None
-                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Return per-image proposals ``[P_i, 4]`` (xyxy, detached) and, given targets, the RPN losses
-        ``loss_objectness`` and ``loss_rpn_box_reg`` (anchor sampling draws from ``generator``)."""
+                targets: Targets | None = None, generator: torch.Generator | None = None
+                ) -> tuple[Proposals, dict[str, torch.Tensor]]:
+        """Proposals (detached) and, given targets, the losses ``loss_objectness`` and ``loss_rpn_box_reg``
+        (anchor sampling draws from ``generator``)."""
         maps = list(features.values())
         anchors = self.anchor_generator(maps, image_size)
         logits, deltas = self.head(maps)
         proposals = self.propose(anchors, logits, deltas, image_size)
         losses = {}
         if targets is not None:
-            losses = self.loss(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets, generator)
+            losses = self.loss(self.anchor_generator.concatenated(anchors), torch.cat(logits, 1),
+                               torch.cat(deltas, 1), targets, generator)
         return proposals, losses
 
+    @torch.no_grad()
     def propose(self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
-                image_size: tuple[int, int]) -> list[torch.Tensor]:
-        """Top-k per level, decode, clip, drop tiny boxes, NMS per level, top-k per image (batched)."""
+                image_size: tuple[int, int]) -> Proposals:
+        """Top-k per level, decode (float32), clip, drop tiny or non-finite boxes, NMS per image and level, top-k
+        per image. Returns ``P = post_nms_top_n`` proposals per image (invalid where fewer survive)."""
         mode = "train" if self.training else "test"
-        boxes, scores, levels = [], [], []
-        for lvl, (a, lg, d) in enumerate(zip(anchors, logits, deltas)):
-            lg = lg.detach()
-            k = min(self.pre_nms_top_n[mode], lg.shape[1])
-            top, idx = lg.topk(k, dim=1)  # [B, k]
-            boxes.append(self.box_coder.decode(d.detach().gather(1, idx[..., None].expand(-1, -1, 4)), a[idx]))
-            scores.append(top)
-            levels.append(torch.full_like(idx, lvl))
-        boxes = clip_boxes(torch.cat(boxes, 1), *image_size)
-        scores, levels = torch.cat(scores, 1).sigmoid(), torch.cat(levels, 1)
-        valid = ~small_boxes(boxes, self.min_size)
-        kept = batched_multiclass_nms(boxes, scores, levels, valid, self.nms_thresh, self.post_nms_top_n[mode],
-                                      self.nms_strategy, num_classes=len(anchors))
-        return [b[v] for b, v in zip(kept.boxes, kept.valid)]
+        k = min(self.pre_nms_top_n[mode], max(lg.shape[1] for lg in logits))
+        boxes, scores, valid, nonfinite = [], [], [], []
+        for a, lg, d in zip(anchors, logits, deltas):
+            kl = min(k, lg.shape[1])
+            top, idx = lg.float().topk(kl, dim=1)  # [B, kl], sorted
+            box = clip_boxes(self.box_coder.decode(d.gather(1, idx[..., None].expand(-1, -1, 4)), a[idx]),
+                             *image_size)
+            finite = torch.isfinite(top) & finite_boxes(box)
+            nonfinite.append((~finite).sum())
+            ok = finite & ~small_boxes(box, self.min_size)
+            pad = k - kl  # levels with fewer anchors than k are padded with invalid slots: one [B, L, k] tensor
+            boxes.append(F.pad(box, (0, 0, 0, pad)))
+            scores.append(F.pad(top, (0, pad), value=float("-inf")))
+            valid.append(F.pad(ok, (0, pad), value=False))
+        boxes, scores, valid = torch.stack(boxes, 1), torch.stack(scores, 1), torch.stack(valid, 1)  # [B, L, k]
+        b, n_levels = boxes.shape[:2]
+        post = self.post_nms_top_n[mode]
+        if resolve_strategy(self.nms, boxes.device) == "cluster":
+            # every (image, level) pair is one NMS problem; candidates are already sorted by score
+            keep = cluster_nms(boxes.flatten(0, 1), valid.flatten(0, 1), None, self.nms_thresh, exact=False,
+                               iterations=self.nms_iterations).view(b, n_levels, k)
+            key = scores.masked_fill(~keep, float("-inf")).flatten(1)
+            top = key.topk(min(post, key.shape[1]), dim=1)
+            out_boxes = boxes.flatten(1, 2).gather(1, top.indices[..., None].expand(-1, -1, 4))
+            out_valid = top.values > float("-inf")
+        else:
+            level = torch.arange(n_levels, device=boxes.device)[None, :, None].expand(b, -1, k)
+            dets = batched_multiclass_nms(boxes.flatten(1, 2), scores.flatten(1), level.flatten(1),
+                                          valid.flatten(1), self.nms_thresh, post, "torchvision")
+            out_boxes, out_valid = dets.boxes, dets.valid
+        if out_boxes.shape[1] < post:  # fewer candidates than P in all: pad to the fixed size
+            out_boxes = F.pad(out_boxes, (0, 0, 0, post - out_boxes.shape[1]))
+            out_valid = F.pad(out_valid, (0, post - out_valid.shape[1]), value=False)
+        return Proposals(out_boxes, out_valid, torch.stack(nonfinite).sum())
 
     def loss(self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor,
-             targets: list[dict], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Losses from anchors ``[A, 4]``, logits ``[B, A]`` and deltas ``[B, A, 4]``, batched over images."""
-        gt_boxes, _, gt_valid = pad_targets(targets, anchors.device)
-        matches = self.matcher(batched_box_iou(gt_boxes, anchors[None]), gt_valid)  # [B, A]
-        pos, neg = self.sampler(matches >= 0, matches == Matcher.BACKGROUND, generator)
-        sampled = pos | neg
-        num = sampled.sum().clamp(min=1)
-        img, idx = pos.nonzero(as_tuple=True)
-        target_deltas = self.box_coder.encode(gt_boxes[img, matches[img, idx]], anchors[idx])
-        box = box_regression_loss(deltas[img, idx].float(), target_deltas, self.box_loss) / num
-        obj = F.binary_cross_entropy_with_logits(logits[sampled].float(), pos[sampled].float())
-        return {"loss_objectness": obj, "loss_rpn_box_reg": box}
+             targets: Targets, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Losses from anchors ``[A, 4]``, logits ``[B, A]`` and deltas ``[B, A, 4]``: binary cross-entropy over the
+        sampled anchors, and the box loss over the sampled positives divided by the number sampled (as
+        torchvision and detectron2), both masked sums over ``B x batch_size_per_image`` slots."""
+        matches = self.matcher(batched_box_iou(targets.boxes, anchors[None]), targets.valid)  # [B, A]
+        sample = self.sampler(matches >= 0, matches == Matcher.BACKGROUND, generator)
+        count = sample.valid.sum()
+        slot_logits = logits.gather(1, sample.index).float()
+        obj = F.binary_cross_entropy_with_logits(slot_logits, sample.positive.float(), reduction="none")
+        matched_gt = matches.gather(1, sample.index).clamp(min=0)  # [B, S]
+        gt = targets.boxes.gather(1, matched_gt[..., None].expand(-1, -1, 4))
+        target_deltas = self.box_coder.encode(gt, anchors[sample.index])
+        pred = deltas.gather(1, sample.index[..., None].expand(-1, -1, 4))
+        box = box_regression_loss(pred, target_deltas, self.box_loss)
+        return {"loss_objectness": masked_mean(obj, sample.valid, count),
+                "loss_rpn_box_reg": masked_mean(box, sample.positive, count)}

@@ -1,24 +1,30 @@
-"""Balanced sampling of positive and negative training examples, batched over images."""
+"""Balanced sampling of positive and negative training examples: a fixed number per image, by sorting."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 
-def _random_rank(mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uniformly random order among the True entries of each row: ``[B, N] -> [B, N]`` int64 ranks
-    (0..count-1 for True entries, >= count for False ones)."""
-    keys = torch.rand(mask.shape, device=mask.device, generator=generator)
-    keys = keys.masked_fill(~mask, 2.0)  # False entries sort last
-    order = keys.argsort(dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(mask.shape[1], device=mask.device).expand_as(order))
-    return ranks
+class Samples(NamedTuple):
+    """``S`` sampled examples per image, positives first: ``index [B, S]`` into the candidates, ``positive [B, S]``
+    and ``valid [B, S]`` (False where an image has fewer than ``S`` usable candidates; such slots point at an
+    arbitrary candidate and must be masked out of every loss)."""
+
+    index: torch.Tensor
+    positive: torch.Tensor
+    valid: torch.Tensor
 
 
 class BalancedSampler:
-    """Samples ``batch_size_per_image`` examples per image with at most ``positive_fraction`` positives; the rest
-    are negatives (fewer when an image lacks enough of either). Fully vectorised over the batch.
+    """Samples exactly ``batch_size_per_image`` slots per image: up to ``positive_fraction`` of them positives,
+    the rest negatives (torchvision's rule: ``num_neg = batch_size_per_image - num_pos``), each drawn uniformly at
+    random; slots left over when an image lacks candidates are marked invalid.
+
+    Fixed-shape, with no host synchronisation: each candidate gets a random key, positives beyond the positive
+    budget are dropped by one top-k, and one more top-k over keys that rank chosen positives above negatives above
+    everything else picks the slots. The heads then always see ``B x batch_size_per_image`` examples.
 
     Args:
         batch_size_per_image: 256 for the RPN, 512 for RoI heads, as in Faster R-CNN.
@@ -26,15 +32,26 @@ class BalancedSampler:
     """
 
     def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
+        if batch_size_per_image < 1 or not 0.0 <= positive_fraction <= 1.0:
+            raise ValueError(f"sampler needs batch_size_per_image >= 1 and positive_fraction in [0, 1], got "
+                             f"{batch_size_per_image}, {positive_fraction}")
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
 
     def __call__(self, positive: torch.Tensor, negative: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positive, negative: [B, N] bool -> (sampled_positive, sampled_negative) [B, N] bool``."""
-        max_pos = int(self.batch_size_per_image * self.positive_fraction)
-        num_pos = positive.sum(dim=1, keepdim=True).clamp(max=max_pos)
-        num_neg = negative.sum(dim=1, keepdim=True).clamp(max=self.batch_size_per_image - num_pos)
-        pos = positive & (_random_rank(positive, generator) < num_pos)
-        neg = negative & (_random_rank(negative, generator) < num_neg)
-        return pos, neg
+                 generator: torch.Generator | None = None) -> Samples:
+        """``positive, negative: [B, N] bool`` (disjoint) -> :class:`Samples` with ``S = min(batch_size_per_image,
+        N)`` slots per image."""
+        n = positive.shape[1]
+        size = min(self.batch_size_per_image, n)
+        max_pos = min(int(self.batch_size_per_image * self.positive_fraction), n)
+        noise = torch.rand(positive.shape, device=positive.device, generator=generator)
+        chosen = torch.zeros_like(positive)
+        if max_pos > 0:  # the positive budget: the max_pos positives with the highest noise
+            pos_key = torch.where(positive, noise, torch.full_like(noise, -1.0))
+            top = pos_key.topk(max_pos, dim=1)
+            chosen.scatter_(1, top.indices, top.values >= 0)
+        # chosen positives rank in [2, 3), negatives in [0, 1), everything else -1: one top-k picks the slots
+        key = torch.where(chosen, noise + 2, torch.where(negative, noise, torch.full_like(noise, -1.0)))
+        top = key.topk(size, dim=1)
+        return Samples(top.indices, top.values >= 2, top.values >= 0)

@@ -1,9 +1,10 @@
-"""One-stage YOLO-style detector: a PAN neck over the shared ResNet encoder and an anchor-free decoupled head.
+"""One-stage YOLO-style detector: an anchor-free decoupled head over the backbone's PAN neck.
 
 Design choice: **anchor-free** (YOLOX / YOLOv8-style decoupled head predicting ``ltrb`` distances from each cell
 centre), with a **geometric centre-sampling assignment** (FCOS/YOLOX): a cell is positive for a ground-truth box
 when its centre lies inside the box and within ``center_radius`` strides of the box centre, on the pyramid level
-whose size range fits the box; a cell claimed by several boxes takes the smallest. Why:
+whose size range fits the box; a box smaller than a cell gets the cell containing its centre; a cell claimed by
+several boxes takes the smallest. Why:
 
 * no anchor priors to fit per dataset (a frequent source of silent accuracy loss on custom data such as
   microscopy), and one prediction per cell instead of three;
@@ -13,66 +14,42 @@ whose size range fits the box; a cell claimed by several boxes takes the smalles
 * localisation quality is learned by the objectness branch, whose target is the IoU of the predicted box with
   its ground truth (IoU-aware objectness, as in VarifocalNet/TOOD), so scores rank well-localised boxes first.
 
-Losses: BCE on objectness (all cells), BCE on classes (positive cells), GIoU or CIoU (``torchvision.ops``) on the
-boxes of positive cells, normalised by the number of positives. Inference: ``score = sigmoid(obj) *
-sigmoid(cls)``, score threshold, top-k per image, class-aware NMS (per-device strategy of
-:mod:`detkit.models.detection.postprocess`), capped detections per image.
+Losses (dense over all ``B x A`` cells, masked, no boolean indexing): BCE on objectness (all cells), BCE on
+classes and GIoU or CIoU on boxes (positive cells), each normalised by the number of positives. Inference:
+``score = sigmoid(obj) * sigmoid(cls)``, then :class:`~detkit.models.detection.postprocess.PostProcess`
+(threshold, top-k, class-aware NMS, cap per image).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
 
+from detkit.data.collate import Targets, as_targets
 from detkit.models.backbones import Backbone
-from detkit.models.detection.boxes import batched_box_iou, clip_boxes, pad_targets
-from detkit.models.detection.postprocess import Detections, batched_multiclass_nms, topk_candidates
+from detkit.models.detection.boxes import batched_box_iou, clip_boxes
+from detkit.models.detection.losses import iou_loss, masked_mean
+from detkit.models.detection.postprocess import Detections, PostProcess
+from detkit.models.necks import conv_bn_act
 
 INF = 1e8
-
-
-def conv_bn_act(cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU(inplace=True))
-
-
-class PANNeck(nn.Module):
-    """Path-aggregation neck (PANet / YOLOv5-style, light): top-down FPN merge, then a bottom-up pass.
-
-    Input: encoder maps ``c3, c4, c5``; output: three maps of ``channels`` at strides 8, 16, 32 (finest first).
-    """
-
-    def __init__(self, in_channels: Sequence[int], channels: int = 96) -> None:
-        super().__init__()
-        self.lateral = nn.ModuleList(conv_bn_act(c, channels, 1) for c in in_channels)
-        self.top_down = nn.ModuleList(conv_bn_act(channels, channels) for _ in in_channels[:-1])
-        self.down = nn.ModuleList(conv_bn_act(channels, channels, 3, 2) for _ in in_channels[:-1])
-        self.bottom_up = nn.ModuleList(conv_bn_act(channels, channels) for _ in in_channels[:-1])
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        lat = [layer(f) for layer, f in zip(self.lateral, feats)]
-        td = [lat[-1]]
-        for i in range(len(lat) - 2, -1, -1):
-            up = F.interpolate(td[0], size=lat[i].shape[-2:], mode="nearest")
-            td.insert(0, self.top_down[i](lat[i] + up))
-        out = [td[0]]
-        for i in range(1, len(td)):
-            out.append(self.bottom_up[i - 1](td[i] + self.down[i - 1](out[-1])))
-        return out
 
 
 class DecoupledHead(nn.Module):
     """Per level: a shared stem, then separate classification and regression branches (YOLOX).
 
     Outputs per level ``[B, H*W, 4 + 1 + C]``: raw ``ltrb`` distances, objectness logit, class logits.
+    ``dropout > 0`` adds spatial dropout (``Dropout2d``) after each stem.
     """
 
-    def __init__(self, channels: int, num_classes: int, num_levels: int, prior_prob: float = 0.01) -> None:
+    def __init__(self, channels: int, num_classes: int, num_levels: int, prior_prob: float = 0.01,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.stems = nn.ModuleList(conv_bn_act(channels, channels, 1) for _ in range(num_levels))
         self.cls_convs = nn.ModuleList(nn.Sequential(conv_bn_act(channels, channels), conv_bn_act(channels, channels))
                                        for _ in range(num_levels))
@@ -88,23 +65,31 @@ class DecoupledHead(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
         for i, f in enumerate(feats):
-            x = self.stems[i](f)
+            x = self.dropout(self.stems[i](f))
             c, r = self.cls_convs[i](x), self.reg_convs[i](x)
             out = torch.cat([self.reg_pred[i](r), self.obj_pred[i](r), self.cls_pred[i](c)], dim=1)
             outs.append(out.flatten(2).transpose(1, 2))
         return outs
 
 
-def cell_centres(shapes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cell centres ``[A, 2]`` (x, y in input pixels) and the stride of each cell ``[A]``, levels concatenated in
-    row-major order (matching the head's flattened output)."""
-    points, level_strides = [], []
-    for (h, w), s in zip(shapes, strides):
+class CellGrid(NamedTuple):
+    """The cells of all levels, concatenated finest first in row-major order (the head's flattened output order):
+    centres ``points [A, 2]`` (x, y input pixels), ``strides [A]`` and ``level [A]`` (int64)."""
+
+    points: torch.Tensor
+    strides: torch.Tensor
+    level: torch.Tensor
+
+
+def cell_centres(shapes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device) -> CellGrid:
+    """The :class:`CellGrid` of feature maps of ``shapes`` at ``strides``."""
+    points, level_strides, levels = [], [], []
+    for i, ((h, w), s) in enumerate(zip(shapes, strides)):
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
         points.append(torch.stack([xs, ys], -1).reshape(-1, 2).float().add(0.5).mul(s))
         level_strides.append(torch.full((h * w,), float(s), device=device))
-    return torch.cat(points), torch.cat(level_strides)
+        levels.append(torch.full((h * w,), i, dtype=torch.int64, device=device))
+    return CellGrid(torch.cat(points), torch.cat(level_strides), torch.cat(levels))
 
 
 def decode_ltrb(points: torch.Tensor, strides: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -140,6 +125,15 @@ class CentreSamplingAssigner:
                 raise ValueError(f"YOLO size_ranges must tile [0, inf) level after level (each range starting where "
                                  f"the previous one ends, the last ending at >= 1e6), got {size_ranges}: a box "
                                  "whose size falls in a gap would never be learned")
+        self._range_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _ranges(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo [L], hi [L])`` on ``device``, built once (a host-to-device copy per step would wait)."""
+        key = str(device)
+        if key not in self._range_tables:
+            table = torch.tensor(self.size_ranges, dtype=torch.float32, device=device)
+            self._range_tables[key] = (table[:, 0], table[:, 1])
+        return self._range_tables[key]
 
     def __call__(self, points: torch.Tensor, strides: torch.Tensor, level: torch.Tensor, gt_boxes: torch.Tensor,
                  gt_valid: torch.Tensor) -> torch.Tensor:
@@ -159,8 +153,7 @@ class CentreSamplingAssigner:
         in_range = torch.ones_like(inside)
         if self.size_ranges is not None:
             half = torch.maximum(x1 - x0, y1 - y0) / 2  # [B, G, 1]
-            lo = torch.tensor([r[0] for r in self.size_ranges], device=points.device)[level]
-            hi = torch.tensor([r[1] for r in self.size_ranges], device=points.device)[level]
+            lo, hi = (t[level] for t in self._ranges(points.device))
             in_range = (half >= lo) & (half < hi)
         ok = inside & near & in_range
         # A box no cell centre falls inside (smaller than a stride) gets the cell containing its centre, on the
@@ -177,89 +170,81 @@ class YOLO(nn.Module):
     """YOLO-style one-stage detector.
 
     Args:
-        backbone: a :class:`Backbone` without FPN (``fpn: false``); the detector reads the encoder's ``c3..c5``
-            maps and aggregates them with its own PAN neck.
+        backbone: a :class:`Backbone` with a multi-level neck (``neck: pan`` as in YOLOv5/YOLOX; ``fpn`` works too).
         num_classes: foreground classes ``C``.
-        neck_channels: PAN width.
-        center_radius, size_ranges: see :class:`CentreSamplingAssigner`.
+        assigner: :class:`CentreSamplingAssigner` (default: radius 2.5, size ranges 0-64-128-inf px).
         box_loss: ``"giou"`` or ``"ciou"``; loss weights ``box_weight``, ``obj_weight``, ``cls_weight``.
-        score_thresh, nms_thresh, topk_candidates, detections_per_img, nms_strategy: inference.
+        dropout: dropout on the head's stem output (0 disables).
+        inference: :class:`~detkit.models.detection.postprocess.PostProcess` (score threshold, top-k, NMS, cap).
     """
 
-    LEVELS = ("c3", "c4", "c5")
-
-    def __init__(self, backbone: Backbone, num_classes: int, neck_channels: int = 96, center_radius: float = 2.5,
-                 size_ranges: Sequence[Sequence[float]] | None = ((0, 64), (64, 128), (128, INF)),
+    def __init__(self, backbone: Backbone, num_classes: int, assigner: CentreSamplingAssigner | None = None,
                  box_loss: str = "giou", box_weight: float = 5.0, obj_weight: float = 1.0, cls_weight: float = 1.0,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.6, topk_candidates: int = 1000,
-                 detections_per_img: int = 100, nms_strategy: str = "auto") -> None:
+                 dropout: float = 0.0, inference: PostProcess | None = None) -> None:
         super().__init__()
         if box_loss not in ("giou", "ciou"):
             raise ValueError(f"YOLO box_loss must be 'giou' or 'ciou', got {box_loss!r}")
-        if backbone.fpn is not None:
-            raise ValueError("YOLO builds its own PAN neck: configure its backbone with fpn: false (an FPN there "
-                             "would hold parameters that never train)")
+        if backbone.neck is None:
+            raise ValueError("YOLO predicts on several pyramid levels: configure its backbone with a neck "
+                             "(neck: pan, as backbone@model.detector.backbone=resnet18_pan)")
         self.backbone = backbone
-        enc = backbone.encoder
-        self.strides = [enc.strides[lv] for lv in self.LEVELS]
-        self.neck = PANNeck([enc.channels[lv] for lv in self.LEVELS], neck_channels)
-        self.head = DecoupledHead(neck_channels, num_classes, len(self.LEVELS))
+        self.strides = list(backbone.strides.values())
+        self.head = DecoupledHead(backbone.out_channels, num_classes, len(self.strides), dropout=dropout)
         self.num_classes = num_classes
-        self.assigner = CentreSamplingAssigner(center_radius, size_ranges)
+        self.assigner = assigner or CentreSamplingAssigner()
+        if self.assigner.size_ranges is not None and len(self.assigner.size_ranges) != len(self.strides):
+            raise ValueError(f"YOLO assigner has {len(self.assigner.size_ranges)} size ranges but the backbone gives "
+                             f"{len(self.strides)} levels {list(backbone.strides)}: give one range per level")
         self.box_loss, self.weights = box_loss, (box_weight, obj_weight, cls_weight)
-        self.score_thresh, self.nms_thresh, self.topk = score_thresh, nms_thresh, topk_candidates
-        self.detections_per_img, self.nms_strategy = detections_per_img, nms_strategy
+        self.inference = inference or PostProcess(score_thresh=0.001, nms_thresh=0.6)
+        self._grids: dict[tuple, CellGrid] = {}
+        #: Detached health figures of the last ``loss`` call (none for this detector).
+        self.diagnostics: dict[str, torch.Tensor] = {}
 
-    def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``images uint8 [B, 3, H, W]`` -> raw outputs ``[B, A, 5 + C]``, cell centres ``[A, 2]``, strides ``[A]``
-        and level index ``[A]``."""
-        enc = self.backbone.encoder
-        feats = enc.features(enc.normalize(images))
-        maps = self.neck([feats[lv] for lv in self.LEVELS])
-        outs = self.head(maps)
-        points, strides = cell_centres([m.shape[-2:] for m in maps], self.strides, images.device)
-        level = torch.cat([torch.full((o.shape[1],), i, device=images.device) for i, o in enumerate(outs)])
-        return torch.cat(outs, dim=1), points, strides, level
+    def grid(self, shapes: Sequence[tuple[int, int]], device: torch.device) -> CellGrid:
+        """The cell grid of these feature shapes, built once per shapes and device."""
+        key = (tuple(tuple(s) for s in shapes), str(device))
+        if key not in self._grids:
+            self._grids[key] = cell_centres(shapes, self.strides, device)
+        return self._grids[key]
 
-    def loss(self, images: torch.Tensor, targets: list[dict],
+    def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, CellGrid]:
+        """``images uint8 [B, 3, H, W]`` -> raw outputs ``[B, A, 5 + C]`` and the :class:`CellGrid`."""
+        maps = list(self.backbone(images).values())
+        return torch.cat(self.head(maps), dim=1), self.grid([tuple(m.shape[-2:]) for m in maps], images.device)
+
+    def loss(self, images: torch.Tensor, targets: Targets | Sequence[dict],
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Named losses ``loss_box``, ``loss_obj``, ``loss_cls`` (already weighted). The assignment is
-        deterministic: ``generator`` is accepted for a uniform detector interface and unused."""
-        raw, points, strides, level = self.forward_raw(images)
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, images.device)
-        assigned = self.assigner(points, strides, level, gt_boxes, gt_valid)  # [B, A]
+        """Named losses ``loss_box``, ``loss_obj``, ``loss_cls`` (already weighted), dense over every cell. The
+        assignment is deterministic: ``generator`` is accepted for a uniform detector interface and unused."""
+        targets = as_targets(targets, images.device)
+        raw, grid = self.forward_raw(images)
+        assigned = self.assigner(grid.points, grid.strides, grid.level, targets.boxes, targets.valid)  # [B, A]
         pos = assigned >= 0
-        num_pos = pos.sum().clamp(min=1).float()
-        boxes = decode_ltrb(points, strides, raw[..., :4])
-        img, idx = pos.nonzero(as_tuple=True)
-        gt_idx = assigned[img, idx]
-        pred_pos, target_pos = boxes[img, idx], gt_boxes[img, gt_idx]
-        loss_fn = generalized_box_iou_loss if self.box_loss == "giou" else complete_box_iou_loss
-        loss_box = loss_fn(pred_pos, target_pos, reduction="sum") / num_pos
-        obj_target = torch.zeros_like(raw[..., 4], dtype=torch.float32)
+        num_pos = pos.sum()
+        gt_idx = assigned.clamp(min=0)
+        gt_boxes = targets.boxes.gather(1, gt_idx[..., None].expand(-1, -1, 4))  # [B, A, 4]
+        gt_labels = targets.labels.gather(1, gt_idx)
+        boxes = decode_ltrb(grid.points, grid.strides, raw[..., :4])
+        loss_box = masked_mean(iou_loss(boxes, gt_boxes, self.box_loss), pos, num_pos)
         with torch.no_grad():  # IoU-aware objectness: the target is how well the box is localised
-            iou = batched_box_iou(pred_pos[:, None], target_pos[:, None]).reshape(-1)
-        obj_target[img, idx] = iou.clamp(min=0.0).to(obj_target.dtype)
-        loss_obj = F.binary_cross_entropy_with_logits(raw[..., 4].float(), obj_target, reduction="sum") / num_pos
-        cls_target = F.one_hot(gt_labels[img, gt_idx], self.num_classes).float()
-        loss_cls = F.binary_cross_entropy_with_logits(raw[img, idx, 5:].float(), cls_target,
-                                                      reduction="sum") / num_pos
+            iou = batched_box_iou(boxes[..., None, :], gt_boxes[..., None, :])[..., 0, 0]
+            obj_target = torch.where(pos, iou.clamp(min=0.0), torch.zeros_like(iou))
+        obj = F.binary_cross_entropy_with_logits(raw[..., 4].float(), obj_target, reduction="none")
+        loss_obj = obj.sum() / num_pos.clamp(min=1)
+        classes = torch.arange(self.num_classes, device=gt_labels.device)
+        cls_target = (gt_labels[..., None] == classes).float()  # one-hot (F.one_hot reads the labels' range back)
+        cls = F.binary_cross_entropy_with_logits(raw[..., 5:].float(), cls_target, reduction="none").sum(-1)
+        loss_cls = masked_mean(cls, pos, num_pos)
         wb, wo, wc = self.weights
         return {"loss_box": wb * loss_box, "loss_obj": wo * loss_obj, "loss_cls": wc * loss_cls}
 
     def predict(self, images: torch.Tensor) -> Detections:
         """``images uint8 [B, 3, H, W]`` -> padded :class:`Detections` in input pixels."""
-        raw, points, strides, _ = self.forward_raw(images)
-        b, a, _ = raw.shape
-        c = self.num_classes
-        boxes = clip_boxes(decode_ltrb(points, strides, raw[..., :4]), *images.shape[-2:])
-        scores = (raw[..., 4:5].float().sigmoid() * raw[..., 5:].float().sigmoid()).reshape(b, a * c)
-        labels = torch.arange(c, device=raw.device).repeat(a)[None].expand(b, -1)
-        top = topk_candidates(scores, self.topk)
-        scores, labels = scores.gather(1, top), labels.gather(1, top)
-        boxes = boxes.gather(1, (top // c)[..., None].expand(-1, -1, 4))
-        return batched_multiclass_nms(boxes, scores, labels, scores > self.score_thresh, self.nms_thresh,
-                                      self.detections_per_img, self.nms_strategy, num_classes=c)
+        raw, grid = self.forward_raw(images)
+        boxes = clip_boxes(decode_ltrb(grid.points, grid.strides, raw[..., :4]), *images.shape[-2:])
+        scores = raw[..., 4:5].float().sigmoid() * raw[..., 5:].float().sigmoid()  # [B, A, C]
+        return self.inference(boxes, scores)
 
     def forward(self, images: torch.Tensor) -> Detections:
         return self.predict(images)
