@@ -152,10 +152,11 @@ def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
                 images = images.contiguous(memory_format=torch.channels_last)
-            opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4)
+            opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4,
+                                  fused=args.fused_sgd or None)
             scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-            loss_fn = torch.compile(model.loss) if args.compile and impl != "torchvision" else \
-                getattr(model, "loss", None)
+            loss_fn = torch.compile(model.loss, mode=args.compile_mode) if args.compile and impl != "torchvision" \
+                else getattr(model, "loss", None)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             model.train()
@@ -251,6 +252,8 @@ def main() -> None:
     p.add_argument("--nms", default="auto", help="detkit NMS strategy: auto | cluster | torchvision")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile detkit's loss")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--fused-sgd", action="store_true", help="SGD(fused=True): one kernel per optimiser step")
     p.add_argument("--skip-nms", action="store_true")
     p.add_argument("--top-ops", type=int, default=0, help="print the N ops with the most host time per config")
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -271,7 +274,8 @@ def main() -> None:
                str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile-steps",
                str(args.profile_steps), "--threads", str(args.threads), "--pooler", args.pooler, "--nms", args.nms,
                "--top-ops", str(args.top_ops)]
-        cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+        cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile + ["--fused-sgd"] * args.fused_sgd
+        cmd += ["--compile-mode", args.compile_mode] if args.compile_mode else []
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # progress goes to stderr
         if out.returncode != 0:
             print(f"{impl} failed with exit status {out.returncode}", file=sys.stderr)
@@ -279,7 +283,8 @@ def main() -> None:
         rows += json.loads(out.stdout.strip().splitlines()[-1])
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"\n{name}, torch {torch.__version__}, {args.image_size} px, BCCD images, random init ResNet-18, "
-          f"pooler={args.pooler}, nms={args.nms}, channels_last={args.channels_last}, compile={args.compile}")
+          f"pooler={args.pooler}, nms={args.nms}, channels_last={args.channels_last}, compile={args.compile} "
+          f"({args.compile_mode or 'default'}), fused SGD={args.fused_sgd}")
     print("| impl | precision | batch | train img/s | infer img/s | peak mem GB | GPU busy | syncs/step "
           "| memcpyAsync/step | launches/step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -56,7 +56,9 @@ class DetectionModule(L.LightningModule):
         image_size: the letterbox size the model is trained at (prediction and evaluation reuse it).
         ema_decay: keep an exponential moving average of the detector's weights and evaluate/predict with it.
         seed: seeds the training-time sampling (with the step number, so resumed runs draw the same samples).
-        compile: run the detector's loss (the whole training forward) under ``torch.compile``.
+        compile: run the detector's loss (the whole training forward, and through AOTAutograd its backward) under
+            ``torch.compile``: ``true`` (default mode) or a mode name (``"reduce-overhead"``: CUDA graphs,
+            ``"max-autotune"``).
         divergence_check_every: check the loss terms for non-finite values every this many steps (see
             :mod:`detkit.lit.divergence`; no host synchronisation on a GPU).
     """
@@ -73,7 +75,7 @@ class DetectionModule(L.LightningModule):
         image_size: int | None = None,
         ema_decay: float | None = None,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         divergence_check_every: int = 1,
     ) -> None:
         super().__init__()
@@ -126,7 +128,11 @@ class DetectionModule(L.LightningModule):
     def loss_fn(self) -> Callable:
         """The detector's ``loss``, compiled with ``torch.compile`` when ``compile`` is set."""
         if self._loss_fn is None:
-            self._loss_fn = torch.compile(self.detector.loss) if self.hparams.compile else self.detector.loss
+            mode = self.hparams.compile
+            if not mode:
+                self._loss_fn = self.detector.loss
+            else:
+                self._loss_fn = torch.compile(self.detector.loss, mode=None if mode is True else str(mode))
         return self._loss_fn
 
     def on_fit_start(self) -> None:
