@@ -107,18 +107,23 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     from detkit.lit.detection_module import to_original_pixels
     from detkit.lit.optim import WarmupSchedule, param_groups
 
+    from detkit.data.transforms import DetectionTransform
+
     torch.set_num_threads(args.threads)
-    dm = DetectionDataModule(str(BCCD / "annotations/train.json"), str(BCCD / "images"),
-                             str(BCCD / "annotations/val.json"), str(BCCD / "images"),
-                             image_size=args.image_size, batch_size=args.batch_size, num_workers=1)
+    augment = {} if not args.no_augment else {"train_transform": DetectionTransform(
+        args.image_size, train=True, hflip=0.0, vflip=0.0, scale_range=(1.0, 1.0), color_jitter=0.0)}
+    dm = DetectionDataModule(args.train_ann, args.train_images, args.val_ann or args.train_ann,
+                             args.val_images or args.train_images, image_size=args.image_size,
+                             batch_size=args.batch_size, num_workers=1, **augment)
     dm.setup("fit")
     cats = dm.categories
     builders = {"detkit": lambda: build_detkit(len(cats)), "yolo": lambda: build_yolo(len(cats)),
                 "torchvision": lambda: build_torchvision(len(cats), args.image_size)}
     model = builders[impl]()
-    steps = args.epochs * (len(dm.datasets["train"]) // args.batch_size)
+    steps = args.epochs * len(dm.train_dataloader())
     opt = torch.optim.SGD(param_groups(model.named_parameters(), 1e-4, args.lr), lr=args.lr, momentum=0.9)
-    sched = WarmupSchedule("cosine", warmup=0.05).build(opt, steps)
+    sched = WarmupSchedule("cosine", warmup=args.warmup, min_ratio=args.min_lr_ratio).build(opt, steps)
+    curve, diverged = [], None
     torch.manual_seed(1)
     train_time, train_images, step = 0.0, 0, 0
     model.train()
@@ -134,13 +139,24 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
             loss = sum(losses.values())
             opt.zero_grad()
             loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             sched.step()
             if step >= args.warmup_steps:
                 train_time += time.perf_counter() - t0
                 train_images += len(images)
+            curve.append({k: float(v) for k, v in losses.items()})
             step += 1
+            if not torch.isfinite(loss):
+                diverged = step
+                break
         print(f"[{impl}] epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}", file=sys.stderr, flush=True)
+        if diverged:
+            print(f"[{impl}] non-finite loss at step {diverged}", file=sys.stderr, flush=True)
+            return {"impl": impl, "train_img_s": train_images / max(train_time, 1e-9), "infer_img_s": float("nan"),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "AP": float("nan"),
+                    "AP50": float("nan"), "steps": step, "diverged_at": diverged, "curve": curve}
     model.eval()
     results, infer_time, n = [], 0.0, 0
     with torch.no_grad():
@@ -159,7 +175,26 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     stats = evaluate_coco(dm.datasets["val"].coco_data, results).stats
     return {"impl": impl, "train_img_s": train_images / train_time, "infer_img_s": n / infer_time,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "AP": stats["AP"], "AP50": stats["AP50"], "steps": step}
+            "AP": stats["AP"], "AP50": stats["AP50"], "steps": step, "diverged_at": None, "curve": curve}
+
+
+def write_curves(rows: list[dict], path: Path) -> None:
+    """Every step's total loss per implementation: json and a log-scale plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({r["impl"]: r["curve"] for r in rows}))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        ax.plot([sum(c.values()) for c in r["curve"]], label=r["impl"])
+    ax.set(xlabel="step", ylabel="total loss", yscale="log", title=path.stem)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -170,6 +205,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--train-ann", default=str(BCCD / "annotations/train.json"))
+    p.add_argument("--train-images", default=str(BCCD / "images"))
+    p.add_argument("--val-ann", default=str(BCCD / "annotations/val.json"), help="'' = the training set")
+    p.add_argument("--val-images", default=str(BCCD / "images"))
+    p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or colour jitter")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up: a fraction of the steps, or steps if >= 1")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of lr")
+    p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (0: none)")
+    p.add_argument("--curves", help="write every step's loss terms per implementation to this json (+ .png plot)")
     p.add_argument("--impl", choices=["detkit", "torchvision", "yolo"], help=argparse.SUPPRESS)
     p.add_argument("--impls", default="detkit,torchvision",
                    help="comma-separated: detkit (Faster R-CNN), torchvision (its FasterRCNN), yolo (detkit YOLO)")
@@ -179,18 +223,23 @@ def main() -> None:
         return
     rows = []
     for impl in args.impls.split(","):
-        cmd = [sys.executable, __file__, "--impl", impl] + [f"--{k.replace('_', '-')}={v}" for k, v in
-                                                             vars(args).items()
-                                                             if k not in ("impl", "impls") and v is not None]
+        forwarded = {k: v for k, v in vars(args).items() if k not in ("impl", "impls", "curves") and v is not None}
+        cmd = [sys.executable, __file__, "--impl", impl]
+        for k, v in forwarded.items():
+            flag = f"--{k.replace('_', '-')}"
+            cmd += ([flag] if v else []) if isinstance(v, bool) else [f"{flag}={v}"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"BCCD train {args.epochs} epochs at {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    print("| impl | train img/s | infer img/s | peak RSS MB | val AP | val AP50 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"{Path(args.train_ann).name} {args.epochs} epochs at {args.image_size}px, batch {args.batch_size}, lr "
+          f"{args.lr}, warm-up {args.warmup}, clip {args.clip or 'none'}, {args.threads} threads, torch {torch.__version__}")
+    print("| impl | train img/s | infer img/s | peak RSS MB | val AP | val AP50 | steps | max loss | diverged at |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        max_loss = max(sum(c.values()) for c in r["curve"]) if r["curve"] else float("nan")
         print(f"| {r['impl']} | {r['train_img_s']:.2f} | {r['infer_img_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['AP']:.4f} | {r['AP50']:.4f} |")
+              f"{r['AP']:.4f} | {r['AP50']:.4f} | {r['steps']} | {max_loss:.3g} | {r['diverged_at'] or '-'} |")
+    if args.curves:
+        write_curves(rows, Path(args.curves))
     by = {r["impl"]: r for r in rows}
     if "detkit" in by and "torchvision" in by:
         d, t = by["detkit"], by["torchvision"]

@@ -32,3 +32,16 @@ class RecordBatches(L.Callback):
         boxes = float((targets.boxes * targets.valid[..., None]).sum())
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {ids} {int(images.long().sum())} {boxes:.3f}\n")
+
+
+class PoisonAtStep(L.Callback):
+    """Set the RPN's box-regression weights to +inf when ``global_step`` reaches ``step``: a stand-in for an
+    optimiser step that blew the weights up (the next forward decodes non-finite proposals and losses)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            head = pl_module.detector.rpn.head.bbox_pred
+            head.weight.data.fill_(float("inf"))
