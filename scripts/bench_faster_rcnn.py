@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -112,8 +113,9 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     augment = {} if not args.no_augment else {"train_transform": DetectionTransform(
         args.image_size, train=True, hflip=0.0, vflip=0.0, scale_range=(1.0, 1.0), color_jitter=0.0)}
-    dm = DetectionDataModule(args.train_ann, args.train_images, args.val_ann or args.train_ann,
-                             args.val_images or args.train_images, image_size=args.image_size,
+    train_ann = first_images(args.train_ann, args.max_images) if args.max_images else args.train_ann
+    val = (args.val_ann, args.val_images) if args.val_ann else (train_ann, args.train_images)
+    dm = DetectionDataModule(train_ann, args.train_images, *val, image_size=args.image_size,
                              batch_size=args.batch_size, num_workers=1, **augment)
     dm.setup("fit")
     cats = dm.categories
@@ -139,14 +141,13 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
             loss = sum(losses.values())
             opt.zero_grad()
             loss.backward()
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or float("inf"))
             opt.step()
             sched.step()
             if step >= args.warmup_steps:
                 train_time += time.perf_counter() - t0
                 train_images += len(images)
-            curve.append({k: float(v) for k, v in losses.items()})
+            curve.append({**{k: float(v) for k, v in losses.items()}, "grad_norm": float(grad_norm)})
             step += 1
             if not torch.isfinite(loss):
                 diverged = step
@@ -178,6 +179,22 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
             "AP": stats["AP"], "AP50": stats["AP50"], "steps": step, "diverged_at": None, "curve": curve}
 
 
+def first_images(ann: str, n: int) -> str:
+    """A copy of COCO file ``ann`` with its first ``n`` images (and their boxes), in a temporary file."""
+    import tempfile
+    data = json.loads(Path(ann).read_text())
+    images = data["images"][:n]
+    ids = {im["id"] for im in images}
+    subset = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    path = Path(tempfile.mkdtemp()) / f"{Path(ann).stem}_first{n}.json"
+    path.write_text(json.dumps(subset))
+    return str(path)
+
+
+def total_loss(step: dict) -> float:
+    return sum(v for k, v in step.items() if k.startswith("loss"))
+
+
 def write_curves(rows: list[dict], path: Path) -> None:
     """Every step's total loss per implementation: json and a log-scale plot."""
     import matplotlib
@@ -189,7 +206,7 @@ def write_curves(rows: list[dict], path: Path) -> None:
     path.write_text(json.dumps({r["impl"]: r["curve"] for r in rows}))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        ax.plot([sum(c.values()) for c in r["curve"]], label=r["impl"])
+        ax.plot([total_loss(c) for c in r["curve"]], label=r["impl"])
     ax.set(xlabel="step", ylabel="total loss", yscale="log", title=path.stem)
     ax.legend()
     fig.tight_layout()
@@ -209,6 +226,7 @@ def main() -> None:
     p.add_argument("--train-images", default=str(BCCD / "images"))
     p.add_argument("--val-ann", default=str(BCCD / "annotations/val.json"), help="'' = the training set")
     p.add_argument("--val-images", default=str(BCCD / "images"))
+    p.add_argument("--max-images", type=int, default=0, help="train on the first N images only (0: all)")
     p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or colour jitter")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up: a fraction of the steps, or steps if >= 1")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of lr")
@@ -228,16 +246,21 @@ def main() -> None:
         for k, v in forwarded.items():
             flag = f"--{k.replace('_', '-')}"
             cmd += ([flag] if v else []) if isinstance(v, bool) else [f"{flag}={v}"]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{Path(args.train_ann).name} {args.epochs} epochs at {args.image_size}px, batch {args.batch_size}, lr "
+    print(f"{Path(args.train_ann).name}{f' (first {args.max_images} images)' if args.max_images else ''} {args.epochs} epochs at {args.image_size}px, batch {args.batch_size}, lr "
           f"{args.lr}, warm-up {args.warmup}, clip {args.clip or 'none'}, {args.threads} threads, torch {torch.__version__}")
-    print("| impl | train img/s | infer img/s | peak RSS MB | val AP | val AP50 | steps | max loss | diverged at |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| impl | train img/s | infer img/s | peak RSS MB | val AP | val AP50 | steps | max loss | grad norm median "
+          "/ p99 / max | diverged at |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        max_loss = max(sum(c.values()) for c in r["curve"]) if r["curve"] else float("nan")
+        max_loss = max(total_loss(c) for c in r["curve"]) if r["curve"] else float("nan")
+        norms = sorted(c["grad_norm"] for c in r["curve"] if math.isfinite(c["grad_norm"])) or [float("nan")]
+        gn = f"{norms[len(norms) // 2]:.3g} / {norms[int(0.99 * (len(norms) - 1))]:.3g} / {norms[-1]:.3g}"
         print(f"| {r['impl']} | {r['train_img_s']:.2f} | {r['infer_img_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['AP']:.4f} | {r['AP50']:.4f} | {r['steps']} | {max_loss:.3g} | {r['diverged_at'] or '-'} |")
+              f"{r['AP']:.4f} | {r['AP50']:.4f} | {r['steps']} | {max_loss:.3g} | {gn} | {r['diverged_at'] or '-'} |")
     if args.curves:
         write_curves(rows, Path(args.curves))
     by = {r["impl"]: r for r in rows}

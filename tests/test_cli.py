@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import detkit.cli.common  # noqa: F401  (registers resolvers)
 from detkit.eval.coco_eval import STAT_KEYS
@@ -70,6 +71,13 @@ def test_train_writes_config_checkpoints_and_metrics(synthetic, tmp_path):
     assert [c["id"] for c in metrics["per_class"]] == [0, 1, 2]
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "pr_curves.png").is_file()
+    # the anchors are measured against the training boxes before training; the ones trained with are in the config
+    assert "best possible recall" in r.stdout + r.stderr
+    priors = json.loads((out / "run.json").read_text())["priors"]["anchors"]
+    assert 0.0 <= priors["coverage"]["bpr"] <= 1.0
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml").model.detector.rpn.anchor_generator
+    trained_with = priors["fitted"] or priors["configured"]
+    assert OmegaConf.to_container(saved.sizes) == trained_with["sizes"]
     # the checkpoint alone drives prediction and evaluation
     r = run(["detkit-predict", f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", f"input={root}",
              "score_threshold=0.0", "device=cpu", f"hydra.run.dir={tmp_path / 'pred'}"])

@@ -17,7 +17,8 @@ def composed(*overrides: str):
 
 
 @pytest.mark.parametrize("experiment", ["experiment=pipeline", "model=yolo", "experiment=study_bccd",
-                                        "trainer=ddp", "optimizer=adamw"])
+                                        "trainer=ddp", "optimizer=adamw", "optimizer=lars", "scheduler=one_cycle",
+                                        "callbacks=early_stopping", "data=coco"])
 def test_every_shipped_config_passes_the_check(experiment):
     check_config_keys(composed(experiment))
 

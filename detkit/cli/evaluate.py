@@ -1,7 +1,9 @@
 """``detkit-eval``: COCO evaluation of a checkpoint on a dataset, or of a predictions file.
 
-Writes ``OUT/metrics.json`` (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl, per_class),
-``OUT/pr_curves.png`` and, in checkpoint mode, ``OUT/predictions.json`` (COCO results).
+Writes ``OUT/metrics.json`` (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl, per_class with AP,
+AP50, precision, recall and F1, and the ``report``: best-F1 confidence and confusion matrix), ``OUT/pr_curves.png``,
+``OUT/f1_curves.png``, ``OUT/confusion_matrix.png`` and, in checkpoint mode, ``OUT/predictions.json`` (COCO
+results); see :mod:`detkit.eval.report`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
-from detkit.eval.coco_eval import EvalResult, PredictionError, evaluate_coco, write_metrics
-from detkit.eval.curves import plot_pr_curves
+from detkit.eval.coco_eval import EvalResult, PredictionError, evaluate_coco
+from detkit.eval.outputs import write_evaluation
 from detkit.paths import config_dir
 
 log = logging.getLogger("detkit")
@@ -32,17 +34,17 @@ def _read_json(path: str, what: str):
         raise PredictionError(f"{what} file {p} is not valid json ({e})") from e
 
 
-def evaluate_files(cfg: DictConfig) -> EvalResult:
+def evaluate_files(cfg: DictConfig) -> tuple[EvalResult, dict, list]:
     gt = _read_json(cfg.ground_truth, "ground_truth")
     preds = _read_json(cfg.predictions, "predictions")
     if isinstance(preds, dict) and "annotations" in preds:  # a COCO-style file from detkit-predict
         preds = preds["annotations"]
     if not isinstance(preds, list):
         raise PredictionError(f"{cfg.predictions}: expected a COCO results list, got {type(preds).__name__}")
-    return evaluate_coco(gt, preds, backend=cfg.backend)
+    return evaluate_coco(gt, preds, backend=cfg.backend), gt, preds
 
 
-def evaluate_checkpoint(cfg: DictConfig, out: Path) -> EvalResult:
+def evaluate_checkpoint(cfg: DictConfig, out: Path) -> tuple[EvalResult, dict, list]:
     """Run a checkpoint on ``data.val_*`` and evaluate it on ``device`` (``auto``: CUDA when available).
 
     The model's categories must be the dataset's (ids and names), unless ``category_mapping=by_name``."""
@@ -62,8 +64,9 @@ def evaluate_checkpoint(cfg: DictConfig, out: Path) -> EvalResult:
                                                     what=f"checkpoint {cfg.checkpoint}")
     trainer = instantiate(cfg.trainer, accelerator=cfg.device)
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    (out / "predictions.json").write_text(json.dumps(module.gather_results()))
-    return module.last_eval
+    results = module.gather_results()
+    (out / "predictions.json").write_text(json.dumps(results))
+    return module.last_eval, datamodule.datasets["val"].coco_data, results
 
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
@@ -71,17 +74,17 @@ def evaluate_checkpoint(cfg: DictConfig, out: Path) -> EvalResult:
 def main(cfg: DictConfig) -> float:
     out = output_dir()
     if cfg.checkpoint:
-        result = evaluate_checkpoint(cfg, out)
+        result, gt, results = evaluate_checkpoint(cfg, out)
     elif cfg.ground_truth and cfg.predictions:
-        result = evaluate_files(cfg)
+        result, gt, results = evaluate_files(cfg)
     else:
         raise FileNotFoundError("give checkpoint=CKPT (with data.val_ann/data.val_images) or "
                                 "ground_truth=GT.json predictions=PRED.json")
-    write_metrics(out / "metrics.json", result, {"backend": cfg.backend, "device": cfg.device if cfg.checkpoint
-                                                  else None})
-    plot_pr_curves(result, out / "pr_curves.png")
+    paths = write_evaluation(out, result, gt, results, {"backend": cfg.backend,
+                                                        "device": cfg.device if cfg.checkpoint else None},
+                             **cfg.report)
     print(result.summary())
-    log.info("metrics: %s", out / "metrics.json")
+    log.info("%s", "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return float(result.stats["AP"])
 
 

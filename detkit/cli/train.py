@@ -19,15 +19,23 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detkit.cli.common import check_torchvision_ops, clean_errors, instantiate_dict, output_dir
-from detkit.eval.coco_eval import write_metrics
-from detkit.eval.curves import plot_pr_curves
+from detkit.data.box_stats import box_sizes, choose_image_size, letterboxed_boxes
+from detkit.data.validate import load_coco_json
+from detkit.eval.outputs import write_evaluation
+from detkit.lit.optim import plot_lr_schedule, total_training_steps
 from detkit.models.backbones import EncoderLoadError
+from detkit.models.detection.anchor_fit import anchor_coverage, fit_anchors, grid_anchors, size_range_report
+from detkit.models.detection.anchors import AnchorGenerator
 from detkit.paths import config_dir
 
 log = logging.getLogger("detkit")
+#: anchor_generator.fit=auto replaces anchors whose best possible recall is below FIT_BELOW_BPR by fitted ones
+#: when those cover at least FIT_MIN_GAIN more of the training boxes.
+FIT_BELOW_BPR, FIT_MIN_GAIN = 0.9, 0.05
 
 
 def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
@@ -47,6 +55,82 @@ def _check_init_choice(cfg: DictConfig) -> None:
                                "(written by detkit-pretrain)")
 
 
+def _choose_image_size(cfg: DictConfig) -> None:
+    """``data.image_size: null`` -> a size chosen from the training boxes (:func:`choose_image_size`)."""
+    if cfg.data.get("image_size") is None and cfg.data.get("train_ann"):
+        size = choose_image_size(load_coco_json(Path(cfg.data.train_ann)))
+        with open_dict(cfg):
+            cfg.data.image_size = size
+        log.info("data.image_size not set: training at %d px, chosen from the training boxes (the smallest objects "
+                 "keep >= 8 px; see detkit/data/box_stats.py)", size)
+
+
+def _encoder_strides(backbone: DictConfig) -> list[int]:
+    first = 1 if backbone.get("small_stem") else 4
+    strides = [first * 2 ** (int(lv[1]) - 2) for lv in backbone.levels]
+    return strides + [strides[-1] * 2] if backbone.get("extra_pool") else strides
+
+
+def fit_priors(cfg: DictConfig, data: dict) -> dict:
+    """Measure the detector's priors against the training boxes ``data`` (COCO dict) at the training size, log it,
+    and for the RPN replace the anchors by fitted ones as ``anchor_generator.fit`` says (in ``cfg``, so the
+    checkpoint and the saved config hold what was trained). Returns the report for ``run.json``."""
+    size, det, report = int(cfg.data.image_size), cfg.model.detector, {}
+    strides = _encoder_strides(det.backbone)
+    boxes, wh = letterboxed_boxes(data, size), box_sizes(data, size)
+    if "rpn" in det:
+        gen = det.rpn.anchor_generator
+        fg_iou = float(det.rpn.get("fg_iou_thresh", 0.7))
+        before = anchor_coverage(boxes, grid_anchors(AnchorGenerator(gen.sizes, gen.aspect_ratios), strides, size),
+                                 fg_iou)
+        log.info("RPN anchors %s: %s", OmegaConf.to_container(gen.sizes), before)
+        report["anchors"] = {"configured": {"sizes": OmegaConf.to_container(gen.sizes),
+                                            "aspect_ratios": OmegaConf.to_container(gen.aspect_ratios)},
+                             "coverage": before.to_json(), "fitted": None}
+        if gen.get("fit", "never") != "never":
+            sizes, ratios = fit_anchors(wh, [len(s) for s in gen.sizes], [len(r) for r in gen.aspect_ratios],
+                                        seed=cfg.seed)
+            after = anchor_coverage(boxes, grid_anchors(AnchorGenerator(sizes, ratios), strides, size), fg_iou)
+            better = before.bpr < FIT_BELOW_BPR and after.bpr >= before.bpr + FIT_MIN_GAIN
+            if gen.fit == "always" or better:
+                with open_dict(cfg):
+                    gen.sizes, gen.aspect_ratios = sizes, ratios
+                report["anchors"]["fitted"] = {"sizes": sizes, "aspect_ratios": ratios, "coverage": after.to_json()}
+                log.info("anchors fitted to the training boxes (fit=%s): sizes %s, aspect ratios %s: %s", gen.fit,
+                         sizes, ratios, after)
+            else:
+                log.info("fitted anchors would give %s: configured anchors kept (fit=auto refits below %.0f%% best "
+                         "possible recall when fitting gains >= %.0f points)", after, 100 * FIT_BELOW_BPR,
+                         100 * FIT_MIN_GAIN)
+    if det.get("assigner") is not None and det.assigner.get("size_ranges") is not None:
+        report["size_ranges"] = size_range_report(wh, det.assigner.size_ranges, strides)
+        log.info("YOLO size ranges (longer half-side) against the training boxes: %s", report["size_ranges"])
+    return report
+
+
+def plot_lr_only(cfg: DictConfig, datamodule, out: Path) -> dict:
+    """``plot_lr=true``: write the run's learning-rate curve (``lr_schedule.png`` / ``.csv``) and stop before
+    training."""
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=None)
+    total = total_training_steps(trainer, datamodule)
+    schedule = instantiate(cfg.model.scheduler)
+    lr = float(cfg.model.optimizer.lr)
+    path = out / "lr_schedule.png"
+    values = plot_lr_schedule(schedule, total, lr, path, f"{cfg.model.optimizer._target_.split('.')[-1]} lr {lr:g}, "
+                              f"{schedule.kind} schedule, {total} steps")
+    log.info("learning-rate curve (%d steps, peak %g, last %g): %s and %s; nothing trained (plot_lr=true)", total,
+             max(values), values[-1], path, path.with_suffix(".csv"))
+    return {"lr_schedule": str(path), "steps": total}
+
+
+def stop_reason(trainer) -> dict:
+    """Why training ended: early stopping (its epoch and message) or the configured length."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopping_reason_message:
+            return {"by": "early_stopping", "epoch": int(cb.stopped_epoch), "reason": cb.stopping_reason_message}
+    return {"by": "schedule", "epoch": int(trainer.current_epoch), "reason": "reached trainer.max_epochs / max_steps"}
+
+
 def train(cfg: DictConfig, out: Path | None = None) -> dict:
     """Run one training job from a composed config; return the metrics written to ``out/metrics.json``
     (``out`` defaults to the Hydra run directory)."""
@@ -62,8 +146,15 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
             cfg.model.detector.backbone.init = str(encoder)
         L.seed_everything(cfg.seed, workers=True)
     _check_init_choice(cfg)
+    _choose_image_size(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates the dataset: a broken one stops here, before any training
+    priors = fit_priors(cfg, datamodule.datasets["train"].coco_data)
+    saved_config = out / ".hydra" / "config.yaml"
+    if saved_config.is_file():  # the run's config records what was trained (fitted anchors, chosen size)
+        OmegaConf.save(cfg, saved_config)
+    if cfg.get("plot_lr"):
+        return plot_lr_only(cfg, datamodule, out)
     model = instantiate(cfg.model, categories=datamodule.categories.to_list(), image_size=cfg.data.image_size,
                         seed=cfg.seed, _recursive_=False)
     trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")),
@@ -71,21 +162,22 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), out))
     best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor), "")
     trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-    result = model.last_eval
+    result, val_results = model.last_eval, model.last_results
     extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
     if cfg.get("test") and datamodule.paths["test"][0]:
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         extra["test"] = model.last_eval.to_json()
-    metrics_path = write_metrics(out / "metrics.json", result, extra)
+    paths = write_evaluation(out, result, datamodule.datasets["val"].coco_data, val_results, extra,
+                             **cfg.report)
     (out / "run.json").write_text(json.dumps({
         "wall_time_s": round(time.time() - start, 1), "checkpoint": best or None,
-        "encoder_init": cfg.model.detector.backbone.get("init"), "seed": cfg.seed}, indent=2))
-    plot_pr_curves(result, out / "pr_curves.png")
+        "encoder_init": cfg.model.detector.backbone.get("init"), "seed": cfg.seed,
+        "image_size": cfg.data.image_size, "priors": priors, "stop": stop_reason(trainer)}, indent=2))
     log.info("%s", result.summary())
-    log.info("metrics: %s\nplots: %s\ncheckpoints: %s\nconfig: %s", metrics_path, out / "pr_curves.png",
+    log.info("%s\ncheckpoints: %s\nconfig: %s", "\n".join(f"{kind}: {path}" for kind, path in paths.items()),
              out / "checkpoints", out / ".hydra" / "config.yaml")
-    return json.loads(metrics_path.read_text())
+    return json.loads(paths["metrics"].read_text())
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
@@ -93,7 +185,7 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
 def main(cfg: DictConfig) -> float:
     """Entry point; returns AP (the value an Optuna sweep maximises)."""
     log.debug(OmegaConf.to_yaml(cfg))
-    return float(train(cfg)["AP"])
+    return float(train(cfg).get("AP", float("nan")))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,23 @@ def to_original_pixels(dets: Detections, targets: Targets) -> torch.Tensor:
     return clip_boxes(dets.boxes / scales[:, None, None], sizes[:, 0, None], sizes[:, 1, None])
 
 
+def freeze_parameters(model: torch.nn.Module, prefixes: list[str]) -> int:
+    """Set ``requires_grad=False`` on every parameter whose name starts with one of ``prefixes``; returns how many
+    tensors were frozen. A prefix that names no parameter is an error that lists the model's top-level parts."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix.rstrip(".") + ".") for n in names):
+            parts = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"model.freeze: {prefix!r} names no parameter of the detector; its parts are {parts} "
+                             f"(a prefix such as 'backbone', 'backbone.encoder.layer1', 'rpn', 'roi_heads.box_head')")
+    count = 0
+    for n, p in model.named_parameters():
+        if any(n == pre or n.startswith(pre.rstrip(".") + ".") for pre in prefixes):
+            p.requires_grad_(False)
+            count += 1
+    return count
+
+
 class DetectionModule(L.LightningModule):
     """Trains and evaluates a detector built from config.
 
@@ -61,6 +78,15 @@ class DetectionModule(L.LightningModule):
             ``"max-autotune"``).
         divergence_check_every: check the loss terms for non-finite values every this many steps (see
             :mod:`detkit.lit.divergence`; no host synchronisation on a GPU).
+        l1_penalty: ``lambda`` of an L1 penalty ``lambda * sum |w|`` over the weights that take weight decay (not
+            norms or biases), added to the loss beside the optimiser's weight decay (L2). 0 disables it.
+        freeze: parameter-name prefixes of the detector to freeze (``requires_grad=False``), e.g. ``[backbone]``
+            to train only the heads (linear-probe-style fine-tuning), ``[backbone, rpn]`` to train the RoI heads
+            only. Freezing encoder stages with their BatchNorm statistics is ``detector.backbone.freeze_at``.
+        lr_reference_batch: when set, the linear scaling rule: every learning rate is multiplied by
+            ``effective batch / lr_reference_batch`` (effective batch = ``data.batch_size x world size x
+            accumulate_grad_batches``), so ``optimizer.lr`` is the rate for the reference batch. ``None``: the
+            learning rate is used as given.
     """
 
     def __init__(
@@ -77,6 +103,9 @@ class DetectionModule(L.LightningModule):
         seed: int = 0,
         compile: bool | str = False,
         divergence_check_every: int = 1,
+        l1_penalty: float = 0.0,
+        freeze: list[str] | tuple[str, ...] = (),
+        lr_reference_batch: int | None = None,
     ) -> None:
         super().__init__()
         detector, categories = plain_config(detector), plain_config(categories)
@@ -85,13 +114,17 @@ class DetectionModule(L.LightningModule):
                                    "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
                                    "eval_backend": eval_backend, "channels_last": channels_last,
                                    "image_size": image_size, "ema_decay": ema_decay, "seed": seed,
-                                   "compile": compile, "divergence_check_every": divergence_check_every})
+                                   "compile": compile, "divergence_check_every": divergence_check_every,
+                                   "l1_penalty": l1_penalty, "freeze": list(freeze or []),
+                                   "lr_reference_batch": lr_reference_batch})
         self.categories = CategoryMap(categories)
         self.detector = instantiate(detector, num_classes=len(self.categories), _recursive_=True)
+        freeze_parameters(self.detector, list(freeze or []))
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.detector, ema_decay) if ema_decay else None
         self.last_eval: EvalResult | None = None
+        self.last_results: list[dict] = []  # the COCO results last evaluated
         self._results: list[dict] = []
         self._generators: dict[str, torch.Generator] = {}
         self._loss_fn: Callable | None = None
@@ -151,10 +184,20 @@ class DetectionModule(L.LightningModule):
         losses = self.loss_fn(self._images(images), targets, generator=self.sampling_generator(images.device))
         total = sum(losses.values())
         bs = images.shape[0]
+        if self.hparams.l1_penalty:
+            l1 = self.hparams.l1_penalty * self.l1_norm()
+            self.log("train/l1_penalty", l1.detach(), batch_size=bs)
+            total = total + l1
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
         self.divergence.record(self.global_step, losses, getattr(self.detector, "diagnostics", {}))
         return total
+
+    def l1_norm(self) -> torch.Tensor:
+        """``sum |w|`` over the trainable weights with ``ndim > 1`` (one fused ``_foreach_norm``)."""
+        if not hasattr(self, "_l1_params"):
+            self._l1_params = [p for p in self.detector.parameters() if p.requires_grad and p.ndim > 1]
+        return torch.stack(torch._foreach_norm(self._l1_params, 1)).sum()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -174,6 +217,15 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         opt_cfg = dict(self.hparams.optimizer)
         lr, wd = float(opt_cfg.pop("lr")), float(opt_cfg.pop("weight_decay", 0.0))
+        reference = self.hparams.get("lr_reference_batch")
+        if reference:  # linear scaling rule (Goyal et al. 2017; detectron2's and mmdetection's auto_scale_lr)
+            dm = self.trainer.datamodule
+            batch = int(dm.batch_size) * max(1, self.trainer.world_size) \
+                * max(1, self.trainer.accumulate_grad_batches)
+            scaled = lr * batch / float(reference)
+            log.info("learning rate %g scaled linearly to %g for an effective batch of %d (reference batch %d; "
+                     "model.lr_reference_batch=null turns scaling off)", lr, scaled, batch, reference)
+            lr = scaled
         groups = param_groups(self.detector.named_parameters(), wd, lr,
                               {"backbone.encoder.": self.hparams.backbone_lr_mult})
         optimizer = get_class(opt_cfg.pop("_target_"))(groups, lr=lr, **opt_cfg)
@@ -226,7 +278,8 @@ class DetectionModule(L.LightningModule):
     def _evaluate(self, split: str) -> None:
         datamodule = self.trainer.datamodule
         gt = datamodule.datasets[split].coco_data
-        result = evaluate_coco(gt, self.gather_results(), backend=self.hparams.eval_backend)
+        self.last_results = self.gather_results()
+        result = evaluate_coco(gt, self.last_results, backend=self.hparams.eval_backend)
         self.last_eval = result
         self.log_dict({f"{split}/{k}": float(result.stats[k]) for k in STAT_KEYS}, sync_dist=False)
         log.info("%s epoch %d: AP %.4f AP50 %.4f AR100 %.4f", split, self.current_epoch, result.stats["AP"],

@@ -24,7 +24,7 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return [{"params": ps, "lr": lr * mult, "weight_decay": wd} for (mult, wd), ps in groups.items()]
 
 
-def total_training_steps(trainer) -> int:
+def total_training_steps(trainer, datamodule=None) -> int:
     """Optimiser steps of the whole run, computed from the data module.
 
     ``trainer.estimated_stepping_batches`` would give the same number, but calling it from ``configure_optimizers``
@@ -33,7 +33,8 @@ def total_training_steps(trainer) -> int:
     """
     if trainer.max_steps and trainer.max_steps > 0:
         return int(trainer.max_steps)
-    batches = math.ceil(len(trainer.datamodule.train_dataloader()) / max(1, trainer.world_size))
+    datamodule = datamodule if datamodule is not None else trainer.datamodule
+    batches = math.ceil(len(datamodule.train_dataloader()) / max(1, trainer.world_size))
     limit = trainer.limit_train_batches
     if isinstance(limit, int):
         batches = min(batches, limit)
@@ -42,44 +43,124 @@ def total_training_steps(trainer) -> int:
     return max(1, batches // max(1, trainer.accumulate_grad_batches) * max(1, trainer.max_epochs))
 
 
-class WarmupSchedule:
-    """Per-step learning-rate factor: linear warm-up, then cosine decay or step decay.
+def _steps(value: float, total: int) -> float:
+    """A length given as a fraction of the run (``< 1``) or as a number of steps (``>= 1``), in steps."""
+    return float(value) * total if value < 1 else float(value)
 
-    Args:
-        kind: ``"cosine"`` (to ``min_ratio`` at the last step), ``"step"`` (times ``gamma`` at each milestone,
-            given as fractions of training) or ``"constant"``.
-        warmup: warm-up length, in steps if >= 1, else as a fraction of all steps.
-        warmup_factor: factor at step 0.
+
+class WarmupSchedule:
+    """Per-step learning rate: linear warm-up, then a decay of kind ``kind``.
+
+    With ``t`` the optimiser step, ``T`` all steps, ``W`` the warm-up steps and ``s = max(0, t - W)`` the steps
+    after warm-up, the learning rate is ``lr * warm(t) * decay`` where ``warm(t)`` rises linearly from
+    ``warmup_factor`` at ``t = 0`` to 1 at ``t = W``, and ``decay`` is:
+
+    * ``constant``: 1
+    * ``step``: ``gamma ** floor(s / period)``
+    * ``multistep``: ``gamma ** (number of milestones <= t)`` (milestones as fractions of ``T``, or steps)
+    * ``exponential``: ``gamma ** (s / period)``
+    * ``inverse_time``: ``1 / (1 + decay_rate * s / period)`` (the course's ``lr0 / (1 + k t)``, ``t`` in periods)
+    * ``inverse_sqrt``: ``1 / sqrt(1 + s / period)``
+    * ``cosine``: ``min_ratio + (1 - min_ratio) * (1 + cos(pi * s / (T - W))) / 2``
+    * ``one_cycle``: torch's ``OneCycleLR`` (Smith's 1cycle; linear rise over the warm-up from
+      ``lr * warmup_factor`` to ``lr``, linear fall to ``lr * min_ratio``, momentum cycled inversely when the
+      optimiser has one)
+
+    Lengths (``warmup``, ``period``, ``milestones``) are fractions of all steps when ``< 1``, else steps.
     """
 
+    KINDS = ("constant", "step", "multistep", "exponential", "inverse_time", "inverse_sqrt", "cosine", "one_cycle")
+
     def __init__(self, kind: str = "cosine", warmup: float = 0.05, warmup_factor: float = 0.001,
-                 min_ratio: float = 0.0, milestones: tuple[float, ...] = (0.67, 0.89), gamma: float = 0.1) -> None:
-        if kind not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule kind must be 'cosine', 'step' or 'constant', got {kind!r}")
+                 min_ratio: float = 0.0, milestones: tuple[float, ...] = (0.67, 0.89), gamma: float = 0.1,
+                 period: float = 0.25, decay_rate: float = 1.0) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"schedule kind must be one of {self.KINDS}, got {kind!r}")
+        if period <= 0 or warmup < 0 or not 0 < warmup_factor <= 1:
+            raise ValueError(f"schedule: period must be > 0, warmup >= 0 and 0 < warmup_factor <= 1 (got "
+                             f"period={period}, warmup={warmup}, warmup_factor={warmup_factor})")
         self.kind, self.warmup, self.warmup_factor = kind, warmup, warmup_factor
         self.min_ratio, self.milestones, self.gamma = min_ratio, tuple(milestones), gamma
+        self.period, self.decay_rate = period, decay_rate
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(_steps(self.warmup, max(1, int(total_steps))))
 
     def factor_fn(self, total_steps: int) -> Callable[[int], float]:
+        """The factor ``warm(t) * decay`` of the learning rate at step ``t`` (all kinds but ``one_cycle``)."""
         total = max(1, int(total_steps))
-        warm = int(self.warmup if self.warmup >= 1 else self.warmup * total)
+        warm = self.warmup_steps(total)
+        period = max(1e-9, _steps(self.period, total))
+        milestones = [_steps(m, total) for m in self.milestones]
 
         def factor(step: int) -> float:
-            if step < warm:
-                alpha = step / max(1, warm)
-                base = self.warmup_factor * (1 - alpha) + alpha
-            else:
-                base = 1.0
-            progress = min(1.0, step / total)
+            base = self.warmup_factor + (1 - self.warmup_factor) * step / warm if step < warm else 1.0
+            s = max(0, step - warm)
             if self.kind == "cosine":
-                after = (step - warm) / max(1, total - warm)
-                decay = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+                after = min(1.0, s / max(1, total - warm))
+                decay = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * after))
             elif self.kind == "step":
-                decay = self.gamma ** sum(progress >= m for m in self.milestones)
+                decay = self.gamma ** math.floor(s / period)
+            elif self.kind == "multistep":
+                decay = self.gamma ** sum(step >= m for m in milestones)
+            elif self.kind == "exponential":
+                decay = self.gamma ** (s / period)
+            elif self.kind == "inverse_time":
+                decay = 1.0 / (1.0 + self.decay_rate * s / period)
+            elif self.kind == "inverse_sqrt":
+                decay = 1.0 / math.sqrt(1.0 + s / period)
             else:
                 decay = 1.0
             return base * decay
 
         return factor
 
-    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor_fn(total_steps))
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """The per-step scheduler for ``optimizer`` (each group's ``lr`` is its peak)."""
+        total = max(1, int(total_steps))
+        if self.kind == "one_cycle" and total >= 3:
+            rise = min(max(2, self.warmup_steps(total)), total - 1)  # both of torch's phases need >= 1 step
+            has_momentum = any("momentum" in g or "betas" in g for g in optimizer.param_groups) and \
+                all(g.get("momentum", 1.0) > 0 for g in optimizer.param_groups)
+            return torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+                pct_start=rise / total, anneal_strategy="linear",
+                div_factor=1.0 / self.warmup_factor, final_div_factor=self.warmup_factor / max(self.min_ratio, 1e-12),
+                cycle_momentum=has_momentum)
+        if self.kind == "one_cycle":  # a run of 1-2 steps: no cycle to make
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor_fn(total))
+
+    def curve(self, total_steps: int, lr: float = 1.0) -> list[float]:
+        """The learning rate at every step ``0 .. total_steps - 1`` for a peak ``lr`` (for plots and tests)."""
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=lr, momentum=0.9)
+        scheduler = self.build(optimizer, total_steps)
+        values = []
+        for _ in range(max(1, int(total_steps))):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+
+def plot_lr_schedule(schedule: WarmupSchedule, total_steps: int, lr: float, path, title: str = "") -> list[float]:
+    """Write the learning-rate curve of ``schedule`` over ``total_steps`` for a peak ``lr`` as a PNG at ``path``
+    and its values as ``path`` with ``.csv``; returns the values."""
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = schedule.curve(total_steps, lr)
+    path = Path(path)
+    path.with_suffix(".csv").write_text("step,lr\n" + "".join(f"{i},{v:.8g}\n" for i, v in enumerate(values)))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(values)
+    ax.set(xlabel="optimiser step", ylabel="learning rate", title=title or f"{schedule.kind}, {total_steps} steps")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return values

@@ -1,0 +1,150 @@
+"""The training toolbox as configs: every optimiser and schedule option trains, schedules follow their formulas,
+L1 penalty, freezing, early stopping and the learning-rate plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import detkit.cli.common  # noqa: F401  (registers resolvers)
+from detkit.cli.train import stop_reason
+from detkit.lit.detection_module import DetectionModule, freeze_parameters
+from detkit.lit.optim import WarmupSchedule
+from detkit.paths import config_dir
+from tests.test_cli import FAST, data_args, run
+
+OPTIMIZERS = sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml"))
+SCHEDULERS = sorted(p.stem for p in (config_dir() / "scheduler").glob("*.yaml"))
+
+
+def compose_train(synthetic, *overrides: str):
+    ann, root = synthetic
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=[*data_args(ann, root), *FAST, "data.image_size=64", "data.batch_size=2",
+                                           "paths.output_dir=/tmp/x", *overrides])
+
+
+def fit_steps(cfg, steps: int = 3, callbacks=(), model: DetectionModule | None = None,
+              **trainer_kw) -> tuple[DetectionModule, L.Trainer]:
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model = model or instantiate(cfg.model, categories=dm.categories.to_list(), image_size=cfg.data.image_size,
+                                 _recursive_=False)
+    kw = dict(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
+    kw.update(trainer_kw)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks), **kw)
+    trainer.fit(model, datamodule=dm)
+    return model, trainer
+
+
+def test_the_groups_hold_the_course_toolbox():
+    assert set(OPTIMIZERS) >= {"sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "lars"}
+    assert set(SCHEDULERS) >= {"step", "multistep", "exponential", "inverse_time", "inverse_sqrt", "cosine",
+                               "one_cycle"}
+
+
+@pytest.mark.parametrize("option", [f"optimizer={o}" for o in OPTIMIZERS] + [f"scheduler={s}" for s in SCHEDULERS])
+def test_every_option_trains_a_few_steps(synthetic, option):
+    cfg = compose_train(synthetic, option)
+    model, trainer = fit_steps(cfg, steps=3)
+    assert trainer.global_step == 3
+    opt = trainer.optimizers[0]
+    # norm/bias tensors never decay, whatever the optimiser
+    assert any(g["weight_decay"] == 0.0 for g in opt.param_groups)
+    assert all(torch.isfinite(p).all() for p in model.detector.parameters())
+
+
+@pytest.mark.parametrize("kind,kw,expected", [
+    # T = 110 steps, warm-up W = 10 steps from factor 0.1: warm(t) = 0.1 + 0.9 t / 10
+    ("constant", {}, {0: 0.1, 5: 0.55, 10: 1.0, 99: 1.0}),
+    ("step", {"gamma": 0.5, "period": 20}, {10: 1.0, 29: 1.0, 30: 0.5, 50: 0.25, 99: 0.5 ** 4}),
+    ("multistep", {"milestones": (0.5, 80), "gamma": 0.1}, {54: 1.0, 55: 0.1, 80: 0.01}),
+    ("exponential", {"gamma": 0.5, "period": 30}, {10: 1.0, 40: 0.5, 70: 0.25, 55: 0.5 ** 1.5}),
+    ("inverse_time", {"decay_rate": 2.0, "period": 10}, {10: 1.0, 20: 1 / 3, 60: 1 / 11}),
+    ("inverse_sqrt", {"period": 5}, {10: 1.0, 15: 1 / math.sqrt(2), 50: 1 / 3}),
+    ("cosine", {"min_ratio": 0.2}, {10: 1.0, 35: 0.2 + 0.4 * (1 + math.cos(math.pi / 4)), 60: 0.6}),
+])
+def test_each_schedule_follows_its_formula(kind, kw, expected):
+    schedule = WarmupSchedule(kind, warmup=10, warmup_factor=0.1, **kw)
+    curve = schedule.curve(110, lr=2.0)
+    for step, factor in expected.items():
+        assert curve[step] == pytest.approx(2.0 * factor, rel=1e-6), (kind, step)
+    assert curve[5] == pytest.approx(2.0 * (0.1 + 0.9 * 5 / 10))  # the same linear warm-up for all
+
+
+def test_one_cycle_rises_linearly_then_falls_linearly_and_cycles_momentum():
+    schedule = WarmupSchedule("one_cycle", warmup=0.3, warmup_factor=0.04, min_ratio=1e-4)
+    curve = schedule.curve(100, lr=1.0)
+    assert curve[0] == pytest.approx(0.04) and curve[29] == pytest.approx(1.0)
+    assert curve[14] == pytest.approx(0.04 + 0.96 * 14 / 29)  # torch's phase ends at pct_start * T - 1
+    assert curve[99] == pytest.approx(1e-4) and curve[64] == pytest.approx(1.0 - (1 - 1e-4) * 35 / 70)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
+    sched = schedule.build(opt, 100)
+    moms = []
+    for _ in range(100):
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    assert moms[0] == pytest.approx(0.95) and moms[29] == pytest.approx(0.85)  # momentum low at the lr peak
+
+
+def test_l1_penalty_is_the_sum_of_absolute_weights(synthetic):
+    cfg = compose_train(synthetic, "model.l1_penalty=1e-5")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model = instantiate(cfg.model, categories=dm.categories.to_list(), _recursive_=False)
+    manual = sum(p.double().abs().sum() for p in model.detector.parameters() if p.ndim > 1)
+    assert model.l1_norm().item() == pytest.approx(manual.item(), rel=1e-4)  # fp32 sum of ~10^7 terms
+    model, trainer = fit_steps(cfg, steps=2)
+    assert trainer.global_step == 2
+
+
+def test_freezing_by_prefix_trains_only_the_rest(synthetic):
+    cfg = compose_train(synthetic, "model.freeze=[backbone,rpn]")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model = instantiate(cfg.model, categories=dm.categories.to_list(), _recursive_=False)
+    frozen = {n: p.detach().clone() for n, p in model.detector.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("backbone.", "rpn.")) for n in frozen)
+    assert all(p.requires_grad for n, p in model.detector.named_parameters() if n.startswith("roi_heads."))
+    model, _ = fit_steps(cfg, steps=2, model=model)
+    now = dict(model.detector.named_parameters())
+    assert all(torch.equal(now[n], v) for n, v in frozen.items())
+    with pytest.raises(ValueError, match="names no parameter.*'roi_heads'"):
+        freeze_parameters(model.detector, ["roi_head"])
+
+
+def test_early_stopping_stops_on_val_ap_and_says_why(synthetic):
+    cfg = compose_train(synthetic, "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
+                        "callbacks.early_stopping.min_delta=2.0")  # an AP gain of 2 is impossible: stops early
+    stopper = instantiate(cfg.callbacks.early_stopping)
+    _, trainer = fit_steps(cfg, steps=-1, callbacks=[stopper], max_epochs=6, limit_val_batches=1.0,
+                           limit_train_batches=1)
+    reason = stop_reason(trainer)
+    assert reason["by"] == "early_stopping" and reason["epoch"] == 1 < 5
+    assert "val/AP" in reason["reason"]
+
+
+def test_plot_lr_writes_the_curve_and_trains_nothing(synthetic, tmp_path):
+    ann, root = synthetic
+    out = tmp_path / "lr"
+    r = run(["detkit-train", *data_args(ann, root), *FAST, "scheduler=one_cycle", "plot_lr=true",
+             f"hydra.run.dir={out}"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = (out / "lr_schedule.csv").read_text().splitlines()
+    assert rows[0] == "step,lr" and len(rows) == 1 + 2  # 8 images / batch 4 = 2 steps, 1 epoch
+    assert (out / "lr_schedule.png").is_file() and not (out / "checkpoints").exists()
+
+
+def test_linear_lr_scaling_from_a_reference_batch(synthetic):
+    cfg = compose_train(synthetic, "model.lr_reference_batch=8", "model.optimizer.lr=0.02")  # batch 2
+    _, trainer = fit_steps(cfg, steps=1, accumulate_grad_batches=2)  # effective batch 4 = half the reference
+    assert [g["initial_lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.01] * len(trainer.optimizers[0].param_groups))
