@@ -23,10 +23,10 @@ OPTIMIZERS = sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (config_dir() / "scheduler").glob("*.yaml"))
 
 
-def compose_train(synthetic, *overrides: str):
+def compose_train(synthetic, *overrides: str, fast: list[str] = FAST):
     ann, root = synthetic
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=[*data_args(ann, root), *FAST, "data.image_size=64", "data.batch_size=2",
+        return compose("train", overrides=[*data_args(ann, root), *fast, "data.image_size=64", "data.batch_size=2",
                                            "paths.output_dir=/tmp/x", *overrides])
 
 

@@ -19,6 +19,7 @@ from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.data.coco import CategoryMismatchError
 from detkit.data.validate import DatasetError, UnusableInputError
 from detkit.eval.coco_eval import PredictionError
+from detkit.export import ExportError
 from detkit.lit.divergence import TrainingDivergedError
 from detkit.models.backbones import EncoderLoadError
 
@@ -26,7 +27,7 @@ log = logging.getLogger("detkit")
 
 #: Errors caused by user input: reported as one clear message, without a traceback.
 USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError,
-               ConfigKeyError, CategoryMismatchError, TrainingDivergedError)
+               ConfigKeyError, CategoryMismatchError, TrainingDivergedError, ExportError)
 
 
 def _default_data_dir() -> str:

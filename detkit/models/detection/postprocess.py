@@ -97,7 +97,7 @@ def _pad_to(t: torch.Tensor, size: int, value: float = 0) -> torch.Tensor:
 
 def batched_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                            iou_threshold: float, max_det: int, strategy: str = "auto",
-                           exact: bool = True) -> Detections:
+                           exact: bool = True, iterations: int = 4) -> Detections:
     """Class-aware NMS for every image of a batch.
 
     Args:
@@ -105,7 +105,7 @@ def batched_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: to
             within a class); valid: ``[B, N]`` bool, candidates to consider (non-finite boxes never are).
         iou_threshold: suppression IoU; max_det: detections kept per image, highest scores first.
         strategy: ``"cluster"``, ``"torchvision"`` or ``"auto"`` (see the module docstring).
-        exact: cluster strategy only; see :func:`cluster_nms`.
+        exact, iterations: cluster strategy only; see :func:`cluster_nms`.
 
     Returns:
         :class:`Detections` padded to ``[B, max_det]``: the same boxes as a per-image loop of
@@ -115,10 +115,13 @@ def batched_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: to
     if resolve_strategy(strategy, boxes.device) == "torchvision":
         return _torchvision_nms(boxes, scores, labels, valid, iou_threshold, max_det)
     key = scores.float().masked_fill(~valid, float("-inf"))
-    order = key.argsort(dim=1, descending=True, stable=True)  # stable, as torchvision's CPU kernel
+    if torch.compiler.is_exporting():  # ONNX has no stable sort; TopK orders ties by index in onnxruntime
+        order = key.topk(key.shape[1], dim=1).indices
+    else:
+        order = key.argsort(dim=1, descending=True, stable=True)  # stable, as torchvision's CPU kernel
     boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
     scores, labels, valid = scores.gather(1, order), labels.gather(1, order), valid.gather(1, order)
-    keep = cluster_nms(boxes, valid, labels, iou_threshold, exact=exact)
+    keep = cluster_nms(boxes, valid, labels, iou_threshold, exact=exact, iterations=iterations)
     top, top_valid = _first_kept(keep, max_det)
     out = Detections(boxes.gather(1, top[..., None].expand(-1, -1, 4)), scores.gather(1, top),
                      labels.gather(1, top), top_valid)
@@ -161,6 +164,9 @@ class PostProcess:
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.topk_candidates, self.detections_per_img = topk_candidates, detections_per_img
         self.nms, self.min_size = nms, min_size
+        #: ``None``: cluster NMS runs to its fixed point (a host check every 4 iterations); an int: exactly that
+        #: many iterations, nothing read back (ONNX export sets it: a traced graph cannot loop on data).
+        self.fixed_iterations: int | None = None
 
     def __call__(self, boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None = None) -> Detections:
         """``boxes`` ``[B, N, 4]`` (shared by the classes) or ``[B, N, C, 4]`` (class-specific), xyxy input pixels;
@@ -182,4 +188,5 @@ class PostProcess:
         box_index = top if per_class else top // c
         cand = src.gather(1, box_index[..., None].expand(-1, -1, 4))
         return batched_multiclass_nms(cand, top_scores, labels, top_scores > self.score_thresh, self.nms_thresh,
-                                      self.detections_per_img, self.nms)
+                                      self.detections_per_img, self.nms, exact=self.fixed_iterations is None,
+                                      iterations=self.fixed_iterations or 4)

@@ -97,6 +97,12 @@ class RoIPooler(nn.Module):
         if len(features) == 1:
             return self._pool_one(features[0], rois, self.strides[0])
         levels = self.assign_levels(flat)
+        if torch.compiler.is_exporting():  # a traced graph has no data-dependent subsets: pool every RoI at every
+            out = None                     # level and keep each RoI's own level (a few x the work, fixed shapes)
+            for lvl, (feature, stride) in enumerate(zip(features, self.strides)):
+                pooled = self._pool_one(feature, rois, stride)
+                out = pooled if out is None else torch.where((levels == lvl)[:, None, None, None], pooled, out)
+            return out
         out = features[0].new_zeros(len(rois), features[0].shape[1], self.output_size, self.output_size)
         for lvl, (feature, stride) in enumerate(zip(features, self.strides)):  # a few levels, not boxes
             idx = (levels == lvl).nonzero(as_tuple=True)[0]  # data-dependent: torchvision's kernel takes a subset
