@@ -67,7 +67,7 @@ def test_reports_are_written_beside_metrics(tmp_path):
     paths = write_evaluation(tmp_path, result, GT, RESULTS, confusion_confidence=0.25)
     import json
     metrics = json.loads(paths["metrics"].read_text())
-    assert {p.name for p in tmp_path.iterdir()} == {"metrics.json", "pr_curves.png", "f1_curves.png",
+    assert {p.name for p in tmp_path.iterdir()} == {"metrics.json", "predictions.json", "pr_curves.png", "f1_curves.png",
                                                     "confusion_matrix.png"}
     cat = next(row for row in metrics["per_class"] if row["name"] == "cat")
     assert cat["precision"] == pytest.approx(2 / 3) and cat["recall"] == 1.0 and cat["F1"] == pytest.approx(0.8)

@@ -65,8 +65,15 @@ def evaluate_checkpoint(cfg: DictConfig, out: Path) -> tuple[EvalResult, dict, l
     trainer = instantiate(cfg.trainer, accelerator=cfg.device)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     results = module.gather_results()
-    (out / "predictions.json").write_text(json.dumps(results))
     return module.last_eval, datamodule.datasets["val"].coco_data, results
+
+
+def _report_images(cfg: DictConfig) -> Path | None:
+    if not cfg.get("report"):
+        return None
+    if not cfg.data.get("val_images"):
+        raise FileNotFoundError("report=true draws the evaluated images: give their folder as data.val_images=DIR")
+    return Path(cfg.data.val_images)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
@@ -82,7 +89,7 @@ def main(cfg: DictConfig) -> float:
                                 "ground_truth=GT.json predictions=PRED.json")
     paths = write_evaluation(out, result, gt, results, {"backend": cfg.backend,
                                                         "device": cfg.device if cfg.checkpoint else None},
-                             **cfg.report)
+                             **cfg.analysis, html_images=_report_images(cfg), title=f"detkit-eval {out}")
     print(result.summary())
     log.info("%s", "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return float(result.stats["AP"])

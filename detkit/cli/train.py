@@ -168,8 +168,9 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         extra["test"] = model.last_eval.to_json()
+    val_images = Path(datamodule.paths["val"][1]) if cfg.get("report") else None
     paths = write_evaluation(out, result, datamodule.datasets["val"].coco_data, val_results, extra,
-                             **cfg.report)
+                             **cfg.analysis, html_images=val_images, title=f"detkit-train {out}")
     (out / "run.json").write_text(json.dumps({
         "wall_time_s": round(time.time() - start, 1), "checkpoint": best or None,
         "encoder_init": cfg.model.detector.backbone.get("init"), "seed": cfg.seed,

@@ -1,0 +1,225 @@
+"""A results browser: one static HTML page per evaluated run, opened from disk (no server, no network).
+
+``detkit-report RUN`` (and ``detkit-eval ... report=true``, ``detkit-train``) writes ``RUN/report.html`` beside
+the run's ``metrics.json`` and plots, and ``RUN/report/thumbs/*.jpg``. The page holds:
+
+* the COCO statistics and the per-class table (AP, AP50, precision, recall, F1 at the best-F1 confidence),
+* the PR, precision/recall/F1-against-confidence and confusion-matrix plots (the run's PNGs, referenced),
+* a gallery of the evaluated images, ground truth drawn dashed, predictions solid with their scores, sortable by
+  per-image error and filterable by class and by a score slider; clicking a thumbnail opens the full image (the
+  original file, referenced by a relative path, never copied).
+
+Per-image errors are recomputed in the page for the slider's score threshold, with the matching of
+:func:`detkit.eval.report.confusion_matrix` restricted to one class at a time (greedy by score, IoU >= 0.5):
+*missed* ground truth, *false* detections, and *low-IoU* matches (matched with IoU < 0.75). The filter state lives
+in the URL hash (``#class=RBC&score=0.3&sort=missed``), so a view can be bookmarked and tested.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+THUMB_SIDE = 256
+
+
+def _thumbnail(src: Path, dst: Path) -> tuple[int, int]:
+    """Write a JPEG thumbnail of ``src`` (longer side :data:`THUMB_SIDE`); returns the original ``(w, h)``."""
+    import cv2
+
+    image = cv2.imread(str(src), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"report: cannot read image {src}")
+    h, w = image.shape[:2]
+    scale = THUMB_SIDE / max(h, w)
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(dst), image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return w, h
+
+
+def _safe_image_path(root: Path, file_name: str) -> Path:
+    path = (root / file_name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"report: image file name {file_name!r} leaves the image root {root}")
+    return path
+
+
+def build_report(out_dir: Path, gt: dict, results: Sequence[dict], image_root: Path, metrics: dict,
+                 title: str = "detkit evaluation", min_score: float = 0.05) -> Path:
+    """Write ``out_dir/report.html`` (+ ``out_dir/report/thumbs``) for COCO ``gt`` and ``results`` (xywh, original
+    pixels) whose images are under ``image_root``; ``metrics`` is the run's metrics.json. Predictions below
+    ``min_score`` are left out of the page (the slider starts at the best-F1 confidence)."""
+    out_dir = Path(out_dir)
+    thumbs = out_dir / "report" / "thumbs"
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    by_image_gt: dict = {}
+    for a in gt["annotations"]:
+        by_image_gt.setdefault(a["image_id"], []).append(
+            [*(round(float(v), 1) for v in a["bbox"]), a["category_id"], int(a.get("iscrowd", 0))])
+    by_image_dt: dict = {}
+    for r in results:
+        if r["score"] >= min_score:
+            by_image_dt.setdefault(r["image_id"], []).append(
+                [*(round(float(v), 1) for v in r["bbox"]), r["category_id"], round(float(r["score"]), 4)])
+    images = []
+    for im in gt["images"]:
+        src = _safe_image_path(image_root, im["file_name"])
+        thumb = thumbs / f"{im['id']}.jpg"
+        w, h = _thumbnail(src, thumb)
+        images.append({"id": im["id"], "file": im["file_name"], "w": w, "h": h,
+                       "thumb": os.path.relpath(thumb, out_dir), "full": os.path.relpath(src, out_dir),
+                       "gt": by_image_gt.get(im["id"], []),
+                       "dt": sorted(by_image_dt.get(im["id"], []), key=lambda d: -d[5])})
+    report = metrics.get("report", {})
+    data = {"title": title, "categories": [{"id": c["id"], "name": c["name"]} for c in gt["categories"]],
+            "images": images, "best_confidence": report.get("best_f1_confidence", 0.3)}
+    stats = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    plots = [p for p in ("pr_curves.png", "f1_curves.png", "confusion_matrix.png") if (out_dir / p).is_file()]
+    page = _PAGE.replace("__TITLE__", html.escape(title)) \
+        .replace("__STATS__", _stats_table(stats)) \
+        .replace("__PER_CLASS__", _per_class_table(metrics.get("per_class", []))) \
+        .replace("__PLOTS__", "".join(f'<a href="{p}"><img class="plot" src="{p}" alt="{p}"></a>' for p in plots)) \
+        .replace("__DATA__", json.dumps(data).replace("</", "<\\/")) \
+        .replace("__NAMES__", json.dumps(names))
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and (v < 0 or not np.isfinite(v))) else f"{v:.3f}" \
+        if isinstance(v, float) else html.escape(str(v))
+
+
+def _stats_table(stats: dict) -> str:
+    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+            if k in stats]
+    return ("<table><tr>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr><tr>"
+            + "".join(f"<td>{_fmt(float(stats[k]))}</td>" for k in keys) + "</tr></table>")
+
+
+def _per_class_table(rows: list[dict]) -> str:
+    cols = ["AP", "AP50", "precision", "recall", "F1"]
+    body = "".join("<tr><td>" + html.escape(str(r.get("name", r.get("id")))) + "</td>"
+                   + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return "<table><tr><th>class</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + body + "</table>"
+
+
+_PAGE = r"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:16px;color:#222}
+table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+.plot{height:260px;margin:4px;border:1px solid #ddd}
+#controls{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd;z-index:2}
+#gallery{display:flex;flex-wrap:wrap;gap:8px;margin-top:8px}
+.tile{border:1px solid #ccc;padding:4px;cursor:pointer;font-size:12px;width:264px}
+.tile .frame{position:relative;width:256px;height:256px}
+.tile img,.big img{display:block}
+svg{position:absolute;left:0;top:0;pointer-events:none}
+#modal{display:none;position:fixed;inset:0;background:rgba(0,0,0,.8);z-index:5;overflow:auto}
+#modal .big{position:relative;margin:20px auto;background:#fff;padding:8px;width:max-content}
+.legend span{margin-right:12px}
+</style></head>
+<body>
+<h1>__TITLE__</h1>
+<h2>COCO metrics</h2>__STATS__
+<h2>Per class (precision, recall, F1 at the best-F1 confidence)</h2>__PER_CLASS__
+<h2>Curves</h2><div>__PLOTS__</div>
+<h2>Images</h2>
+<div id="controls">
+ class <select id="cls"><option value="">all classes</option></select>
+ score &ge; <input id="score" type="range" min="0" max="1" step="0.01"> <span id="scoreval"></span>
+ sort by <select id="sort"><option value="errors">errors (missed + false + low IoU)</option>
+ <option value="missed">missed objects</option><option value="false">false detections</option>
+ <option value="lowiou">low-IoU matches</option><option value="id">image id</option></select>
+ <span id="count"></span>
+ <div class="legend"><span>&#9476; ground truth (dashed)</span><span>&#9472; prediction (solid, score)</span></div>
+</div>
+<div id="gallery"></div>
+<div id="modal"><div class="big" id="big"></div></div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+const DATA = JSON.parse(document.getElementById('data').textContent);
+const NAMES = __NAMES__;
+const COLORS = ['#e6194b','#3cb44b','#4363d8','#f58231','#911eb4','#42d4f4','#f032e6','#bfef45','#469990','#9a6324'];
+const colorOf = {}; DATA.categories.forEach((c, i) => colorOf[c.id] = COLORS[i % COLORS.length]);
+const cls = document.getElementById('cls'), score = document.getElementById('score'), sortSel = document.getElementById('sort');
+DATA.categories.forEach(c => { const o = document.createElement('option'); o.value = c.name; o.textContent = c.name; cls.appendChild(o); });
+
+function iou(a, b) {  // xywh
+  const iw = Math.max(0, Math.min(a[0] + a[2], b[0] + b[2]) - Math.max(a[0], b[0]));
+  const ih = Math.max(0, Math.min(a[1] + a[3], b[1] + b[3]) - Math.max(a[1], b[1]));
+  const inter = iw * ih, union = a[2] * a[3] + b[2] * b[3] - inter;
+  return union > 0 ? inter / union : 0;
+}
+function errors(im, thr) {  // greedy by score within each class, IoU >= 0.5; crowd regions absorb detections
+  const dts = im.dt.filter(d => d[5] >= thr), used = new Set();
+  let fp = 0, low = 0;
+  for (const d of dts) {
+    let best = -1, bestIou = 0.5;
+    im.gt.forEach((g, j) => { if (!g[5] && !used.has(j) && g[4] === d[4]) { const v = iou(d, g); if (v >= bestIou) { best = j; bestIou = v; } } });
+    if (best >= 0) { used.add(best); if (bestIou < 0.75) low++; }
+    else if (!im.gt.some(g => g[5] && iou(d, g) >= 0.5)) fp++;
+  }
+  const missed = im.gt.filter((g, j) => !g[5] && !used.has(j)).length;
+  return {missed: missed, false: fp, lowiou: low, errors: missed + fp + low};
+}
+function boxesSvg(im, w, h, thr) {
+  const s = w / im.w;
+  let out = `<svg width="${w}" height="${h}">`;
+  for (const g of im.gt) out += `<rect x="${g[0]*s}" y="${g[1]*s}" width="${g[2]*s}" height="${g[3]*s}" fill="none" stroke="${colorOf[g[4]]}" stroke-width="2" stroke-dasharray="5,3"/>`;
+  for (const d of im.dt) if (d[5] >= thr) {
+    out += `<rect x="${d[0]*s}" y="${d[1]*s}" width="${d[2]*s}" height="${d[3]*s}" fill="none" stroke="${colorOf[d[4]]}" stroke-width="2"/>`;
+    out += `<text x="${d[0]*s + 2}" y="${d[1]*s + 11}" font-size="11" fill="${colorOf[d[4]]}">${NAMES[d[4]]} ${d[5].toFixed(2)}</text>`;
+  }
+  return out + '</svg>';
+}
+function readHash() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  cls.value = p.get('class') || ''; sortSel.value = p.get('sort') || 'errors';
+  score.value = p.has('score') ? p.get('score') : DATA.best_confidence.toFixed(2);
+}
+function writeHash() {
+  const p = new URLSearchParams(); if (cls.value) p.set('class', cls.value);
+  p.set('score', score.value); p.set('sort', sortSel.value); history.replaceState(null, '', '#' + p.toString());
+}
+function render() {
+  const thr = parseFloat(score.value), name = cls.value;
+  document.getElementById('scoreval').textContent = thr.toFixed(2);
+  const catId = name ? DATA.categories.find(c => c.name === name).id : null;
+  let rows = DATA.images.map(im => ({im: im, e: errors(im, thr)}));
+  if (catId !== null) rows = rows.filter(r => r.im.gt.some(g => g[4] === catId) || r.im.dt.some(d => d[4] === catId && d[5] >= thr));
+  const key = sortSel.value;
+  rows.sort((a, b) => key === 'id' ? a.im.id - b.im.id : (b.e[key] - a.e[key]) || (a.im.id - b.im.id));
+  const gallery = document.getElementById('gallery'); gallery.innerHTML = '';
+  for (const r of rows) {
+    const s = 256 / Math.max(r.im.w, r.im.h), w = Math.round(r.im.w * s), h = Math.round(r.im.h * s);
+    const tile = document.createElement('div'); tile.className = 'tile'; tile.dataset.imageId = r.im.id;
+    tile.innerHTML = `<div class="frame"><img src="${r.im.thumb}" width="${w}" height="${h}" loading="lazy">${boxesSvg(r.im, w, h, thr)}</div>` +
+      `${r.im.file}<br>missed ${r.e.missed} · false ${r.e.false} · low IoU ${r.e.lowiou}`;
+    tile.onclick = () => openBig(r.im, thr);
+    gallery.appendChild(tile);
+  }
+  document.getElementById('count').textContent = `${rows.length} of ${DATA.images.length} images`;
+  document.getElementById('count').dataset.shown = rows.length;
+}
+function openBig(im, thr) {
+  const w = Math.min(im.w, window.innerWidth - 80), h = Math.round(im.h * w / im.w);
+  document.getElementById('big').innerHTML = `<div style="position:relative"><img src="${im.full}" width="${w}" height="${h}">${boxesSvg(im, w, h, thr)}</div><p>${im.file} (click to close)</p>`;
+  document.getElementById('modal').style.display = 'block';
+}
+document.getElementById('modal').onclick = () => document.getElementById('modal').style.display = 'none';
+[cls, score, sortSel].forEach(el => el.addEventListener('input', () => { writeHash(); render(); }));
+window.addEventListener('hashchange', () => { readHash(); render(); });
+readHash(); render();
+</script></body></html>
+"""
