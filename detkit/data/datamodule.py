@@ -145,19 +145,34 @@ class PretrainDataModule(L.LightningDataModule):
         blur_p: Gaussian-blur probability (the paper uses 0.5; often 0 for 32 px CIFAR images).
         batch_size, num_workers: loader settings.
         knn_train / knn_val: ImageFolder trees (bank / queries) for the kNN monitor; ``knn_per_class`` caps them.
+        augment_on: ``"cpu"``: views made by albumentations in the loader workers, one image at a time;
+            ``"device"``: the loader letterboxes each image to ``source_size`` (default twice ``image_size``) and
+            :class:`detkit.data.device_views.DeviceSimCLRViews` makes both views of the whole batch on the
+            training device (same recipe; ``solarize_p`` only there).
     """
 
     def __init__(self, images: str, ann_file: str | None = None, image_size: int = 64,
                  crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 0.5, batch_size: int = 128,
                  num_workers: int = 2, knn_train: str | None = None, knn_val: str | None = None,
-                 knn_per_class: int | None = 100, seed: int = 0) -> None:
+                 knn_per_class: int | None = 100, seed: int = 0, augment_on: str = "cpu",
+                 source_size: int | None = None, solarize_p: float = 0.0) -> None:
         super().__init__()
         self.seed = seed
+        from detkit.data.device_views import DeviceSimCLRViews, SourceImage
         from detkit.data.unlabeled import ImageFolderDataset, ResizeImage, SimCLRViews, UnlabeledImages
 
+        if augment_on not in ("cpu", "device"):
+            raise ValueError(f"data.augment_on must be 'cpu' or 'device', got {augment_on!r}")
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.dataset = UnlabeledImages(images, SimCLRViews(image_size, tuple(crop_scale), blur_p=blur_p),
-                                       ann_file=ann_file)
+        self.device_views = None
+        if augment_on == "device":  # the loader decodes and letterboxes; the views are made on the device
+            self.device_views = DeviceSimCLRViews(image_size, tuple(crop_scale), blur_p=blur_p, solarize_p=solarize_p)
+            transform = SourceImage(source_size or 2 * image_size)
+        else:
+            if solarize_p:
+                raise ValueError("data.solarize_p needs data.augment_on=device")
+            transform = SimCLRViews(image_size, tuple(crop_scale), blur_p=blur_p)
+        self.dataset = UnlabeledImages(images, transform, ann_file=ann_file)
         self.knn_bank = self.knn_query = None
         if knn_train and knn_val:
             self.knn_bank = ImageFolderDataset(knn_train, ResizeImage(image_size), knn_per_class)

@@ -43,6 +43,22 @@ class SimCLRModule(L.LightningModule):
         self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
         self.projector = Projector(self.encoder.out_dim, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``data.augment_on=device`` the batch is ``(letterboxed uint8 images, valid sizes)``: both views of
+        every image are made here, on the device, from a generator seeded by (data seed, step)."""
+        views = getattr(self.trainer.datamodule, "device_views", None) if self._trainer is not None else None
+        if views is None or not self.trainer.training:
+            return batch
+        images, sizes = batch
+        key = str(images.device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=images.device)
+        seed = int(getattr(self.trainer.datamodule, "seed", 0))
+        generator = self._generators[key].manual_seed(seed * 1_000_003 + self.global_step)
+        both = views(images, sizes, generator)
+        return both[: len(images)], both[len(images):]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         v1, v2 = batch

@@ -1,0 +1,185 @@
+"""detkit's SimCLR against lightly's on the same images, encoder, schedule and view recipe, probed the same way.
+
+    python scripts/bench_simclr_peer.py [--per-class 100] [--epochs 3] [--batch-size 128] [--augment-on cpu|device]
+                                        [--device cpu|cuda] [--impls detkit,lightly]
+
+Both train detkit's ResNet-18 encoder (3x3 stem for 32 px) + a 512-512-128 projector with NT-Xent (temperature
+0.2) on the first ``--per-class`` images of each class of cifar10/train (labels unused), SGD momentum 0.9,
+lr 0.6 x batch / 256, weight decay 1e-4 (none on norms and biases), 10% warm-up + cosine, the SimCLR views at
+32 px (crop 0.08-1, flip, colour jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2, no blur at 32 px). detkit runs its
+own ``SimCLRModule`` under Lightning (views on the CPU workers or on the device, ``--augment-on``); lightly runs
+its ``SimCLRTransform``, ``SimCLRProjectionHead`` and ``NTXentLoss`` in a plain PyTorch loop (as its tutorials
+do) with the same loader settings. Each runs in its own process; then ``detkit-probe`` measures both encoders
+(kNN k=20 and k=1, linear probe) on cifar10/train -> cifar10/test. lightly is a benchmark-only dependency
+(``pip install lightly``), never one of detkit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
+BIN = Path(sys.executable).parent
+
+
+def subset(train_dir: Path, per_class: int, out: Path) -> Path:
+    """A tree of symlinks to the first ``per_class`` images of each class."""
+    for cls in sorted(p for p in train_dir.iterdir() if p.is_dir()):
+        (out / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            link = out / cls.name / f.name
+            if not link.exists():
+                os.symlink(f.resolve(), link)
+    return out
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_detkit(args, images: Path, out: Path) -> dict:
+    import lightning as L
+
+    from detkit.data.datamodule import PretrainDataModule
+    from detkit.lit.pretrain_module import SimCLRModule
+    from detkit.models.backbones import save_encoder
+
+    L.seed_everything(0, workers=True)
+    dm = PretrainDataModule(str(images), image_size=args.size, crop_scale=(0.08, 1.0), blur_p=0.0,
+                            batch_size=args.batch_size, num_workers=args.workers, augment_on=args.augment_on)
+    model = SimCLRModule(depth=18, small_stem=True, proj_hidden=512, proj_dim=128, temperature=args.temperature,
+                         optimizer={"_target_": "torch.optim.SGD", "lr": args.lr, "momentum": 0.9,
+                                    "weight_decay": 1e-4}, warmup=0.1, scale_lr=True)
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=args.epochs,
+                        precision=args.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    wall = time.perf_counter() - start
+    save_encoder(model.encoder, out / "detkit_encoder.pt", {"method": "simclr", "impl": "detkit"})
+    return {"impl": f"detkit ({args.augment_on} views)", "wall_s": wall,
+            "img_s": len(dm.dataset) * args.epochs / wall, "peak_mb": peak_memory_mb(args.device),
+            "final_loss": float(trainer.callback_metrics["pretrain/loss"]), "encoder": str(out / "detkit_encoder.pt")}
+
+
+def run_lightly(args, images: Path, out: Path) -> dict:
+    import torchvision
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+
+    from detkit.lit.optim import WarmupSchedule, param_groups
+    from detkit.models.backbones import ResNetEncoder, save_encoder
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    transform = SimCLRTransform(input_size=args.size, cj_prob=0.8, cj_strength=0.5, min_scale=0.08,
+                                random_gray_scale=0.2, gaussian_blur=0.0, normalize=None)
+    dataset = torchvision.datasets.ImageFolder(str(images), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=args.device == "cuda")
+    encoder = ResNetEncoder(depth=18, small_stem=True).to(dev)
+    head = SimCLRProjectionHead(encoder.out_dim, 512, 128).to(dev)
+    criterion = NTXentLoss(temperature=args.temperature)
+    params = [(f"encoder.{n}", p) for n, p in encoder.named_parameters()] + \
+        [(f"head.{n}", p) for n, p in head.named_parameters()]
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(param_groups(params, 1e-4, lr), lr=lr, momentum=0.9)
+    scheduler = WarmupSchedule("cosine", warmup=0.1).build(optimizer, len(loader) * args.epochs)
+    amp = args.precision.startswith(("16", "bf16")) and args.device == "cuda"
+    start = time.perf_counter()
+    loss = torch.zeros(())
+    for _ in range(args.epochs):
+        for (x0, x1), _ in loader:
+            x = torch.cat([x0, x1]).to(dev, non_blocking=True) * 255.0  # detkit's encoder normalises 0..255 input
+            with torch.autocast(dev.type, dtype=torch.bfloat16 if "bf16" in args.precision else torch.float16,
+                                enabled=amp):
+                z = head(encoder(x))
+                loss = criterion(*z.float().chunk(2))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    save_encoder(encoder, out / "lightly_encoder.pt", {"method": "simclr", "impl": "lightly"})
+    return {"impl": "lightly", "wall_s": wall, "img_s": len(loader) * args.batch_size * args.epochs / wall,
+            "peak_mb": peak_memory_mb(args.device), "final_loss": float(loss),
+            "encoder": str(out / "lightly_encoder.pt")}
+
+
+def probe(encoder: str, cifar: Path, per_class: int, workers: int) -> dict:
+    r = subprocess.run([str(BIN / "detkit-probe"), encoder, str(cifar / "train"), str(cifar / "test"),
+                        "--per-class", str(per_class), "--workers", str(workers)],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cifar", default=str(CIFAR))
+    p.add_argument("--per-class", type=int, default=100, help="training images per class (1000 = all 10,000)")
+    p.add_argument("--probe-per-class", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.6)
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="32-true", help="Lightning precision (16-mixed / bf16-mixed on a GPU)")
+    p.add_argument("--augment-on", default="cpu", choices=["cpu", "device"])
+    p.add_argument("--impls", default="detkit,lightly")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_simclr_peer"))
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.impl:  # child process: train one implementation
+        fn = run_detkit if args.impl == "detkit" else run_lightly
+        print(json.dumps(fn(args, Path(args.images), out)))
+        return
+    images = subset(Path(args.cifar) / "train", args.per_class, Path(tempfile.mkdtemp()) / "train")
+    rows = []
+    for impl in args.impls.split(","):
+        cmd = [sys.executable, __file__, "--impl", impl, "--images", str(images)] + \
+            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "images", "impls")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"{impl} failed:\n{r.stderr[-3000:]}")
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        row.update(probe(row["encoder"], Path(args.cifar), args.probe_per_class, args.workers))
+        rows.append(row)
+    n = args.per_class * 10
+    print(f"SimCLR on {n} cifar10/train images, {args.epochs} epochs, batch {args.batch_size}, {args.size} px, "
+          f"{args.device}, {args.precision}, torch {torch.__version__}; probe: {args.probe_per_class}/class train -> "
+          f"{args.probe_per_class}/class test")
+    print("| impl | img/s | wall s | peak MB | final loss | kNN k=20 | kNN k=1 | linear probe |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['impl']} | {r['img_s']:.1f} | {r['wall_s']:.1f} | {r['peak_mb']:.0f} | {r['final_loss']:.3f} | "
+              f"{r['knn_top1']:.3f} | {r['knn_top1_k1']:.3f} | {r['linear_probe_top1']:.3f} |")
+    if len(rows) == 2:
+        print(f"| ratio {rows[0]['impl']} / {rows[1]['impl']} | {rows[0]['img_s'] / rows[1]['img_s']:.2f}x | | "
+              f"{rows[0]['peak_mb'] / rows[1]['peak_mb']:.2f}x | | | | |")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
