@@ -1,0 +1,279 @@
+"""How fast does each detector learn a few images at its defaults? detkit's Faster R-CNN and YOLO against
+torchvision's FasterRCNN and Ultralytics' YOLOv8n, same images, image size and optimiser steps.
+
+    python scripts/bench_convergence.py --ann data/bccd/annotations/train.json --images data/bccd/images \\
+        [--max-images 6] [--steps 30,60,90] [--batch-size 2] [--image-size 320] [--impls ...]
+
+The first ``--max-images`` images of ``--ann`` are trained on and evaluated on (a learning-speed test, as in issue
+19), without augmentation for every implementation, at batch 2 and 320 px (letterboxed / longer side 320), from
+random init (nothing is downloaded). Each implementation runs in its own process, trains for the largest step
+count and is evaluated after each listed step count with detkit's COCO evaluator (score threshold 0.001 / each
+model's own inference settings otherwise):
+
+* ``detkit_frcnn`` / ``detkit_yolo``: ``detkit-train``'s composed defaults (``model=faster_rcnn|yolo``, SGD lr
+  0.02, warm-up + cosine over the run, anchors fitted by ``fit=auto``), run through the same Lightning module.
+* ``torchvision``: ``FasterRCNN`` on ``resnet_fpn_backbone("resnet18", weights=None)`` with torchvision's
+  defaults for random init (trainable BatchNorm, all layers trainable, its anchors), ``min_size=max_size=320``,
+  SGD 0.02, momentum 0.9, weight decay 1e-4, the reference's linear warm-up (``min(1000, epoch length - 1)``
+  steps) then constant (its step decays come after 16 epochs).
+* ``ultralytics``: ``YOLO("yolov8n.yaml")`` trained by Ultralytics' own trainer with its defaults except:
+  augmentation off (mosaic, HSV, flips, scale, translate), ``nbs`` = batch size (one optimiser step per batch, as
+  the others; Ultralytics otherwise accumulates to 64 images), ``amp=False`` (its AMP check downloads weights),
+  ``optimizer=SGD`` (its ``auto`` picks AdamW for short runs), checkpoints every epoch. Note its warm-up lasts at
+  least 100 iterations whatever the run length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def subset_ann(ann: str, n: int, out: Path) -> Path:
+    data = json.loads(Path(ann).read_text())
+    images = data["images"][:n]
+    ids = {im["id"] for im in images}
+    sub = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    path = out / "subset.json"
+    path.write_text(json.dumps(sub))
+    return path
+
+
+def evaluate(gt: dict, results: list[dict]) -> dict:
+    from detkit.eval.coco_eval import evaluate_coco
+    stats = evaluate_coco(gt, results).stats
+    return {"AP": stats["AP"], "AP50": stats["AP50"]}
+
+
+def run_detkit(args, ann: Path, model_name: str) -> dict:
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import detkit.cli.common  # noqa: F401
+    from detkit.cli.train import fit_priors
+    from detkit.paths import config_dir
+
+    steps = sorted(int(s) for s in args.steps.split(","))
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=coco", f"data.train_ann={ann}", f"data.train_images={args.images}", f"data.val_ann={ann}",
+            f"data.val_images={args.images}", f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+            "data.num_workers=1", "data.train_transform.hflip=0", "data.train_transform.scale_range=[1.0,1.0]",
+            "data.train_transform.color_jitter=0", f"model={model_name}", "paths.output_dir=/tmp/x"])
+    L.seed_everything(0)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    fit_priors(cfg, dm.datasets["train"].coco_data)
+    module = instantiate(cfg.model, categories=dm.categories.to_list(), image_size=args.image_size, _recursive_=False)
+    gt = dm.datasets["val"].coco_data
+    points, timing = {}, {"t": 0.0, "n": 0}
+
+    class Checkpoints(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            timing["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timing["t"] += time.perf_counter() - timing["t0"]
+            timing["n"] += len(batch[0])
+            if trainer.global_step in steps:
+                pl_module.eval()
+                results = []
+                with torch.no_grad():
+                    for images, targets in dm.val_dataloader():
+                        for det in pl_module.predict_batch(images, targets):
+                            from detkit.eval.coco_eval import detections_to_results
+                            results += detections_to_results(det["boxes"], det["scores"], det["category_ids"],
+                                                             det["image_id"])
+                points[trainer.global_step] = evaluate(gt, results)
+                pl_module.train()
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=max(steps), limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Checkpoints()])
+    trainer.fit(module, datamodule=dm)
+    return {"impl": f"detkit {model_name}", "points": points, "train_img_s": timing["n"] / max(timing["t"], 1e-9)}
+
+
+def run_torchvision(args, ann: Path) -> dict:
+    from torch import nn
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from bench_faster_rcnn import padded
+    from detkit.data.datamodule import DetectionDataModule
+    from detkit.data.transforms import DetectionTransform
+    from detkit.eval.coco_eval import detections_to_results
+    from detkit.lit.detection_module import to_original_pixels
+
+    steps = sorted(int(s) for s in args.steps.split(","))
+    torch.manual_seed(0)
+    plain = DetectionTransform(args.image_size, train=True, hflip=0.0, vflip=0.0, scale_range=(1.0, 1.0),
+                               color_jitter=0.0)
+    dm = DetectionDataModule(str(ann), args.images, str(ann), args.images, image_size=args.image_size,
+                             batch_size=args.batch_size, num_workers=1, train_transform=plain)
+    dm.setup("fit")
+    cats = dm.categories
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5)
+    model = FasterRCNN(backbone, num_classes=len(cats) + 1, min_size=args.image_size, max_size=args.image_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    warm = min(1000, len(dm.train_dataloader()) - 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (0.001 * (1 - s / warm) + s / warm) if s < warm else 1.0)
+    gt = dm.datasets["val"].coco_data
+    points, t_train, n_train, step = {}, 0.0, 0, 0
+    while step < max(steps):
+        for images, targets in dm.train_dataloader():
+            model.train()
+            t0 = time.perf_counter()
+            tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1}
+                          for t in map(targets.image, range(targets.num_images))]
+            losses = model(list(images.float() / 255.0), tv_targets)
+            loss = sum(losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            t_train += time.perf_counter() - t0
+            n_train += len(images)
+            step += 1
+            if step in steps:
+                model.eval()
+                results = []
+                with torch.no_grad():
+                    for vimages, vtargets in dm.val_dataloader():
+                        out = model(list(vimages.float() / 255.0))
+                        dets = padded([{**d, "labels": d["labels"] - 1} for d in out])
+                        boxes = to_original_pixels(dets, vtargets)
+                        for i, (d, image_id) in enumerate(zip(dets.to_list(), vtargets.image_ids.tolist())):
+                            results += detections_to_results(boxes[i][dets.valid[i]], d["scores"],
+                                                             cats.ids_of(d["labels"]), image_id)
+                points[step] = evaluate(gt, results)
+            if step >= max(steps):
+                break
+    return {"impl": "torchvision FasterRCNN (resnet18 FPN)", "points": points, "train_img_s": n_train / t_train}
+
+
+def run_ultralytics(args, ann: Path, work: Path) -> dict:
+    from ultralytics import YOLO
+
+    data = json.loads(ann.read_text())
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    root = work / "yolo_data"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    by_image: dict = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    files = []
+    for im in data["images"]:
+        src = Path(args.images) / im["file_name"]
+        dst = root / "images" / Path(im["file_name"]).name
+        if not dst.exists():
+            os.symlink(src.resolve(), dst)
+        files.append((im, dst))
+        w, h = im["width"], im["height"]
+        lines = [f"{index[a['category_id']]} {(a['bbox'][0] + a['bbox'][2] / 2) / w:.6f} "
+                 f"{(a['bbox'][1] + a['bbox'][3] / 2) / h:.6f} {a['bbox'][2] / w:.6f} {a['bbox'][3] / h:.6f}"
+                 for a in by_image.get(im["id"], []) if not a.get("iscrowd", 0)]
+        (root / "labels" / f"{dst.stem}.txt").write_text("\n".join(lines) + "\n")
+    yaml = work / "data.yaml"
+    yaml.write_text(f"path: {root}\ntrain: images\nval: images\nnames:\n"
+                    + "".join(f"  {i}: {c['name']}\n" for i, c in enumerate(cats)))
+    steps = sorted(int(s) for s in args.steps.split(","))
+    per_epoch = -(-len(data["images"]) // args.batch_size)
+    if any(s % per_epoch for s in steps):
+        raise SystemExit(f"ultralytics checkpoints per epoch ({per_epoch} steps): give step counts divisible by it")
+    torch.manual_seed(0)
+    model = YOLO("yolov8n.yaml")
+    t0 = time.perf_counter()
+    model.train(data=str(yaml), epochs=max(steps) // per_epoch, imgsz=args.image_size, batch=args.batch_size,
+                nbs=args.batch_size, optimizer="SGD", amp=False, pretrained=False, device="cpu", workers=1,
+                mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0, scale=0.0, translate=0.0, val=False,
+                plots=False, save_period=1, project=str(work / "ul_runs"), name="train", exist_ok=True,
+                verbose=False, seed=0, deterministic=False, close_mosaic=0)
+    wall = time.perf_counter() - t0
+    weights = work / "ul_runs" / "train" / "weights"
+    points = {}
+    for s in steps:
+        ckpt = weights / f"epoch{s // per_epoch - 1}.pt"  # Ultralytics numbers epochs from 0
+        if not ckpt.exists():  # the last epoch is saved as last.pt
+            ckpt = weights / "last.pt"
+        m = YOLO(str(ckpt))
+        results = []
+        for im, path in files:
+            r = m.predict(str(path), imgsz=args.image_size, conf=0.001, iou=0.7, max_det=100, verbose=False,
+                          device="cpu")[0]
+            for (x1, y1, x2, y2), sc, c in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist()):
+                results.append({"image_id": im["id"], "category_id": cats[int(c)]["id"],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(sc)})
+        points[s] = evaluate(data, results)
+    n = max(steps) * args.batch_size
+    return {"impl": "Ultralytics YOLOv8n (yaml)", "points": points, "train_img_s": n / wall,
+            "note": "img/s includes Ultralytics' per-epoch checkpoint saving"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ann", default=str(ROOT / "data" / "bccd" / "annotations" / "train.json"))
+    p.add_argument("--images", default=str(ROOT / "data" / "bccd" / "images"))
+    p.add_argument("--max-images", type=int, default=6)
+    p.add_argument("--steps", default="30,60,90")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impls", default="detkit_frcnn,torchvision,detkit_yolo,ultralytics")
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.impl:
+        work = Path(args.work)
+        ann = work / "subset.json"
+        run = {"detkit_frcnn": lambda: run_detkit(args, ann, "faster_rcnn"),
+               "detkit_yolo": lambda: run_detkit(args, ann, "yolo"),
+               "torchvision": lambda: run_torchvision(args, ann),
+               "ultralytics": lambda: run_ultralytics(args, ann, work)}[args.impl]
+        row = run()
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(row))
+        return
+    work = Path(tempfile.mkdtemp())
+    subset_ann(args.ann, args.max_images, work)
+    rows = []
+    for impl in args.impls.split(","):
+        cmd = [sys.executable, __file__, "--impl", impl, "--work", str(work)] + \
+            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "impls", "work")]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if r.returncode:
+            print(f"{impl} failed:\n{r.stderr[-2500:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    steps = sorted(int(s) for s in args.steps.split(","))
+    print(f"{Path(args.ann).name}: first {args.max_images} images (train = eval), {args.image_size} px, batch "
+          f"{args.batch_size}, no augmentation, random init, {args.threads} threads, torch {torch.__version__}")
+    print("| implementation | " + " | ".join(f"AP50 / AP @ {s} steps" for s in steps) + " | train img/s |")
+    print("| --- | " + " | ".join("---" for _ in steps) + " | --- |")
+    for r in rows:
+        pts = {int(k): v for k, v in r["points"].items()}
+        print(f"| {r['impl']} | " + " | ".join(f"{pts[s]['AP50']:.3f} / {pts[s]['AP']:.3f}" if s in pts else "-"
+                                             for s in steps) + f" | {r['train_img_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
