@@ -89,3 +89,15 @@ def test_pretraining_runs_with_device_views(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["pretrain/loss"]))
+
+
+def test_device_views_read_nothing_back_to_the_host():
+    from detkit.host_sync import HostSyncCounter
+
+    views = DeviceSimCLRViews(size=32, solarize_p=0.2)
+    images = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8)
+    sizes = torch.tensor([[64.0, 48.0]] * 4)
+    g = torch.Generator().manual_seed(0)
+    with HostSyncCounter() as sync:
+        views(images, sizes, g)
+    assert sync.total == 0, dict(sync.counts)
