@@ -79,7 +79,7 @@ def test_faster_rcnn_defaults_learn_raccoon_photos_within_torchvisions_budget(tm
             "data=coco", f"data.train_ann={ann}", f"data.train_images={images}", f"data.val_ann={ann}",
             f"data.val_images={images}", "data.batch_size=2", "data.num_workers=0",
             "data.train_transform.scale_range=[1.0,1.0]", "data.train_transform.color_jitter=0.0",
-            "data.train_transform.hflip=0.0", "model=faster_rcnn", "trainer.max_epochs=-1", "trainer.max_steps=90",
+            "data.train_transform.hflip=0.0", "model=faster_rcnn", "trainer.max_epochs=-1", "+trainer.max_steps=90",
             "trainer.check_val_every_n_epoch=1000", "callbacks.model_checkpoint=null", "report=false",
             f"paths.output_dir={tmp_path / 'run'}", "logger=csv"])
     metrics = train(cfg, tmp_path / "run")
