@@ -175,8 +175,8 @@ class DetectionModule(L.LightningModule):
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         opt = self.hparams.optimizer
         self.divergence.hint = (
-            f"What to try: a lower learning rate (model.optimizer.lr, now {opt.get('lr')}), gradient clipping "
-            "(trainer.gradient_clip_val=10), a longer warm-up (model.scheduler.warmup=500, in steps). The last "
+            f"What to try: a lower learning rate (model.optimizer.lr, now {opt.get('lr')}), tighter gradient clipping "
+            f"(trainer.gradient_clip_val, now {self.trainer.gradient_clip_val}; e.g. 1), a longer warm-up (model.scheduler.warmup=500, in steps). The last "
             "checkpoint saved before this step is unaffected.")
 
     def training_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> torch.Tensor:
