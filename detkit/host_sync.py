@@ -2,70 +2,93 @@
 
 On a GPU these stall the pipeline: the host cannot queue more work until the device has produced a value whose
 *size* or *content* the host needs (``nonzero``, boolean-mask indexing, ``.item()``, ``unique`` ...), or it blocks
-on a host-to-device copy of a tensor built from Python numbers. :class:`HostSyncCounter` is a
-``TorchDispatchMode`` that sees every ATen call, so the same count is taken on a CPU-only machine: a test can keep
-the training and inference paths free of them without a GPU.
+on a host-to-device copy of a tensor built from Python numbers. :class:`HostSyncCounter` records every ATen call
+with ``torch.profiler`` (CPU activity), so the same count is taken on a CPU-only machine and a test can keep the
+training and inference paths free of them without a GPU.
+
+Why the profiler and not a ``TorchDispatchMode``: while a Python dispatch mode is active, autograd takes its
+"tensor subclass" branches, and some backward formulas differ there. ``prod``'s backward, for one, reads
+``(input == 0).sum().item()`` to pick a formula -- a host synchronisation per call on a GPU -- but under a
+dispatch mode it takes the sync-free branch, so a counter built on a mode sees 0 where the GPU waits (this hid
+the two synchronisations per YOLO step measured on an H100, both from ``prod(-1)`` in the IoU loss). The profiler
+observes the code as it runs, backward included, without changing it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.profiler import ProfilerActivity, profile
 
-aten = torch.ops.aten
-
-#: Ops whose output shape depends on tensor values, or that read a value back to the host.
-DATA_DEPENDENT = {
-    aten.nonzero.default: "nonzero",
-    aten.nonzero_static.default: None,  # fixed-size: fine
-    aten._local_scalar_dense.default: "item",  # .item(), int(t), float(t), bool(t), .tolist() element reads
-    aten.masked_select.default: "masked_select",
-    aten.unique_dim.default: "unique",
-    aten._unique2.default: "unique",
-    aten.unique_consecutive.default: "unique",
-    aten.is_nonzero.default: "item",
-    aten.equal.default: "equal",
+#: ATen ops that read a value back to the host or whose output shape depends on tensor values.
+SYNC_OPS = {
+    "aten::nonzero": "nonzero",
+    "aten::_local_scalar_dense": "item",  # .item(), int(t), float(t), bool(t), .tolist() element reads
+    "aten::is_nonzero": "item",
+    "aten::masked_select": "masked_select",
+    "aten::_unique2": "unique",
+    "aten::unique_dim": "unique",
+    "aten::unique_consecutive": "unique",
+    "aten::equal": "equal",
+    "aten::lift_fresh": "tensor_from_host_data",  # torch.tensor(python data): a blocking copy to a GPU
+}
+#: Ops that synchronise through a sync op they call (boolean-mask indexing calls nonzero; repeat_interleave
+#: without ``output_size`` reads the total back): the count names the outer op.
+WRAPPERS = {
+    "aten::index": "bool_mask_index",
+    "aten::index_put_": "bool_mask_index",
+    "aten::_index_put_impl_": "bool_mask_index",
+    "aten::repeat_interleave": "repeat_interleave",
 }
 
 
-def _has_bool_index(args: Any) -> bool:
-    indices = args[1] if len(args) > 1 else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()) if i is not None)
-
-
-class HostSyncCounter(TorchDispatchMode):
+class HostSyncCounter:
     """Counts host-synchronising ATen calls by kind while active::
 
         with HostSyncCounter() as sync:
-            model.loss(images, targets)
-        assert sync.total <= 2, sync.counts
+            loss = model.loss(images, targets)
+            loss.backward()
+        assert sync.total == 0, sync.counts  # sync.sites names the ops (or backward nodes) they came from
 
     Counted: ``nonzero``, ``.item()``-like reads, ``masked_select``, ``unique``, ``equal``, boolean-mask
     ``index``/``index_put_``, ``repeat_interleave`` without ``output_size``, and ``lift_fresh`` (a tensor made from
-    Python data: on a GPU a blocking host-to-device copy).
+    Python data). Calls made inside autograd's backward formulas are seen too (``sites`` gives the backward node).
+    Nested calls count once, for the outermost op.
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self.counts: Counter = Counter()
+        self.sites: Counter = Counter()
+        self._prof: profile | None = None
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - the dispatcher's signature
-        kwargs = kwargs or {}
-        name = DATA_DEPENDENT.get(func)
-        if name:
-            self.counts[name] += 1
-        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and _has_bool_index(args):
-            self.counts["bool_mask_index"] += 1
-        elif func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) \
-                and kwargs.get("output_size") is None:
-            self.counts["repeat_interleave"] += 1
-        elif func is aten.lift_fresh.default:
-            self.counts["tensor_from_host_data"] += 1
-        return func(*args, **kwargs)
+    def __enter__(self) -> "HostSyncCounter":
+        self._prof = profile(activities=[ProfilerActivity.CPU])
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        counted: set[int] = set()
+        for event in self._prof.events():
+            if event.name not in SYNC_OPS:
+                continue
+            chain, parent = [], event.cpu_parent
+            while parent is not None:
+                chain.append(parent)
+                parent = parent.cpu_parent
+            if any(p.name in SYNC_OPS for p in chain):
+                continue  # counted with the outer sync op
+            wrappers = [p for p in chain if p.name in WRAPPERS]
+            outer = wrappers[-1] if wrappers else event
+            if id(outer) in counted:
+                continue
+            counted.add(id(outer))
+            kind = WRAPPERS[outer.name] if wrappers else SYNC_OPS[event.name]
+            self.counts[kind] += 1
+            self.sites[chain[-1].name if chain else event.name] += 1
+        self._prof = None

@@ -20,7 +20,8 @@ def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
         boxes1, boxes2 = boxes1.float(), boxes2.float()
         lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
         rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(-1)
+        wh = (rb - lt).clamp(min=0)
+        inter = wh[..., 0] * wh[..., 1]  # not prod(-1): its backward reads a value back to the host
         union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
         return inter / union.clamp(min=torch.finfo(union.dtype).eps)
 

@@ -62,7 +62,9 @@ class NTXentLoss(nn.Module):
         everyone, rank = gather_with_grad(local)
         logits = local @ everyone.T / self.temperature  # [2N, W * 2N]
         offset = rank * 2 * n
+        # A view is not its own negative: entries (r, offset + r) are the diagonal starting at column ``offset``
+        # (a fill through a view: no index tensor, no value tensor copied from the host).
+        logits.diagonal(offset).fill_(float("-inf"))
         rows = torch.arange(2 * n, device=local.device)
-        logits[rows, offset + rows] = float("-inf")  # a view is not its own negative
         positives = offset + (rows + n) % (2 * n)
         return F.cross_entropy(logits, positives)
