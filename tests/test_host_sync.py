@@ -121,3 +121,18 @@ def test_a_simclr_step_has_no_host_synchronisation():
             loss.backward()
             opt.step()
     assert sync.total == 0, (dict(sync.counts), dict(sync.sites))
+
+
+@pytest.mark.parametrize("model", ["faster_rcnn", "yolo"])
+def test_the_training_loss_traces_as_one_graph(model):
+    """``model.compile`` gets the whole loss (forward, sampling, losses) as one graph, which CUDA graphs
+    (``compile=reduce-overhead``) need; a graph break (a torch.Generator argument, a data-dependent shape, a
+    host read) splits it. Traced with dynamo's explain (no code generation)."""
+    import torch._dynamo
+
+    module = build(model)
+    images, targets = batch()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module.detector.loss)(images, targets, generator=None)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        [str(b.reason)[:200] for b in explained.break_reasons]

@@ -181,7 +181,11 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        losses = self.loss_fn(self._images(images), targets, generator=self.sampling_generator(images.device))
+        # Compiled, the samplers draw from torch's global RNG (seeded by seed_everything): a torch.Generator
+        # argument cannot be traced and would split the graph at every sampler (8 breaks in Faster R-CNN),
+        # leaving CUDA graphs nothing whole to capture. Eager runs reseed their own generator per (seed, step).
+        generator = None if self.hparams.compile else self.sampling_generator(images.device)
+        losses = self.loss_fn(self._images(images), targets, generator=generator)
         total = sum(losses.values())
         bs = images.shape[0]
         if self.hparams.l1_penalty:

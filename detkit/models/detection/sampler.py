@@ -41,7 +41,8 @@ class BalancedSampler:
     def __call__(self, positive: torch.Tensor, negative: torch.Tensor,
                  generator: torch.Generator | None = None) -> Samples:
         """``positive, negative: [B, N] bool`` (disjoint) -> :class:`Samples` with ``S = min(batch_size_per_image,
-        N)`` slots per image."""
+        N)`` slots per image. The draws come from ``generator``, or from torch's global RNG when it is None (what
+        a ``torch.compile``d loss uses: a Generator object cannot be traced and would break the graph)."""
         n = positive.shape[1]
         size = min(self.batch_size_per_image, n)
         max_pos = min(int(self.batch_size_per_image * self.positive_fraction), n)
