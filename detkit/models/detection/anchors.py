@@ -66,7 +66,9 @@ class AnchorGenerator(nn.Module):
 
     def grid_anchors(self, level: int, grid: tuple[int, int], stride: tuple[int, int],
                      device: torch.device) -> torch.Tensor:
-        key = (level, grid, stride, device)
+        # Cache keys are plain ints and strings: torch.compile guards on this dict's keys, and cannot rebuild a
+        # torch.device or an id() in a guard.
+        key = (level, grid, stride, str(device))
         if key not in self._cache:
             base = self.base_anchors(self.sizes[level], self.aspect_ratios[level]).to(device)
             sy = torch.arange(grid[0], dtype=torch.float32, device=device) * stride[0]
@@ -91,11 +93,13 @@ class AnchorGenerator(nn.Module):
             out.append(self.grid_anchors(level, grid, stride, f.device))
         return out
 
-    def concatenated(self, per_level: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``torch.cat(per_level)``, cached with the per-level tensors it was made from."""
-        key = tuple(id(a) for a in per_level)
+    def concatenated(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        """``torch.cat(self(features, image_size))``: all levels' anchors ``[sum_l H_l * W_l * A_l, 4]`` xyxy,
+        cached per feature shapes and device like the per-level ones."""
+        key = ("all", tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features), tuple(image_size),
+               str(features[0].device))
         if key not in self._cache:
-            self._cache[key] = torch.cat(list(per_level))
+            self._cache[key] = torch.cat(self(features, image_size))
         return self._cache[key]
 
 

@@ -50,7 +50,7 @@ def _level_tables(shapes: tuple, batch: int, scales: tuple, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-level ``(height, width)``, first row in the stacked feature rows, and scale, as device tensors; cached
     per shapes and device (building them from Python numbers on a GPU is a host-to-device copy that waits)."""
-    key = (shapes, batch, scales, str(device), dtype)
+    key = (shapes, batch, scales, str(device), str(dtype))  # plain values: torch.compile guards on these keys
     if key not in _TABLES:
         hw = torch.tensor(shapes, device=device)
         first_row = torch.cumsum(torch.cat([hw.new_zeros(1), batch * hw[:-1].prod(1)]), 0)

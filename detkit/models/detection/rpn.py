@@ -113,7 +113,7 @@ class RegionProposalNetwork(nn.Module):
         proposals = self.propose(anchors, logits, deltas, image_size)
         losses = {}
         if targets is not None:
-            losses = self.loss(self.anchor_generator.concatenated(anchors), torch.cat(logits, 1),
+            losses = self.loss(self.anchor_generator.concatenated(maps, image_size), torch.cat(logits, 1),
                                torch.cat(deltas, 1), targets, generator)
         return proposals, losses
 
