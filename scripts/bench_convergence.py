@@ -127,7 +127,8 @@ def run_torchvision(args, ann: Path) -> dict:
     dm.setup("fit")
     cats = dm.categories
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None)  # its defaults: FrozenBN, 3 stages
-    model = FasterRCNN(backbone, num_classes=len(cats) + 1, min_size=args.image_size, max_size=args.image_size)
+    model = FasterRCNN(backbone, num_classes=len(cats) + 1, min_size=args.image_size, max_size=args.image_size,
+                       box_score_thresh=args.tv_score_thresh)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
     warm = min(1000, len(dm.train_dataloader()) - 1)
@@ -161,7 +162,7 @@ def run_torchvision(args, ann: Path) -> dict:
                         for i, (d, image_id) in enumerate(zip(dets.to_list(), vtargets.image_ids.tolist())):
                             results += detections_to_results(boxes[i][dets.valid[i]], d["scores"],
                                                              cats.ids_of(d["labels"]), image_id)
-                points[step] = evaluate(gt, results)
+                points[step] = {**evaluate(gt, results), "detections": len(results)}
                 print(f"[torchvision] step {step}: {len(results)} detections, loss {loss.item():.3f}", file=sys.stderr)
             if step >= max(steps):
                 break
@@ -237,6 +238,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tv-score-thresh", type=float, default=0.05,
+                   help="torchvision's box_score_thresh (its default 0.05; 0.001 = the others' evaluation setting)")
     p.add_argument("--impls", default="detkit_frcnn,torchvision,detkit_yolo,ultralytics")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -273,6 +276,10 @@ def main() -> None:
         pts = {int(k): v for k, v in r["points"].items()}
         print(f"| {r['impl']} | " + " | ".join(f"{pts[s]['AP50']:.3f} / {pts[s]['AP']:.3f}" if s in pts else "-"
                                              for s in steps) + f" | {r['train_img_s']:.2f} |")
+    for r in rows:
+        kept = [r["points"][k].get("detections") for k in sorted(r["points"], key=int)]
+        if any(k is not None for k in kept):
+            print(f"{r['impl']}: detections kept at {'/'.join(map(str, steps))} steps: {'/'.join(map(str, kept))}")
 
 
 if __name__ == "__main__":
