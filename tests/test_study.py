@@ -94,11 +94,37 @@ def test_detkit_study_runs_end_to_end_on_a_tiny_dataset(synthetic, tmp_path):
     ann, root = synthetic
     out = tmp_path / "study"
     r = run(["detkit-study", "--out", str(out), "--pretrain-epochs", "1", "--pretrain-size", "32",
-             "--pretrain-batch", "4", "--pretrain-override", "data.num_workers=0", "--",
+             "--pretrain-batch", "4", "--pretrain-override", "data.num_workers=0",
+             "--arm", "tau05 model.temperature=0.5 data.crop_scale=[0.2,0.6]", "--",
              *data_args(ann, root), *FAST_DATA, "study.steps=2", "model=yolo", "seed=0", "data.train_fraction=1.0"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     arms = json.loads((out / "study.json").read_text())["arms"]
-    assert [(a["model"], a["init"], a["n"]) for a in arms] == [("yolo", "scratch", 1), ("yolo", "simclr", 1)]
+    assert [(a["model"], a["init"], a["n"]) for a in arms] == [("yolo", "scratch", 1), ("yolo", "simclr", 1),
+                                                                ("yolo", "simclr:tau05", 1)]
     runs = [json.loads((out / "finetune" / str(job) / "run.json").read_text()) for job in (0, 1)]
     assert [r["encoder_init"] for r in runs] == [None, str(out / "pretrain" / "encoder.pt")]
-    assert (out / "study_ap50.png").is_file() and "| yolo | simclr | 100% | 1 |" in (out / "study.md").read_text()
+    text = (out / "study.md").read_text()
+    assert (out / "study_ap50.png").is_file() and "| yolo | simclr | 100% | 1 |" in text
+    # the pretraining arm: its own encoder from its overrides, fine-tuned from it only (scratch rows are shared)
+    arm = out / "arms" / "tau05"
+    arm_cfg = (arm / "pretrain" / ".hydra" / "config.yaml").read_text()
+    assert "temperature: 0.5" in arm_cfg and "- 0.2\n  - 0.6" in arm_cfg and "num_workers: 0" in arm_cfg
+    assert not list((arm / "finetune").glob("1/run.json"))  # one job: init=simclr only
+    arm_run = json.loads((arm / "finetune" / "0" / "run.json").read_text())
+    assert arm_run["encoder_init"] == str(arm / "pretrain" / "encoder.pt")
+    assert "| yolo | simclr:tau05 | 100% | 1 |" in text
+    info = json.loads((out / "study.json").read_text())["pretraining_arms"]["tau05"]
+    assert "model.temperature=0.5" in info["pretrain_overrides"] and "pretrain" in info
+
+
+def test_a_pretraining_arm_needs_a_name_and_overrides():
+    import pytest
+
+    from detkit.cli.study import merge_overrides, parse_arm
+
+    assert parse_arm("lars model.optimizer._target_=detkit.lit.lars.LARS") == (
+        "lars", ["model.optimizer._target_=detkit.lit.lars.LARS"])
+    for bad in ("model.temperature=0.5", "tau05", "bad/name x=1"):
+        with pytest.raises(SystemExit, match="--arm"):
+            parse_arm(bad)
+    assert merge_overrides(["a=1", "b=2", "+c=3"], ["b=5", "c=4"]) == ["a=1", "b=5", "c=4"]

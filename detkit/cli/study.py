@@ -11,6 +11,14 @@
    ``OUT/study.md`` (mean +- std of AP, AP50, AP75 per arm), ``OUT/study.json`` and ``OUT/study_ap50.png``
    (AP50 vs label budget, one line per detector and init).
 
+Pretraining arms (``--arm "NAME KEY=VALUE ..."``, repeatable): each arm pretrains its own encoder with these
+``detkit-pretrain`` overrides on top of the study's (``OUT/arms/NAME/pretrain``) and fine-tunes every detector x
+label budget x seed from it (``OUT/arms/NAME/finetune``, ``init=simclr`` only: the scratch arms are shared). The
+table and plot list them as ``init = simclr:NAME``, each compared with the same scratch rows, e.g.::
+
+    detkit-study --scale 10 --arm "crop_small data.crop_scale=[0.02,0.3]" --arm "tau05 model.temperature=0.5" \
+        --arm "lars model.optimizer._target_=detkit.lit.lars.LARS" -- trainer=gpu
+
 Another COCO dataset: pass its paths as overrides, e.g. ``-- data.train_ann=A.json data.train_images=DIR
 data.val_ann=B.json data.val_images=DIR`` (pretraining then uses those training images too).
 Report only, from an existing sweep: ``detkit-study --report-only --out OUT``.
@@ -22,6 +30,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +66,27 @@ def pretrain_command(out: Path, scale: int, epochs: int, image_size: int, batch_
     return cmd
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
+    """``base`` with every key that ``extra`` sets replaced by ``extra``'s value (Hydra refuses a key given twice)."""
+    keys = {_key(o) for o in extra}
+    return [o for o in base if _key(o) not in keys] + list(extra)
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """``"NAME KEY=VALUE ..."`` -> ``(NAME, [KEY=VALUE, ...])``, with a clear error for a malformed arm."""
+    name, *overrides = text.split()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or "=" in name:
+        raise SystemExit(f"detkit-study: --arm {text!r}: the first word must be the arm's name (letters, digits, "
+                         "_ . -), e.g. --arm \"tau05 model.temperature=0.5\"")
+    if not overrides or any("=" not in o for o in overrides):
+        raise SystemExit(f"detkit-study: --arm {text!r}: give KEY=VALUE detkit-pretrain overrides after the name")
+    return name, overrides
+
+
 def finetune_command(out: Path, encoder: Path, scale: int, overrides: list[str]) -> list[str]:
     """The ``detkit-train -m experiment=study_bccd`` sweep over every arm."""
     return [_bin("detkit-train"), "-m", "experiment=study_bccd", f"encoder={encoder}", f"study.scale={scale}",
@@ -77,8 +107,9 @@ def _job_overrides(row: dict[str, str]) -> dict[str, str]:
     return parse_overrides(row["overrides"])
 
 
-def aggregate(summary_csv: Path) -> list[dict[str, Any]]:
-    """Group a sweep's ``summary.csv`` by arm (model, init, label budget) over seeds.
+def aggregate(summary_csv: Path, init_label: str | None = None) -> list[dict[str, Any]]:
+    """Group a sweep's ``summary.csv`` by arm (model, init, label budget) over seeds; ``init_label`` renames the
+    sweep's ``simclr`` init (a pretraining arm's sweep: ``simclr:NAME``).
 
     Returns one dict per arm: ``model``, ``init``, ``fraction``, ``n`` (completed seeds), ``failed``, and for each
     of AP/AP50/AP75 the ``mean``, ``std`` (sample standard deviation; 0 for one seed) and the per-seed ``values``.
@@ -87,6 +118,8 @@ def aggregate(summary_csv: Path) -> list[dict[str, Any]]:
     with summary_csv.open() as f:
         for row in csv.DictReader(f):
             ov = {**ARM_KEYS, **_job_overrides(row)}
+            if init_label and ov["init"] == "simclr":
+                ov["init"] = init_label
             key = (ov["model"], ov["init"], float(ov["data.train_fraction"]))
             arm = groups.setdefault(key, {"values": defaultdict(list), "failed": 0, "seeds": []})
             if row["status"] != "completed" or not row["AP"]:
@@ -136,7 +169,7 @@ def plot(arms: list[dict[str, Any]], path: Path) -> Path:
                      if a["model"] == model and a["init"] == init)
         xs, ys, es = zip(*pts)
         ax.errorbar([100 * x for x in xs], ys, yerr=es, marker="o" if model == "faster_rcnn" else "s",
-                    linestyle="-" if init == "simclr" else "--", capsize=3, label=f"{model}, {init}")
+                    linestyle="--" if init == "scratch" else "-", capsize=3, label=f"{model}, {init}")
     ax.set_xlabel("labeled training images (%)")
     ax.set_ylabel("val AP50 (mean ± std over seeds)")
     ax.set_title("SimCLR init vs random init")
@@ -165,6 +198,18 @@ def report(out: Path, extra: dict[str, Any] | None = None) -> Path:
     pre = out / "pretrain" / "pretrain_metrics.json"
     if pre.is_file():
         info["pretrain"] = json.loads(pre.read_text())
+    for arm_dir in sorted(p for p in (out / "arms").glob("*") if p.is_dir()):
+        arm_summary = arm_dir / "finetune" / "summary.csv"
+        if not arm_summary.is_file():
+            continue
+        arms += aggregate(arm_summary, init_label=f"simclr:{arm_dir.name}")
+        spec = arm_dir / "arm.json"
+        arm_info = json.loads(spec.read_text()) if spec.is_file() else {}
+        arm_pre = arm_dir / "pretrain" / "pretrain_metrics.json"
+        if arm_pre.is_file():
+            arm_info["pretrain"] = json.loads(arm_pre.read_text())
+        info.setdefault("pretraining_arms", {})[arm_dir.name] = arm_info
+    arms.sort(key=lambda a: (a["model"], a["init"], a["fraction"]))
     (out / "study.json").write_text(json.dumps({"arms": arms, **info}, indent=2))
     png = plot(arms, out / "study_ap50.png")
     md = out / "study.md"
@@ -183,23 +228,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-batch", type=int, default=64)
     p.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra detkit-pretrain override (repeatable), e.g. model.temperature=0.5")
+    p.add_argument("--arm", action="append", default=[], metavar='"NAME KEY=VALUE ..."',
+                   help="a pretraining arm (repeatable): its own encoder from these detkit-pretrain overrides, "
+                        "fine-tuned with init=simclr; reported as simclr:NAME")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every fine-tuning job (after --)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
+    arms = [parse_arm(a) for a in args.arm]
+    if len({name for name, _ in arms}) != len(arms):
+        raise SystemExit(f"detkit-study: two --arm share a name: {[name for name, _ in arms]}")
     start = time.time()
     if not args.report_only:
-        encoder = out / "pretrain" / "encoder.pt"
-        if encoder.is_file():
-            print(f"[detkit-study] reusing {encoder}", flush=True)
-        else:
-            cmd = pretrain_command(out / "pretrain", args.scale, args.pretrain_epochs, args.pretrain_size,
-                                   args.pretrain_batch, args.overrides) + args.pretrain_override
+        def pretrain(folder: Path, extra: list[str]) -> Path:
+            encoder = folder / "encoder.pt"
+            if encoder.is_file():
+                print(f"[detkit-study] reusing {encoder}", flush=True)
+                return encoder
+            cmd = merge_overrides(pretrain_command(folder, args.scale, args.pretrain_epochs, args.pretrain_size,
+                                                   args.pretrain_batch, args.overrides), extra)
             print("[detkit-study]", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
+            return encoder
+
+        encoder = pretrain(out / "pretrain", args.pretrain_override)
         cmd = finetune_command(out / "finetune", encoder, args.scale, args.overrides)
         print("[detkit-study]", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+        for name, arm_overrides in arms:
+            folder = out / "arms" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            extra = merge_overrides(args.pretrain_override, arm_overrides)
+            arm_encoder = pretrain(folder / "pretrain", extra)
+            cmd = finetune_command(folder / "finetune", arm_encoder, args.scale,
+                                   merge_overrides(args.overrides, ["init=simclr"]))
+            print("[detkit-study]", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            (folder / "arm.json").write_text(json.dumps({"pretrain_overrides": extra,
+                                                         "wall_time_s": round(time.time() - t0, 1)}, indent=2))
     extra = {} if args.report_only else {"wall_time_s": round(time.time() - start, 1),
                                         "command": " ".join(["detkit-study", *(argv or sys.argv[1:])])}
     md = report(out, extra)
