@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def wh_area(wh: torch.Tensor) -> torch.Tensor:
+    """``[..., 2]`` widths and heights -> ``[...]`` areas, as the product of the two columns. Not ``prod(-1)``:
+    ``prod``'s backward reads ``(input == 0).sum().item()`` to choose its formula, a host synchronisation per call
+    on a GPU (it was two per YOLO step; ``tests/test_host_sync.py`` sees it)."""
+    return wh[..., 0] * wh[..., 1]
+
+
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     """``[..., 4] xyxy -> [...]`` area (0 for degenerate boxes)."""
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
@@ -20,8 +27,7 @@ def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
         boxes1, boxes2 = boxes1.float(), boxes2.float()
         lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
         rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-        wh = (rb - lt).clamp(min=0)
-        inter = wh[..., 0] * wh[..., 1]  # not prod(-1): its backward reads a value back to the host
+        inter = wh_area((rb - lt).clamp(min=0))
         union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
         return inter / union.clamp(min=torch.finfo(union.dtype).eps)
 

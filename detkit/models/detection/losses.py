@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from detkit.models.detection.boxes import wh_area
+
 BOX_LOSSES = ("smooth_l1", "l1")
 IOU_LOSSES = ("giou", "ciou")
 
@@ -31,13 +33,6 @@ def box_regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "s
     raise ValueError(f"box loss must be one of {BOX_LOSSES}, got {kind!r}")
 
 
-def _area(wh: torch.Tensor) -> torch.Tensor:
-    """``[..., 2]`` widths and heights -> ``[...]`` areas. Written as a product of the two columns, not
-    ``prod(-1)``: ``prod``'s backward reads ``(input == 0).sum().item()`` to choose its formula, a host
-    synchronisation per call on a GPU (two per YOLO step before this; ``tests/test_host_sync.py`` sees it)."""
-    return wh[..., 0] * wh[..., 1]
-
-
 def _iou_and_enclosure(pred: torch.Tensor, target: torch.Tensor, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """IoU, union, and the enclosing box's corners of paired ``[..., 4]`` xyxy boxes."""
@@ -45,7 +40,7 @@ def _iou_and_enclosure(pred: torch.Tensor, target: torch.Tensor, eps: float
     area_t = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
     lt = torch.maximum(pred[..., :2], target[..., :2])
     rb = torch.minimum(pred[..., 2:], target[..., 2:])
-    inter = _area((rb - lt).clamp(min=0))
+    inter = wh_area((rb - lt).clamp(min=0))
     union = area_p + area_t - inter
     iou = inter / (union + eps)
     return iou, union, torch.minimum(pred[..., :2], target[..., :2]), torch.maximum(pred[..., 2:], target[..., 2:])
@@ -61,7 +56,7 @@ def iou_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "giou", eps: 
         pred, target = pred.float(), target.float()
         iou, union, c_lt, c_rb = _iou_and_enclosure(pred, target, eps)
         if kind == "giou":
-            area_c = _area((c_rb - c_lt).clamp(min=0))
+            area_c = wh_area((c_rb - c_lt).clamp(min=0))
             return 1 - (iou - (area_c - union) / (area_c + eps))
         diag = (c_rb - c_lt).square().sum(-1) + eps
         centre = ((pred[..., :2] + pred[..., 2:]) - (target[..., :2] + target[..., 2:])).div(2).square().sum(-1)
