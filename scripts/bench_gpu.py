@@ -62,7 +62,7 @@ def build(impl: str, num_classes: int, size: int, args: argparse.Namespace):
     return model
 
 
-def train_step_fn(impl: str, model, images, targets, dtype, scaler, opt, loss_fn):
+def train_step_fn(impl: str, model, images, targets, dtype, scaler, opt, loss_fn, graphs: bool = False):
     tv_targets = None
     if impl == "torchvision":
         tv_images = list(images.float())
@@ -70,6 +70,8 @@ def train_step_fn(impl: str, model, images, targets, dtype, scaler, opt, loss_fn
                       for t in map(targets.image, range(targets.num_images))]
 
     def step() -> torch.Tensor:
+        if graphs:  # a new cudagraph-trees generation per step, as DetectionModule.training_step does
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
             losses = loss_fn(images, targets) if impl != "torchvision" else model(tv_images, tv_targets)
             loss = sum(losses.values())
@@ -160,7 +162,10 @@ def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             model.train()
-            step = train_step_fn(impl, model, images, targets, dtype, scaler, opt, loss_fn)
+            from detkit.lit.detection_module import CUDA_GRAPH_MODES
+
+            graphs = bool(args.compile) and impl != "torchvision" and args.compile_mode in CUDA_GRAPH_MODES
+            step = train_step_fn(impl, model, images, targets, dtype, scaler, opt, loss_fn, graphs)
             warm = timed(step, args.warmup, device)
             train_s = timed(step, args.steps, device)
             prof = profile(step, args.profile_steps, args.top_ops) if device.type == "cuda" else {}

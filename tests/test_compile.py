@@ -35,3 +35,34 @@ def test_the_compiled_loss_is_one_graph_and_equals_eager(model):
         torch.testing.assert_close(losses[name], eager[name], rtol=1e-3, atol=1e-4, msg=name)
     trainable = [n for n, p in detector.named_parameters() if p.requires_grad]
     assert [n for n in trainable if detector.get_parameter(n).grad is None] == []
+
+
+def test_cuda_graph_modes_begin_a_step_and_copy_the_losses_out_of_the_graph(monkeypatch):
+    """cudagraph trees overwrite a replay's outputs at the next replay, and Lightning keeps the logged values past
+    the step: in ``reduce-overhead``/``max-autotune`` every step marks a new generation and clones the losses (the
+    error it avoids, "accessing tensor output of CUDAGraphs that has been overwritten", is CUDA-only; here the
+    compiler is replaced by a stand-in that returns the graph's own output tensors)."""
+    module = build("yolo")
+    module.hparams.compile = "reduce-overhead"
+    graph_outputs, marks, logged = {}, [], {}
+
+    def fake_compile(fn, mode=None):
+        assert mode == "reduce-overhead"
+
+        def replay(*args, **kwargs):
+            graph_outputs.update(fn(*args, **kwargs))
+            return dict(graph_outputs)
+        return replay
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    monkeypatch.setattr(module, "log_dict", lambda values, **kw: logged.update(values))
+    monkeypatch.setattr(module, "log", lambda *a, **kw: None)
+    total = module.training_step(batch(), 0)
+    total.backward()
+    assert marks == [True]
+    assert set(logged) == {f"train/{k}" for k in graph_outputs}
+    graph_storage = {v.untyped_storage().data_ptr() for v in graph_outputs.values()}
+    assert all(v.untyped_storage().data_ptr() not in graph_storage for v in logged.values())
+    torch.testing.assert_close(total, sum(graph_outputs.values()))
+

@@ -24,6 +24,9 @@ from detkit.models.detection.postprocess import Detections
 
 log = logging.getLogger(__name__)
 
+#: ``torch.compile`` modes that replay the step as CUDA graphs (cudagraph trees).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 def plain_config(cfg: Any) -> Any:
     """A Hydra/OmegaConf node as plain Python containers (safe for checkpoints loaded with weights_only)."""
@@ -75,7 +78,9 @@ class DetectionModule(L.LightningModule):
         seed: seeds the training-time sampling (with the step number, so resumed runs draw the same samples).
         compile: run the detector's loss (the whole training forward, and through AOTAutograd its backward) under
             ``torch.compile``: ``true`` (default mode) or a mode name (``"reduce-overhead"``: CUDA graphs,
-            ``"max-autotune"``).
+            ``"max-autotune"``). In the CUDA-graph modes every step begins a new graph generation and the losses
+            are copied out of the graph's memory, which the next replay overwrites (Lightning keeps logged values
+            past the step).
         divergence_check_every: check the loss terms for non-finite values every this many steps (see
             :mod:`detkit.lit.divergence`; no host synchronisation on a GPU).
         l1_penalty: ``lambda`` of an L1 penalty ``lambda * sum |w|`` over the weights that take weight decay (not
@@ -185,7 +190,12 @@ class DetectionModule(L.LightningModule):
         # argument cannot be traced and would split the graph at every sampler (8 breaks in Faster R-CNN),
         # leaving CUDA graphs nothing whole to capture. Eager runs reseed their own generator per (seed, step).
         generator = None if self.hparams.compile else self.sampling_generator(images.device)
+        graphs = self.hparams.compile in CUDA_GRAPH_MODES
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         losses = self.loss_fn(self._images(images), targets, generator=generator)
+        if graphs:  # the outputs live in the CUDA graph's memory, overwritten by the next step's replay
+            losses = {k: v.clone() for k, v in losses.items()}
         total = sum(losses.values())
         bs = images.shape[0]
         if self.hparams.l1_penalty:

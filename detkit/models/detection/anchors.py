@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from detkit.models.detection.shape_cache import cached
+
 
 class AnchorGenerator(nn.Module):
     """Anchors for a list of feature maps, one (sizes, aspect_ratios) pair per level.
@@ -66,17 +68,15 @@ class AnchorGenerator(nn.Module):
 
     def grid_anchors(self, level: int, grid: tuple[int, int], stride: tuple[int, int],
                      device: torch.device) -> torch.Tensor:
-        # Cache keys are plain ints and strings: torch.compile guards on this dict's keys, and cannot rebuild a
-        # torch.device or an id() in a guard.
-        key = (level, grid, stride, str(device))
-        if key not in self._cache:
+        def build() -> torch.Tensor:
             base = self.base_anchors(self.sizes[level], self.aspect_ratios[level]).to(device)
             sy = torch.arange(grid[0], dtype=torch.float32, device=device) * stride[0]
             sx = torch.arange(grid[1], dtype=torch.float32, device=device) * stride[1]
             yy, xx = torch.meshgrid(sy, sx, indexing="ij")
             shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 1, 4)
-            self._cache[key] = (shifts + base[None]).reshape(-1, 4)
-        return self._cache[key]
+            return (shifts + base[None]).reshape(-1, 4)
+
+        return cached(self._cache, (level, grid, stride, str(device)), build)
 
     def forward(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> list[torch.Tensor]:
         """Anchors per level, ``[H_l * W_l * A_l, 4]`` xyxy, shared by every image of the (padded) batch; cached
@@ -98,9 +98,7 @@ class AnchorGenerator(nn.Module):
         cached per feature shapes and device like the per-level ones."""
         key = ("all", tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features), tuple(image_size),
                str(features[0].device))
-        if key not in self._cache:
-            self._cache[key] = torch.cat(self(features, image_size))
-        return self._cache[key]
+        return cached(self._cache, key, lambda: torch.cat(self(features, image_size)))
 
 
 def anchors_per_location(sizes: Sequence[Sequence[float]], ratios: Sequence[Sequence[float]]) -> int:

@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from detkit.models.detection.shape_cache import cached
+
 
 def _axis_corners(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear corners along one axis, as torchvision's ``bilinear_interpolate``.
@@ -50,12 +52,12 @@ def _level_tables(shapes: tuple, batch: int, scales: tuple, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-level ``(height, width)``, first row in the stacked feature rows, and scale, as device tensors; cached
     per shapes and device (building them from Python numbers on a GPU is a host-to-device copy that waits)."""
-    key = (shapes, batch, scales, str(device), str(dtype))  # plain values: torch.compile guards on these keys
-    if key not in _TABLES:
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hw = torch.tensor(shapes, device=device)
         first_row = torch.cumsum(torch.cat([hw.new_zeros(1), batch * hw[:-1].prod(1)]), 0)
-        _TABLES[key] = (hw, first_row, torch.tensor(scales, dtype=dtype, device=device))
-    return _TABLES[key]
+        return hw, first_row, torch.tensor(scales, dtype=dtype, device=device)
+
+    return cached(_TABLES, (shapes, batch, scales, str(device), str(dtype)), build)
 
 
 def roi_align_gather(features: torch.Tensor | Sequence[torch.Tensor], rois: torch.Tensor, output_size: int,

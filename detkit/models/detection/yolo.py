@@ -34,6 +34,7 @@ from detkit.models.backbones import Backbone
 from detkit.models.detection.boxes import batched_box_iou, clip_boxes
 from detkit.models.detection.losses import iou_loss, masked_mean
 from detkit.models.detection.postprocess import Detections, PostProcess
+from detkit.models.detection.shape_cache import cached
 from detkit.models.necks import conv_bn_act
 
 INF = 1e8
@@ -129,11 +130,11 @@ class CentreSamplingAssigner:
 
     def _ranges(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lo [L], hi [L])`` on ``device``, built once (a host-to-device copy per step would wait)."""
-        key = str(device)
-        if key not in self._range_tables:
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             table = torch.tensor(self.size_ranges, dtype=torch.float32, device=device)
-            self._range_tables[key] = (table[:, 0], table[:, 1])
-        return self._range_tables[key]
+            return table[:, 0], table[:, 1]
+
+        return cached(self._range_tables, str(device), build)
 
     def __call__(self, points: torch.Tensor, strides: torch.Tensor, level: torch.Tensor, gt_boxes: torch.Tensor,
                  gt_valid: torch.Tensor) -> torch.Tensor:
@@ -204,9 +205,7 @@ class YOLO(nn.Module):
     def grid(self, shapes: Sequence[tuple[int, int]], device: torch.device) -> CellGrid:
         """The cell grid of these feature shapes, built once per shapes and device."""
         key = (tuple(tuple(s) for s in shapes), str(device))
-        if key not in self._grids:
-            self._grids[key] = cell_centres(shapes, self.strides, device)
-        return self._grids[key]
+        return cached(self._grids, key, lambda: cell_centres(shapes, self.strides, device))
 
     def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, CellGrid]:
         """``images uint8 [B, 3, H, W]`` -> raw outputs ``[B, A, 5 + C]`` and the :class:`CellGrid`."""
