@@ -66,3 +66,31 @@ def test_cuda_graph_modes_begin_a_step_and_copy_the_losses_out_of_the_graph(monk
     assert all(v.untyped_storage().data_ptr() not in graph_storage for v in logged.values())
     torch.testing.assert_close(total, sum(graph_outputs.values()))
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["yolo", "faster_rcnn"])
+def test_a_new_box_count_recompiles_with_a_symbolic_box_dimension_that_equals_eager(model):
+    """Real batches pad their boxes to different counts G: the second G recompiles the step with G symbolic
+    (inductor, dynamic shapes) and the losses still equal eager's, for that G and for a third one."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from detkit.data.collate import Targets
+
+    detector = build(model).detector
+    images, targets = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(detector.loss, fullgraph=True)
+    for n in (3, 11, 19):
+        g = torch.Generator().manual_seed(n)
+        xy, wh = torch.rand(n, 2, generator=g) * 150, torch.rand(n, 2, generator=g) * 60 + 8
+        targets = Targets.from_list([{"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.arange(n) % 3},
+                                     {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+        torch.manual_seed(1)
+        with inductor_config.patch(fallback_random=True):
+            losses = compiled(images, targets)
+        torch.manual_seed(1)
+        eager = detector.loss(images, targets)
+        for name in eager:
+            torch.testing.assert_close(losses[name], eager[name], rtol=1e-3, atol=1e-4, msg=f"G={n} {name}")

@@ -46,7 +46,10 @@ class BalancedSampler:
         n = positive.shape[1]
         size = min(self.batch_size_per_image, n)
         max_pos = min(int(self.batch_size_per_image * self.positive_fraction), n)
-        noise = torch.rand(positive.shape, device=positive.device, generator=generator)
+        if generator is None:  # rand's generator overload takes no symbolic size: a compiled step whose box
+            noise = torch.rand(positive.shape, device=positive.device)  # count varies would fail to trace
+        else:
+            noise = torch.rand(positive.shape, device=positive.device, generator=generator)
         chosen = torch.zeros_like(positive)
         if max_pos > 0:  # the positive budget: the max_pos positives with the highest noise
             pos_key = torch.where(positive, noise, torch.full_like(noise, -1.0))
