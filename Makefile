@@ -12,12 +12,13 @@ STUDY_DIR ?= runs/study
 # e.g. `make study STUDY_ARGS="--scale 10 -- trainer=gpu"` on a GPU
 STUDY_ARGS ?=
 
-.PHONY: demo test test-slow browser bench bench-simclr study install clean help
+.PHONY: demo test test-slow test-gpu browser bench bench-simclr study install clean help
 
 help:
 	@echo "make demo       - set up .venv and run pretrain -> fine-tune -> evaluate on data/ (a few CPU minutes)"
 	@echo "make test       - set up .venv and run the test suite (fast tests)"
 	@echo "make test-slow  - the slow tests: real overfit trainings, DDP checks"
+	@echo "make test-gpu   - the device path on a CUDA GPU (NMS, RoIAlign, sync-free steps in every precision, CUDA graphs)"
 	@echo "make bench      - detector and evaluation benchmarks in scripts/ (see BENCHMARKS.md)"
 	@echo "make bench-simclr - SimCLR on CIFAR-10 images vs random init and raw pixels (needs ../shared/datasets)"
 	@echo "make study      - does SimCLR pretraining help detection? 24 fine-tunings on BCCD (~2 h on 2 CPU cores)"
@@ -52,6 +53,10 @@ browser:
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The device path on a CUDA GPU (tests/test_cuda.py; skipped without one).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/test_cuda.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_postprocess_eval.py

@@ -122,7 +122,8 @@ def profile(fn, steps: int, top_ops: int = 0) -> dict:
             syncs += 1
         elif e.name == "cudaMemcpyAsync":
             memcpys += 1
-        elif e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
+        elif e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                        "cudaGraphLaunch"):  # a CUDA-graph replay counts as one launch
             launches += 1
     if top_ops:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top_ops), file=sys.stderr)

@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_session.sh compile   # issue 16: compiled step, CUDA graphs, batch 8 (Faster R-CNN and YOLO)
 #   bash scripts/gpu_session.sh eager     # issue 16: eager re-measure after the sync fixes, with torchvision
+#   bash scripts/gpu_session.sh tests     # tests/test_cuda.py: the device path checked on the GPU (make test-gpu)
 #   bash scripts/gpu_session.sh views     # issue 17: SimCLR views on the device (BCCD images when ../shared is absent)
 #
 # Run from the repository root on the device machine with the wheels of .whl/ carried (see BENCHMARKS.md); each
@@ -28,9 +29,11 @@ compile)
 eager)
     timeout 540 python3 scripts/bench_gpu.py --batches 8 --precisions 32-true,16-mixed \
         > "$OUT/eager.md" 2> "$OUT/eager.log" ;;
+tests)
+    timeout 540 python3 -m pytest -q -m gpu tests/test_cuda.py -p no:cacheprovider > "$OUT/tests.log" 2>&1 ;;
 views)
     timeout 540 python3 scripts/bench_simclr_views.py --batch 512 > "$OUT/views.md" 2> "$OUT/views.log" ;;
 *)
-    echo "usage: bash scripts/gpu_session.sh compile|eager|views" >&2
+    echo "usage: bash scripts/gpu_session.sh compile|eager|tests|views" >&2
     exit 2 ;;
 esac

@@ -1,0 +1,113 @@
+"""The device path on a real GPU: device NMS and RoIAlign equal torchvision's kernels there, a training step of
+each detector in every precision is finite and never makes the GPU wait for the host (CUDA's own sync debug mode
+raises on any synchronising call), and a ``model.compile=reduce-overhead`` (CUDA graphs) run trains and evaluates.
+
+Skipped without CUDA (CI has no GPU); ``make test-gpu`` runs them on a GPU machine. ``DETKIT_TEST_DEVICE=cpu``
+runs the same checks on the CPU, to check the checks themselves (the sync debug mode is CUDA-only; the
+profiler-based :class:`~detkit.host_sync.HostSyncCounter` counts on any device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from detkit.host_sync import HostSyncCounter
+from detkit.models.detection.postprocess import batched_multiclass_nms
+from detkit.models.detection.roi_align import roi_align_gather
+from tests.test_cli import FAST_DATA, run
+from tests.test_detection_parts import _nms_case, _random_rois, _reference_loop
+from tests.test_host_sync import batch, build
+
+DEVICE = torch.device(os.environ.get("DETKIT_TEST_DEVICE", "cuda"))
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@contextlib.contextmanager
+def no_device_sync():
+    """Raise on any call that synchronises the host with the GPU (``torch.cuda.set_sync_debug_mode``)."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.parametrize("seed, thresh", [(7, 0.5), (11, 0.3), (13, 0.7)])
+def test_cluster_nms_on_the_device_keeps_the_boxes_of_torchvisions_loop(seed, thresh):
+    boxes, scores, labels, valid = _nms_case(seed)
+    dets = batched_multiclass_nms(*(t.to(DEVICE) for t in (boxes, scores, labels, valid)), thresh, 40,
+                                  strategy="cluster").cpu()
+    for (rb, rs, rl), d in zip(_reference_loop(boxes, scores, labels, valid, thresh, 40), dets.to_list()):
+        assert torch.equal(d["boxes"], rb) and torch.equal(d["scores"], rs) and torch.equal(d["labels"], rl)
+
+
+@pytest.mark.parametrize("sampling_ratio", [1, 2])
+def test_gather_roi_align_on_the_device_equals_torchvisions_kernel(sampling_ratio):
+    g = torch.Generator().manual_seed(sampling_ratio)
+    feats = torch.randn(3, 8, 25, 33, generator=g).to(DEVICE).requires_grad_()
+    rois = _random_rois(200, 3, 33 * 8, 25 * 8, g).float().to(DEVICE)
+    ref = roi_align(feats, rois, 7, 1 / 8, sampling_ratio, True)
+    out = roi_align_gather(feats, rois, 7, 1 / 8, sampling_ratio, True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    grad = torch.randn(ref.shape, generator=g).to(DEVICE)
+    torch.testing.assert_close(torch.autograd.grad(out, feats, grad)[0], torch.autograd.grad(ref, feats, grad)[0],
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("model", ["faster_rcnn", "yolo"])
+def test_a_training_step_on_the_device_is_finite_and_never_waits_for_the_host(model, precision):
+    module = build(model).to(DEVICE)
+    detector, dtype = module.detector, PRECISIONS[precision]
+    opt = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
+    images, targets = batch()
+    images, targets = images.to(DEVICE), targets.to(DEVICE)
+    for step in range(2):  # the first step fills the caches and lets cuDNN pick its kernels
+        with HostSyncCounter() as sync, no_device_sync():
+            with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                losses = detector.loss(images, targets, generator=module.sampling_generator(DEVICE))
+            total = sum(losses.values())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            if module.ema is not None:
+                module.ema.update(detector)
+    assert sync.total == 0, (dict(sync.counts), dict(sync.sites))
+    assert all(v.dtype == torch.float32 for v in losses.values())  # losses (and decoded boxes) stay fp32
+    assert torch.isfinite(torch.stack(list(losses.values()))).all().item(), losses
+    assert all(torch.isfinite(p).all().item() for p in detector.parameters())
+
+
+@pytest.mark.parametrize("model", ["yolo", "faster_rcnn"])
+def test_predict_on_the_device_equals_the_cpu(model):
+    module = build(model).eval()
+    images, _ = batch()
+    with torch.no_grad():
+        cpu = module.detector.predict(images)
+        device = module.detector.to(DEVICE).predict(images.to(DEVICE)).cpu()
+    assert torch.equal(cpu.valid, device.valid)
+    torch.testing.assert_close(device.boxes[cpu.valid], cpu.boxes[cpu.valid], atol=1e-2, rtol=1e-4)
+    torch.testing.assert_close(device.scores[cpu.valid], cpu.scores[cpu.valid], atol=1e-4, rtol=1e-3)
+
+
+def test_a_cuda_graph_compiled_training_run_trains_and_evaluates(tmp_path):
+    """``model.compile=reduce-overhead`` through Lightning: the step is captured as CUDA graphs, replayed each
+    step with new batches (varying box counts), logged, checkpointed and evaluated."""
+    trainer = ["trainer=gpu"] if DEVICE.type == "cuda" else ["trainer=cpu"]
+    r = run(["detkit-train", "model=yolo", "model.compile=reduce-overhead", *trainer, *FAST_DATA,
+             "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 < metrics["AP50"] <= 1.0, metrics
