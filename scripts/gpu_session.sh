@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements BENCHMARKS.md still lacks, one stage per device call (each well inside 10 minutes):
 #
-#   bash scripts/gpu_session.sh compile   # issue 16: compiled step, CUDA graphs, batch 8 (Faster R-CNN and YOLO)
+#   bash scripts/gpu_session.sh compile [PRECISION]  # issue 16: compiled step as CUDA graphs, batch 8, Faster
+#                                                    # R-CNN and YOLO (default 16-mixed; bf16-mixed has no scaler)
 #   bash scripts/gpu_session.sh eager     # issue 16: eager re-measure after the sync fixes, with torchvision
 #   bash scripts/gpu_session.sh tests     # tests/test_cuda.py: the device path checked on the GPU (make test-gpu)
 #   bash scripts/gpu_session.sh views     # issue 17: SimCLR views on the device (BCCD images when ../shared is absent)
@@ -24,7 +25,7 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 
 case "${1:-}" in
 compile)
-    timeout 540 python3 scripts/bench_gpu.py --impls detkit,yolo --precisions 16-mixed,32-true --batches 8 \
+    timeout 540 python3 scripts/bench_gpu.py --impls detkit,yolo --precisions "${2:-16-mixed}" --batches 8 \
         --compile --compile-mode reduce-overhead --skip-nms > "$OUT/compile.md" 2> "$OUT/compile.log" ;;
 eager)
     timeout 540 python3 scripts/bench_gpu.py --batches 8 --precisions 32-true,16-mixed \
