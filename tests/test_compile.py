@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.test_host_sync import batch, build
+from tests.test_host_sync import batch, build, targets_with
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="torch.compile on CPU needs a C++ compiler")
@@ -76,17 +76,12 @@ def test_a_new_box_count_recompiles_with_a_symbolic_box_dimension_that_equals_ea
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    from detkit.data.collate import Targets
-
     detector = build(model).detector
-    images, targets = batch()
+    images, _ = batch()
     torch._dynamo.reset()
     compiled = torch.compile(detector.loss, fullgraph=True)
     for n in (3, 11, 19):
-        g = torch.Generator().manual_seed(n)
-        xy, wh = torch.rand(n, 2, generator=g) * 150, torch.rand(n, 2, generator=g) * 60 + 8
-        targets = Targets.from_list([{"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.arange(n) % 3},
-                                     {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+        targets = targets_with(n)
         torch.manual_seed(1)
         with inductor_config.patch(fallback_random=True):
             losses = compiled(images, targets)

@@ -37,6 +37,14 @@ def batch() -> tuple[torch.Tensor, Targets]:
     return images, targets
 
 
+def targets_with(n: int) -> Targets:
+    """``n`` random boxes (3 classes) in the first image of :func:`batch`'s size, none in the second."""
+    g = torch.Generator().manual_seed(n)
+    xy, wh = torch.rand(n, 2, generator=g) * 150, torch.rand(n, 2, generator=g) * 60 + 8
+    return Targets.from_list([{"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.arange(n) % 3},
+                              {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+
+
 @pytest.mark.parametrize("model", ["faster_rcnn", "yolo"])
 def test_a_training_step_has_no_host_synchronisation(model):
     module = build(model)
@@ -147,9 +155,5 @@ def test_the_training_loss_compiles_as_one_graph_once(model):
     # Batches pad their boxes to a multiple of 8, so the box count G varies: the second G compiles once more,
     # with G symbolic (dynamo's automatic dynamic shapes), and every later G reuses that graph.
     for n in (11, 19):
-        g = torch.Generator().manual_seed(n)
-        xy, wh = torch.rand(n, 2, generator=g) * 150, torch.rand(n, 2, generator=g) * 60 + 8
-        more = Targets.from_list([{"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.arange(n) % 3},
-                                  {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
-        sum(compiled(images, more).values()).backward()
+        sum(compiled(images, targets_with(n)).values()).backward()
     assert counter.frame_count == 2
