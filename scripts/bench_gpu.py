@@ -142,6 +142,8 @@ def profile(fn, steps: int, top_ops: int = 0) -> dict:
 
 def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
     """Every (precision, batch) of one implementation, in this process."""
+    from detkit.lit.detection_module import CUDA_GRAPH_MODES
+
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.set_num_threads(args.threads) if device.type == "cpu" else None
@@ -163,8 +165,6 @@ def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             model.train()
-            from detkit.lit.detection_module import CUDA_GRAPH_MODES
-
             graphs = bool(args.compile) and impl != "torchvision" and args.compile_mode in CUDA_GRAPH_MODES
             step = train_step_fn(impl, model, images, targets, dtype, scaler, opt, loss_fn, graphs)
             warm = timed(step, args.warmup, device)

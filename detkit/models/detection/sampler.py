@@ -46,10 +46,10 @@ class BalancedSampler:
         n = positive.shape[1]
         size = min(self.batch_size_per_image, n)
         max_pos = min(int(self.batch_size_per_image * self.positive_fraction), n)
-        if generator is None:  # rand's generator overload takes no symbolic size: a compiled step whose box
-            noise = torch.rand(positive.shape, device=positive.device)  # count varies would fail to trace
-        else:
-            noise = torch.rand(positive.shape, device=positive.device, generator=generator)
+        # No generator keyword when there is none: rand's generator overload takes no symbolic size, and a compiled
+        # step whose padded box count varies traces this with a symbolic N.
+        drawn_from = {} if generator is None else {"generator": generator}
+        noise = torch.rand(positive.shape, device=positive.device, **drawn_from)
         chosen = torch.zeros_like(positive)
         if max_pos > 0:  # the positive budget: the max_pos positives with the highest noise
             pos_key = torch.where(positive, noise, torch.full_like(noise, -1.0))
