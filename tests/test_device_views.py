@@ -70,25 +70,44 @@ def test_identity_settings_reproduce_a_plain_resize():
 
 def test_source_image_letterboxes_and_reports_the_valid_size():
     img = np.full((50, 100, 3), 200, dtype=np.uint8)
+    img[:, :, 0] = np.arange(100, dtype=np.uint8)  # a ramp along x: the repeated last row keeps it
     out, size = SourceImage(64)(img)
     assert out.shape == (3, 64, 64) and size.tolist() == [64.0, 32.0]
-    assert out[:, :32].float().mean() == 200 and out[:, 32:].sum() == 0
+    assert (out[1:, :32] == 200).all() and (out[:, 32:] == out[:, 31:32]).all()  # padding repeats the last row
 
 
-def test_pretraining_runs_with_device_views(tmp_path):
+def test_pretraining_with_device_views_trains_on_two_distinct_views_of_every_image(tmp_path):
+    """Through Lightning: the batches the training step sees are two views per image made on the device, each view
+    distinct from every other in the step and from the previous step's, with pixels of the images only (the
+    synthetic images are letterboxed 64 x 48 into the source, so padding would show as the canvas value)."""
     import lightning as L
 
     from detkit.data.datamodule import PretrainDataModule
     from detkit.data.synthetic import make_synthetic_coco
     from detkit.lit.pretrain_module import SimCLRModule
 
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batches.append(tuple(t.clone() for t in batch))
+
     _, root = make_synthetic_coco(tmp_path / "syn", num_images=8)
     dm = PretrainDataModule(str(root), image_size=32, batch_size=4, num_workers=0, augment_on="device")
     model = SimCLRModule(small_stem=True, proj_hidden=64, proj_dim=32)
+    record = Record()
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["pretrain/loss"]))
+    views = []
+    for v1, v2 in record.batches:
+        assert v1.shape == v2.shape == (4, 3, 32, 32) and v1.dtype == torch.float32
+        assert 0 <= float(torch.cat([v1, v2]).min()) and float(torch.cat([v1, v2]).max()) <= 255
+        views += [v1, v2]
+    flat = torch.cat(views).flatten(1)
+    assert len(torch.unique(flat, dim=0)) == len(flat) == 16
 
 
 def test_device_views_read_nothing_back_to_the_host():
@@ -101,3 +120,85 @@ def test_device_views_read_nothing_back_to_the_host():
     with HostSyncCounter() as sync:
         views(images, sizes, g)
     assert sync.total == 0, dict(sync.counts)
+
+
+def _plain_views(size: int, **kw) -> DeviceSimCLRViews:
+    """Crops and flips only: what is left in a view is the crop-and-resize itself."""
+    return DeviceSimCLRViews(size=size, jitter_p=0.0, gray_p=0.0, blur_p=0.0, **kw)
+
+
+def test_views_of_a_letterboxed_image_never_show_the_padding():
+    """A white 40 x 23 image letterboxed in a 64 px source: every pixel of every view (crops up to the valid area's
+    edge, upsampled to 32 px) is white, as crop-then-resize of the image itself gives; bilinear samples near the
+    edge must not mix in the canvas beyond it."""
+    image = np.full((23, 40, 3), 255, dtype=np.uint8)
+    src, size = SourceImage(64)(image)
+    batch, sizes = src[None].repeat(64, 1, 1, 1), size[None].repeat(64, 1)
+    out = _plain_views(32, crop_scale=(0.08, 1.0))(batch, sizes, torch.Generator().manual_seed(0))
+    assert out.min() >= 254.5, f"{int((out < 254.5).any(1).flatten(1).any(1).sum())} of 128 views show padding"
+
+
+def test_the_source_is_never_upsampled():
+    """A 32 px image in a 64 px source keeps its own pixels (valid size 32 x 32, pixels unchanged), and a view at
+    the image's own size with the whole image as crop is the image, not a resampled copy."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    src, size = SourceImage(64)(image)
+    assert size.tolist() == [32.0, 32.0]
+    assert torch.equal(src[:, :32, :32], torch.from_numpy(image).permute(2, 0, 1))
+    views = _plain_views(32, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    out = views(src[None].repeat(4, 1, 1, 1), size[None].repeat(4, 1), torch.Generator().manual_seed(0))
+    ref = torch.from_numpy(image).permute(2, 0, 1).float()
+    for v in out:
+        assert min((v - ref).abs().max(), (v - ref.flip(-1)).abs().max()) < 1e-3
+
+
+def test_a_large_image_is_shrunk_to_fit_the_source():
+    image = np.full((300, 120, 3), 90, dtype=np.uint8)
+    src, size = SourceImage(64)(image)
+    assert src.shape == (3, 64, 64) and size.tolist() == [26.0, 64.0]
+    assert (src[:, :, :26] == 90).all()
+
+
+def test_small_views_default_to_no_blur_like_the_cpu_path():
+    from detkit.data.unlabeled import SimCLRViews
+
+    assert DeviceSimCLRViews(size=32).blur_p == SimCLRViews(32).blur_p == 0.0
+    assert DeviceSimCLRViews(size=96).blur_p == SimCLRViews(96).blur_p == 0.5
+    assert DeviceSimCLRViews(size=32, blur_p=0.3).blur_p == 0.3
+
+
+def test_every_micro_batch_and_every_rank_draws_its_own_views(tmp_path):
+    """With gradient accumulation the micro-batches of one optimiser step, and under DDP the ranks, must not share
+    a generator seed (a seed of data seed and global step alone repeats across both)."""
+    import lightning as L
+
+    from detkit.data.datamodule import PretrainDataModule
+    from detkit.data.device_views import device_view_seed
+    from detkit.lit.pretrain_module import SimCLRModule
+
+    seeds = {device_view_seed(0, b, r) for b in range(64) for r in range(8)}
+    assert len(seeds) == 64 * 8 and device_view_seed(0, 3, 1) == device_view_seed(0, 3, 1)
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.views = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.views.append(batch[0].clone())
+
+    import cv2
+
+    root = tmp_path / "copies"  # the same image in every batch of one: a repeated seed would repeat the views
+    root.mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for i in range(4):
+        cv2.imwrite(str(root / f"{i}.png"), image)
+    dm = PretrainDataModule(str(root), image_size=32, batch_size=1, num_workers=0, augment_on="device")
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[record])
+    trainer.fit(SimCLRModule(small_stem=True, proj_hidden=32, proj_dim=16), datamodule=dm)
+    assert len(record.views) == 4
+    assert len(torch.unique(torch.cat(record.views).flatten(1), dim=0)) == 4

@@ -155,8 +155,8 @@ def test_pretraining_views_change_from_epoch_to_epoch(tmp_path: Path):
     loader, epochs = dm.train_dataloader(), []  # one loader for the run, as Lightning uses it
     for _ in range(2):
         (v1, v2), = list(loader)
-        epochs.append(sorted(v1.flatten(1).long().sum(1).tolist()))
-    assert epochs[0] != epochs[1]
+        epochs.append([sorted(v.flatten(1).long().sum(1).tolist()) for v in (v1, v2)])
+    assert epochs[0][0] != epochs[1][0] and epochs[0][1] != epochs[1][1]  # both views
 
 
 def test_lars_scales_each_step_by_the_trust_ratio_and_skips_no_decay_groups():
@@ -225,3 +225,14 @@ def test_pretraining_killed_and_resumed_from_last_checkpoint_equals_an_uninterru
     assert not [k for k in full if not torch.equal(full[k], resumed[k])]
     metrics = json.loads((cut / "pretrain_metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["epochs_this_run"] == 1
+
+
+def test_projector_ends_with_batch_norm_like_simclrs_code_and_lightlys_head():
+    from detkit.models.ssl.simclr import Projector
+
+    proj = Projector(64, 32, 16).train()
+    assert isinstance(proj.net[-1], torch.nn.BatchNorm1d) and proj.net[-2].bias is None
+    z = proj(torch.randn(256, 64) * 5 + 3)
+    torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-4, rtol=0)  # standardised per dimension
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(16), atol=1e-2, rtol=0)
+    assert isinstance(Projector(64, 32, 16, out_bn=False).net[-1], torch.nn.Linear)

@@ -142,17 +142,19 @@ class PretrainDataModule(L.LightningDataModule):
         ann_file: optional COCO json whose images are used (e.g. a detection dataset's train split).
         image_size: side of the random resized crops.
         crop_scale: crop area range of the random resized crop.
-        blur_p: Gaussian-blur probability (the paper uses 0.5; often 0 for 32 px CIFAR images).
+        blur_p: Gaussian-blur probability; ``None``: 0.5 for views above 32 px (the paper's ImageNet recipe), 0 at
+            32 px and below (its CIFAR recipe; see :func:`detkit.data.unlabeled.default_blur_p`).
         batch_size, num_workers: loader settings.
         knn_train / knn_val: ImageFolder trees (bank / queries) for the kNN monitor; ``knn_per_class`` caps them.
         augment_on: ``"cpu"``: views made by albumentations in the loader workers, one image at a time;
-            ``"device"``: the loader letterboxes each image to ``source_size`` (default twice ``image_size``) and
+            ``"device"``: the loader letterboxes each image into a ``source_size`` canvas (default twice
+            ``image_size``; images are shrunk to fit, never enlarged) and
             :class:`detkit.data.device_views.DeviceSimCLRViews` makes both views of the whole batch on the
             training device (same recipe; ``solarize_p`` only there).
     """
 
     def __init__(self, images: str, ann_file: str | None = None, image_size: int = 64,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 0.5, batch_size: int = 128,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float | None = None, batch_size: int = 128,
                  num_workers: int = 2, knn_train: str | None = None, knn_val: str | None = None,
                  knn_per_class: int | None = 100, seed: int = 0, augment_on: str = "cpu",
                  source_size: int | None = None, solarize_p: float = 0.0) -> None:

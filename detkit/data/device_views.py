@@ -1,8 +1,8 @@
 """SimCLR views made on the device, a whole batch at once (``data.augment_on=device``).
 
 The CPU path (:class:`detkit.data.unlabeled.SimCLRViews`, albumentations in the loader workers) augments one image
-at a time; at GPU speeds the workers cannot keep up. Here the loader only decodes and letterboxes each image to a
-fixed *source* size (:class:`SourceImage`), and :class:`DeviceSimCLRViews` draws every view's parameters
+at a time; at GPU speeds the workers cannot keep up. Here the loader only decodes each image and places it in a
+fixed-size *source* canvas (:class:`SourceImage`: shrunk to fit, never enlarged, edges repeated), and :class:`DeviceSimCLRViews` draws every view's parameters
 independently per image and per view on the device and applies them as batched tensor ops:
 
 * random resized crop: area fraction ``U(scale)`` of the image (its valid, unpadded part) and ``log(w/h)``
@@ -30,12 +30,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from detkit.data.unlabeled import default_blur_p
+
 GRAY = torch.tensor([0.299, 0.587, 0.114])
 
 
 class SourceImage:
-    """Loader-side transform for device views: RGB ``uint8 [H, W, 3]`` -> (``uint8 [3, S, S]`` letterboxed at the
-    top-left, resized so the longer side is ``S``; ``float32 [2]`` the valid width and height in ``S`` pixels)."""
+    """Loader-side transform for device views: RGB ``uint8 [H, W, 3]`` -> (``uint8 [3, S, S]``, ``float32 [2]`` the
+    valid width and height in ``S`` pixels).
+
+    The image sits at the top-left of the ``S x S`` canvas. An image larger than ``S`` is shrunk (area
+    interpolation) so that its longer side is ``S``; a smaller one keeps its own pixels: enlarging it would only
+    blur what the crops sample (a 32 px image upsampled to 64 and sampled back loses a third of its sharpness). The
+    canvas beyond the image repeats its last row and column, so that bilinear samples at the image's edge read the
+    edge pixel, as cropping then resizing the image itself does, and never the padding.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
@@ -44,12 +53,19 @@ class SourceImage:
         import cv2
 
         h, w = image.shape[:2]
-        scale = self.size / max(h, w)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        out = np.zeros((self.size, self.size, 3), dtype=np.uint8)
-        out[:nh, :nw] = resized
+        scale = min(1.0, self.size / max(h, w))
+        nw, nh = min(self.size, max(1, round(w * scale))), min(self.size, max(1, round(h * scale)))
+        resized = image if (nw, nh) == (w, h) else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        out = cv2.copyMakeBorder(np.ascontiguousarray(resized), 0, self.size - nh, 0, self.size - nw,
+                                 cv2.BORDER_REPLICATE)
         return torch.from_numpy(out.transpose(2, 0, 1).copy()), torch.tensor([nw, nh], dtype=torch.float32)
+
+
+def device_view_seed(seed: int, batch_number: int, rank: int) -> int:
+    """The generator seed of one training batch's device views: a function of the run's data ``seed``, the batch's
+    number in the run (every micro-batch of a gradient-accumulation group has its own) and the process ``rank``
+    (every DDP process draws its own views), so no two batches of a run share their draws."""
+    return hash((int(seed), int(batch_number), int(rank))) % 2**63
 
 
 def sample_crops(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
@@ -104,16 +120,16 @@ class DeviceSimCLRViews(nn.Module):
 
     Args mirror :class:`detkit.data.unlabeled.SimCLRViews`: ``size`` (view side), ``crop_scale``, ``jitter``
     (strength ``s``: brightness/contrast/saturation ``s``, hue ``s / 4``), ``jitter_p``, ``gray_p``, ``blur_p``,
-    plus ``solarize_p``.
+    plus ``solarize_p``; ``blur_p=None`` follows :func:`detkit.data.unlabeled.default_blur_p`.
     """
 
     def __init__(self, size: int = 64, crop_scale: tuple[float, float] = (0.08, 1.0), jitter: float = 0.4,
-                 jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 0.5, solarize_p: float = 0.0,
+                 jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float | None = None, solarize_p: float = 0.0,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         super().__init__()
         self.size, self.crop_scale, self.ratio = int(size), tuple(crop_scale), tuple(ratio)
-        self.jitter, self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = jitter, jitter_p, gray_p, blur_p, \
-            solarize_p
+        self.jitter, self.jitter_p, self.gray_p, self.solarize_p = jitter, jitter_p, gray_p, solarize_p
+        self.blur_p = default_blur_p(self.size, blur_p)
         self.kernel = max(3, int(0.1 * self.size) // 2 * 2 + 1)  # ~10% of the side, odd (as the CPU path)
 
     def _u(self, n: int, lo: float, hi: float, g: torch.Generator, dev) -> torch.Tensor:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 
+from detkit.data.device_views import device_view_seed
 from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
@@ -47,7 +48,8 @@ class SimCLRModule(L.LightningModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """With ``data.augment_on=device`` the batch is ``(letterboxed uint8 images, valid sizes)``: both views of
-        every image are made here, on the device, from a generator seeded by (data seed, step)."""
+        every image are made here, on the device, from a generator seeded by (data seed, batch number, rank): see
+        :func:`detkit.data.device_views.device_view_seed`."""
         views = getattr(self.trainer.datamodule, "device_views", None) if self._trainer is not None else None
         if views is None or not self.trainer.training:
             return batch
@@ -55,8 +57,12 @@ class SimCLRModule(L.LightningModule):
         key = str(images.device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=images.device)
-        seed = int(getattr(self.trainer.datamodule, "seed", 0))
-        generator = self._generators[key].manual_seed(seed * 1_000_003 + self.global_step)
+        # The batch's number in the run: Lightning counts a batch "ready" after this hook, so the running count is
+        # this batch's 0-based index over all epochs (restored from a checkpoint on resume).
+        batch_number = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        seed = device_view_seed(int(getattr(self.trainer.datamodule, "seed", 0)), batch_number,
+                                self.trainer.global_rank)
+        generator = self._generators[key].manual_seed(seed)
         both = views(images, sizes, generator)
         return both[: len(images)], both[len(images):]
 

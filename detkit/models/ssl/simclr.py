@@ -10,12 +10,20 @@ from torch import nn
 
 
 class Projector(nn.Module):
-    """``Linear -> BatchNorm1d -> ReLU -> Linear``: ``[N, in_dim] -> [N, out_dim]``."""
+    """``Linear -> BatchNorm1d -> ReLU -> Linear -> BatchNorm1d``: ``[N, in_dim] -> [N, out_dim]``.
 
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> None:
+    The output BatchNorm (no bias before it, as before the hidden one) is the projection head of SimCLR's own code
+    and of lightly's ``SimCLRProjectionHead``; ``out_bn=False`` gives the paper's text version (a plain last
+    ``Linear``).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, out_bn: bool = True) -> None:
         super().__init__()
+        last: list[nn.Module] = [nn.Linear(hidden_dim, out_dim, bias=not out_bn)]
+        if out_bn:
+            last.append(nn.BatchNorm1d(out_dim))
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+                                 nn.ReLU(inplace=True), *last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
