@@ -76,3 +76,38 @@ def test_reports_are_written_beside_metrics(tmp_path):
     assert report["best_f1_confidence"] == pytest.approx(0.301) and report["F1"] == pytest.approx(0.4)
     assert report["confusion_matrix"]["labels"] == ["cat", "dog", "background"]
     assert report["confusion_matrix"]["counts"] == [[2, 0, 0], [1, 0, 0], [1, 0, 0]]
+
+
+# Image 3: a large crowd region of dogs at [0,0,60,60] and a real cat at [70,70,20,20]. COCOeval measures a
+# detection against a crowd region by the intersection over the *detection's* area, within the detection's class.
+CROWD_GT = {
+    "images": [{"id": 3, "width": 100, "height": 100, "file_name": "3.jpg"}],
+    "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    "annotations": [
+        {"id": 0, "image_id": 3, "category_id": 2, "bbox": [0, 0, 60, 60], "area": 3600, "iscrowd": 1},
+        {"id": 1, "image_id": 3, "category_id": 1, "bbox": [70, 70, 20, 20], "area": 400, "iscrowd": 0},
+    ],
+}
+CROWD_RESULTS = [
+    {"image_id": 3, "category_id": 2, "bbox": [10, 10, 10, 10], "score": 0.9},   # dog inside the dog crowd: ignored
+    {"image_id": 3, "category_id": 1, "bbox": [30, 30, 10, 10], "score": 0.8},   # cat inside the dog crowd: false
+    {"image_id": 3, "category_id": 1, "bbox": [70, 70, 20, 20], "score": 0.7},   # cat TP
+    {"image_id": 3, "category_id": 1, "bbox": [0, 0, 60, 60], "score": 0.6},     # cat on the dog crowd: false
+]
+
+
+def test_a_detection_inside_a_crowd_region_is_ignored_as_cocoeval_ignores_it():
+    """The dog detection lies inside, not on, the crowd box (IoU 100/3600, intersection over its area 1): COCOeval
+    and the curves ignore it, and so must the matrix; a cat inside or on the dog crowd is a false detection for both
+    (COCOeval matches within a class)."""
+    r = detection_report(CROWD_GT, CROWD_RESULTS)
+    cat, dog = 0, 1
+    p, rec, _ = r.at(0.5)
+    assert np.isnan(p[dog])  # COCOeval ignored the only dog detection: there is none to count
+    assert p[cat] == pytest.approx(1 / 3) and rec[cat] == 1.0  # the cats in/on the dog crowd are false positives
+    m = confusion_matrix(CROWD_GT, CROWD_RESULTS, iou=0.5, confidence=0.25)
+    bg = 2
+    expected = np.zeros((3, 3), int)
+    expected[cat, cat] = 1   # the real cat found
+    expected[bg, cat] = 2    # the cats inside and on the dog crowd: false detections, as COCOeval counts them
+    np.testing.assert_array_equal(m, expected)  # the dog inside the crowd: neither found nor false

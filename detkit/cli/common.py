@@ -1,4 +1,5 @@
-"""Shared plumbing of the Hydra entry points: resolvers, start-up checks, clean errors, loggers and callbacks."""
+"""Shared plumbing of the Hydra entry points: start-up checks, clean errors, loggers and callbacks (the config
+resolvers are registered where configs are composed or loaded: :mod:`detkit.run_config`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.data.coco import CategoryMismatchError
@@ -22,35 +23,13 @@ from detkit.eval.coco_eval import PredictionError
 from detkit.export import ExportError
 from detkit.lit.divergence import TrainingDivergedError
 from detkit.models.backbones import EncoderLoadError
+from detkit.run_config import register_resolvers  # noqa: F401  (re-exported: its former home)
 
 log = logging.getLogger("detkit")
 
 #: Errors caused by user input: reported as one clear message, without a traceback.
 USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError,
                ConfigKeyError, CategoryMismatchError, TrainingDivergedError, ExportError)
-
-
-def _default_data_dir() -> str:
-    repo_data = Path(__file__).resolve().parents[2] / "data"
-    return str(repo_data if repo_data.is_dir() else Path.cwd() / "data")
-
-
-def _product(*values: float) -> float:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
-def register_resolvers() -> None:
-    """``${detkit_data:}``: the embedded data folder; ``${detkit_mul:a,b}``: a product (e.g. steps x scale)."""
-    if not OmegaConf.has_resolver("detkit_data"):
-        OmegaConf.register_new_resolver("detkit_data", _default_data_dir)
-    if not OmegaConf.has_resolver("detkit_mul"):
-        OmegaConf.register_new_resolver("detkit_mul", _product)
-
-
-register_resolvers()
 
 
 def check_torchvision_ops(accelerator: str) -> None:

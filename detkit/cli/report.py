@@ -1,6 +1,7 @@
 """``detkit-report RUN``: (re)write ``RUN/report.html``, the results browser of an evaluated run (see
 :mod:`detkit.eval.html_report`), from the run's ``metrics.json``, ``predictions.json`` and ``.hydra/config.yaml``
-(for the ground truth and the images: ``data.val_ann`` and ``data.val_images``; ``--ann``/``--images`` override).
+(for the ground truth and the images: ``data.val_ann`` and ``data.val_images``; ``--ann``/``--images`` override),
+loaded with :func:`detkit.run_config.load_run_config`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from detkit.eval.html_report import build_report
+from detkit.run_config import load_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("metrics.json", "predictions.json"):
             if not (run / name).is_file():
                 raise FileNotFoundError(f"{run / name} does not exist: is {run} an evaluated detkit run?")
-        cfg = OmegaConf.load(run / ".hydra" / "config.yaml") if (run / ".hydra" / "config.yaml").is_file() else \
-            OmegaConf.create({})
+        cfg = load_run_config(run)
         ann = args.ann or OmegaConf.select(cfg, "data.val_ann") or OmegaConf.select(cfg, "ground_truth")
         images = args.images or OmegaConf.select(cfg, "data.val_images")
         if not ann or not images:

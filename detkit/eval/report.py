@@ -11,7 +11,10 @@
   row and column "background". Per image, detections with ``score >= confidence`` are taken by decreasing score
   and each matches the unmatched ground truth of *any* class with the highest IoU ``>= iou``; a detection that
   matches nothing is a false detection (row background), a ground truth left unmatched is a missed object (column
-  background). Detections that overlap a crowd region at ``>= iou`` are ignored, as COCOeval ignores them.
+  background). A detection that matches no ground truth but covers a crowd region *of its own class* by
+  ``intersection / detection area >= iou`` is ignored, as COCOeval ignores it (COCOeval's IoU against a crowd
+  region divides by the detection's area, so a small detection inside a large crowd box is ignored too; and it
+  matches within one class, so a detection on another class's crowd region is a false detection).
 """
 
 from __future__ import annotations
@@ -157,6 +160,16 @@ def _iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
+def _crowd_overlap(d: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """COCOeval's IoU of detections ``[N]`` against crowd regions ``[M]`` (xywh): the intersection over the
+    detection's area, ``[N, M]``."""
+    iw = np.clip(np.minimum(d[:, None, 0] + d[:, None, 2], crowd[None, :, 0] + crowd[None, :, 2])
+                 - np.maximum(d[:, None, 0], crowd[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(d[:, None, 1] + d[:, None, 3], crowd[None, :, 1] + crowd[None, :, 3])
+                 - np.maximum(d[:, None, 1], crowd[None, :, 1]), 0, None)
+    return iw * ih / np.maximum(d[:, 2] * d[:, 3], 1e-12)[:, None]
+
+
 def confusion_matrix(gt: dict, results: Sequence[dict], iou: float = 0.5, confidence: float = 0.25) -> np.ndarray:
     """``[K + 1, K + 1]`` confusion counts (see the module docstring); classes in ``gt["categories"]`` order."""
     index = {c["id"]: k for k, c in enumerate(gt["categories"])}
@@ -172,12 +185,15 @@ def confusion_matrix(gt: dict, results: Sequence[dict], iou: float = 0.5, confid
     for im in gt["images"]:
         anns = gts.get(im["id"], [])
         real = [a for a in anns if not a.get("iscrowd", 0)]
-        crowd = np.asarray([a["bbox"] for a in anns if a.get("iscrowd", 0)], dtype=float).reshape(-1, 4)
+        crowds = [a for a in anns if a.get("iscrowd", 0)]
+        crowd = np.asarray([a["bbox"] for a in crowds], dtype=float).reshape(-1, 4)
         ds = sorted(dets.get(im["id"], []), key=lambda r: -r["score"])
         d_boxes = np.asarray([r["bbox"] for r in ds], dtype=float).reshape(-1, 4)
         g_boxes = np.asarray([a["bbox"] for a in real], dtype=float).reshape(-1, 4)
         ious = _iou_xywh(d_boxes, g_boxes)
-        crowd_hit = (_iou_xywh(d_boxes, crowd) >= iou).any(1) if len(crowd) else np.zeros(len(ds), bool)
+        same_class = np.asarray([[r["category_id"] == a["category_id"] for a in crowds] for r in ds],
+                                bool).reshape(len(ds), len(crowds))
+        crowd_hit = ((_crowd_overlap(d_boxes, crowd) >= iou) & same_class).any(1)
         taken = np.zeros(len(real), bool)
         for i, r in enumerate(ds):  # greedy by score: the host-side bookkeeping of a report, not a training step
             cand = np.where(~taken & (ious[i] >= iou), ious[i], -1.0)
