@@ -23,10 +23,10 @@ def test_monitor_names_the_step_and_every_term():
     assert "loss_b=200000" in text and "lower the learning rate" in text
 
 
-def test_monitor_checks_every_nth_step_only():
+def test_monitor_reads_every_nth_step_and_names_the_first_bad_one():
     monitor = DivergenceMonitor(every=5)
-    monitor.record(3, {"loss": torch.tensor(float("inf"))}, {})  # not a checked step
-    with pytest.raises(TrainingDivergedError, match="step 5"):
+    monitor.record(3, {"loss": torch.tensor(float("inf"))}, {})  # not a read step: recorded, not yet raised
+    with pytest.raises(TrainingDivergedError, match="step 3"):
         monitor.record(5, {"loss": torch.tensor(float("inf"))}, {})
 
 

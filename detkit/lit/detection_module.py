@@ -155,12 +155,17 @@ class DetectionModule(L.LightningModule):
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
 
     def sampling_generator(self, device: torch.device) -> torch.Generator:
-        """This step's generator for anchor/RoI sampling: one per device, created once and reseeded from (seed,
-        step) every step, so a resumed run draws exactly what it would have drawn (reseeding is host-side)."""
+        """This batch's generator for anchor/RoI sampling: one per device, created once and reseeded every batch
+        from (seed, the batch's number in the run, process rank), so a resumed run draws exactly what it would have
+        drawn, and neither the micro-batches of one accumulation group nor the DDP ranks share their draws
+        (reseeding is host-side)."""
         key = str(device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device)
-        return self._generators[key].manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        trainer = self._trainer
+        batch = trainer.fit_loop.epoch_loop.total_batch_idx if trainer is not None else self.global_step
+        rank = trainer.global_rank if trainer is not None else 0
+        return self._generators[key].manual_seed(hash((self.hparams.seed, batch, rank)) % 2**63)
 
     @property
     def loss_fn(self) -> Callable:

@@ -2,8 +2,10 @@
 
 SGD with momentum in which each parameter tensor's step is scaled by a trust ratio
 ``eta * ||w|| / (||g|| + weight_decay * ||w||)``, so every layer moves by a similar fraction of its own norm.
-As in SimCLR, tensors without weight decay (BatchNorm weights/biases and biases: the no-decay groups made by
-:func:`detkit.lit.optim.param_groups`) are excluded from the adaptation and take plain SGD-momentum steps.
+As in SimCLR, 1-d tensors (BatchNorm weights and biases, biases: those :func:`detkit.lit.optim.param_groups` also
+keeps out of weight decay) are excluded from the adaptation and take plain SGD-momentum steps. Adaptation is its own
+setting, independent of the weight decay: with ``weight_decay=0`` the weight matrices still adapt. A group's
+``lars`` key (true/false) overrides the rule for all its tensors.
 Swap it in for pretraining with ``model.optimizer._target_=detkit.lit.lars.LARS`` (same arguments as SGD, plus
 ``trust_coefficient``).
 """
@@ -18,7 +20,7 @@ from torch.optim import Optimizer
 
 class LARS(Optimizer):
     """Args:
-        params: parameters or parameter groups; a group adapts when ``group.get("lars", weight_decay > 0)``.
+        params: parameters or parameter groups; a tensor adapts when ``group.get("lars", tensor.ndim > 1)``.
         lr, momentum, weight_decay, nesterov: as ``torch.optim.SGD``.
         trust_coefficient: ``eta`` of the trust ratio (0.001 in the LARS and SimCLR papers).
         eps: added to the denominator.
@@ -40,13 +42,12 @@ class LARS(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             wd, momentum = group["weight_decay"], group["momentum"]
-            adapt = group.get("lars", wd > 0)
             # A loop over parameter tensors (not over elements), as in torch.optim.SGD's reference path.
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 d_p = p.grad
-                if adapt:
+                if group.get("lars", p.ndim > 1):
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d_p)
                     trust = torch.where((w_norm > 0) & (g_norm > 0),
                                         group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"]),

@@ -40,7 +40,9 @@ def total_training_steps(trainer, datamodule=None) -> int:
         batches = min(batches, limit)
     elif limit is not None:
         batches = int(batches * float(limit))
-    return max(1, batches // max(1, trainer.accumulate_grad_batches) * max(1, trainer.max_epochs))
+    # Lightning steps the optimiser after every ``accumulate`` batches and after the epoch's last batch, even when
+    # the last group is incomplete: ceil, not floor (10 batches, accumulate 4: steps after batches 4, 8 and 10).
+    return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)) * max(1, trainer.max_epochs))
 
 
 def _steps(value: float, total: int) -> float:

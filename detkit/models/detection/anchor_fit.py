@@ -77,8 +77,11 @@ def kmeans_iou(wh: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> n
     ``seed``; a cluster's centre is its members' median shape). Sorted by area."""
     rng = np.random.default_rng(seed)
     wh = wh[(wh > 0).all(1)]
-    if len(wh) <= k:
-        return np.sort(np.pad(wh, ((0, k - len(wh)), (0, 0)), mode="edge") if len(wh) else np.ones((k, 2)), 0)
+    if len(wh) <= k:  # every box is a centre (as (w, h) pairs), the largest repeated to make k
+        if not len(wh):
+            return np.ones((k, 2))
+        shapes = wh[np.argsort(wh.prod(1), kind="stable")]
+        return np.concatenate([shapes, np.repeat(shapes[-1:], k - len(shapes), 0)])
     centres = wh[[rng.integers(len(wh))]]
     while len(centres) < k:  # k-means++: far (low-IoU) shapes are likelier next centres
         d = 1 - _shape_iou(wh, centres).max(1)
