@@ -1,17 +1,20 @@
 """detkit's SimCLR against lightly's on the same images, encoder, schedule and view recipe, probed the same way.
 
     python scripts/bench_simclr_peer.py [--per-class 100] [--epochs 3] [--batch-size 128] [--augment-on cpu|device]
-                                        [--device cpu|cuda] [--impls detkit,lightly]
+                                        [--device cpu|cuda] [--impls detkit,lightly,random] [--stem small|standard]
 
-Both train detkit's ResNet-18 encoder (3x3 stem for 32 px) + a 512-512-128 projector with NT-Xent (temperature
+Both train detkit's ResNet-18 encoder (3x3 stem for 32 px, or ``--stem standard``: torchvision's 7x7/2 stem and
+max-pool, 16x fewer FLOPs, for CPU-scale runs) + a 512-512-128 projector (Linear-BN-ReLU-Linear-BN, lightly's
+``SimCLRProjectionHead`` and detkit's ``Projector``) with NT-Xent (temperature
 0.2) on the first ``--per-class`` images of each class of cifar10/train (labels unused), SGD momentum 0.9,
 lr 0.6 x batch / 256, weight decay 1e-4 (none on norms and biases), 10% warm-up + cosine, the SimCLR views at
 32 px (crop 0.08-1, flip, colour jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2, no blur at 32 px). detkit runs its
 own ``SimCLRModule`` under Lightning (views on the CPU workers or on the device, ``--augment-on``); lightly runs
 its ``SimCLRTransform``, ``SimCLRProjectionHead`` and ``NTXentLoss`` in a plain PyTorch loop (as its tutorials
 do) with the same loader settings. Each runs in its own process; then ``detkit-probe`` measures both encoders
-(kNN k=20 and k=1, linear probe) on cifar10/train -> cifar10/test. lightly is a benchmark-only dependency
-(``pip install lightly``), never one of detkit's.
+(kNN k=20 and k=1, linear probe) on cifar10/train -> cifar10/test; the ``random`` arm probes the same encoder
+untrained (the floor both must clear). lightly is a benchmark-only dependency (``pip install lightly``), never one
+of detkit's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,13 +38,13 @@ BIN = Path(sys.executable).parent
 
 
 def subset(train_dir: Path, per_class: int, out: Path) -> Path:
-    """A tree of symlinks to the first ``per_class`` images of each class."""
+    """A copy of the first ``per_class`` images of each class (copies, not links: detkit reads no file outside the
+    folder it is given, and a link into ../shared points outside)."""
     for cls in sorted(p for p in train_dir.iterdir() if p.is_dir()):
         (out / cls.name).mkdir(parents=True, exist_ok=True)
         for f in sorted(cls.iterdir())[:per_class]:
-            link = out / cls.name / f.name
-            if not link.exists():
-                os.symlink(f.resolve(), link)
+            if not (out / cls.name / f.name).exists():
+                shutil.copyfile(f, out / cls.name / f.name)
     return out
 
 
@@ -60,7 +64,7 @@ def run_detkit(args, images: Path, out: Path) -> dict:
     L.seed_everything(0, workers=True)
     dm = PretrainDataModule(str(images), image_size=args.size, crop_scale=(0.08, 1.0), blur_p=0.0,
                             batch_size=args.batch_size, num_workers=args.workers, augment_on=args.augment_on)
-    model = SimCLRModule(depth=18, small_stem=True, proj_hidden=512, proj_dim=128, temperature=args.temperature,
+    model = SimCLRModule(depth=18, small_stem=args.stem == "small", proj_hidden=512, proj_dim=128, temperature=args.temperature,
                          optimizer={"_target_": "torch.optim.SGD", "lr": args.lr, "momentum": 0.9,
                                     "weight_decay": 1e-4}, warmup=0.1, scale_lr=True)
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=args.epochs,
@@ -92,7 +96,7 @@ def run_lightly(args, images: Path, out: Path) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0,
                                          pin_memory=args.device == "cuda")
-    encoder = ResNetEncoder(depth=18, small_stem=True).to(dev)
+    encoder = ResNetEncoder(depth=18, small_stem=args.stem == "small").to(dev)
     head = SimCLRProjectionHead(encoder.out_dim, 512, 128).to(dev)
     criterion = NTXentLoss(temperature=args.temperature)
     params = [(f"encoder.{n}", p) for n, p in encoder.named_parameters()] + \
@@ -123,6 +127,17 @@ def run_lightly(args, images: Path, out: Path) -> dict:
             "encoder": str(out / "lightly_encoder.pt")}
 
 
+def run_random(args, images: Path, out: Path) -> dict:
+    """The floor: the same encoder at its random initialisation, probed the same way."""
+    from detkit.models.backbones import ResNetEncoder, save_encoder
+
+    torch.manual_seed(0)
+    encoder = ResNetEncoder(depth=18, small_stem=args.stem == "small")
+    save_encoder(encoder, out / "random_encoder.pt", {"method": "random", "impl": "random"})
+    return {"impl": "random init (no training)", "wall_s": float("nan"), "img_s": float("nan"),
+            "peak_mb": peak_memory_mb("cpu"), "final_loss": float("nan"), "encoder": str(out / "random_encoder.pt")}
+
+
 def probe(encoder: str, cifar: Path, per_class: int, workers: int) -> dict:
     r = subprocess.run([str(BIN / "detkit-probe"), encoder, str(cifar / "train"), str(cifar / "test"),
                         "--per-class", str(per_class), "--workers", str(workers)],
@@ -144,7 +159,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32-true", help="Lightning precision (16-mixed / bf16-mixed on a GPU)")
     p.add_argument("--augment-on", default="cpu", choices=["cpu", "device"])
-    p.add_argument("--impls", default="detkit,lightly")
+    p.add_argument("--impls", default="detkit,lightly,random")
+    p.add_argument("--stem", default="small", choices=["small", "standard"])
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_simclr_peer"))
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--images", help=argparse.SUPPRESS)
@@ -152,7 +168,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.impl:  # child process: train one implementation
-        fn = run_detkit if args.impl == "detkit" else run_lightly
+        fn = {"detkit": run_detkit, "lightly": run_lightly, "random": run_random}[args.impl]
         print(json.dumps(fn(args, Path(args.images), out)))
         return
     images = subset(Path(args.cifar) / "train", args.per_class, Path(tempfile.mkdtemp()) / "train")
@@ -168,6 +184,7 @@ def main() -> None:
         rows.append(row)
     n = args.per_class * 10
     print(f"SimCLR on {n} cifar10/train images, {args.epochs} epochs, batch {args.batch_size}, {args.size} px, "
+          f"ResNet-18 {args.stem} stem, "
           f"{args.device}, {args.precision}, torch {torch.__version__}; probe: {args.probe_per_class}/class train -> "
           f"{args.probe_per_class}/class test")
     print("| impl | img/s | wall s | peak MB | final loss | kNN k=20 | kNN k=1 | linear probe |")
@@ -175,7 +192,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['impl']} | {r['img_s']:.1f} | {r['wall_s']:.1f} | {r['peak_mb']:.0f} | {r['final_loss']:.3f} | "
               f"{r['knn_top1']:.3f} | {r['knn_top1_k1']:.3f} | {r['linear_probe_top1']:.3f} |")
-    if len(rows) == 2:
+    if len(rows) >= 2 and rows[0]["impl"].startswith("detkit") and rows[1]["impl"] == "lightly":
         print(f"| ratio {rows[0]['impl']} / {rows[1]['impl']} | {rows[0]['img_s'] / rows[1]['img_s']:.2f}x | | "
               f"{rows[0]['peak_mb'] / rows[1]['peak_mb']:.2f}x | | | | |")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
