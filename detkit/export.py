@@ -10,10 +10,12 @@ side is ``S``, the checkpoint's training size unless given, and padded at the bo
   padding (``D`` = ``detections_per_img``).
 
 The graph is the model's own fixed-shape inference path, traced by ``torch.export`` (``torch.onnx.export(...,
-dynamo=True)``): top-k candidate selection and Cluster-NMS as dense tensor ops, iterated a fixed number of times
-(:data:`NMS_ITERATIONS`, which reaches the fixed point of greedy NMS on real detections; a traced graph cannot loop
-until convergence), and torchvision's RoIAlign (ONNX ``RoiAlign``) for Faster R-CNN. Nothing from detkit or torch
-is needed to run it: ``onnxruntime.InferenceSession(path).run(None, {"images": batch})``.
+dynamo=True)``): top-k candidate selection as dense tensor ops, exact greedy NMS as ONNX's ``NonMaxSuppression``
+(the RPN's per-level NMS and the class-aware NMS of the detections; see :func:`greedy_nms_onnx`), and
+torchvision's RoIAlign (ONNX ``RoiAlign``) for Faster R-CNN. It keeps the boxes ``predict`` keeps, whatever the
+length of the suppression chains (Cluster-NMS with a fixed iteration count, which a traced graph would need, does
+not). Nothing from detkit or torch is needed to run it: ``onnxruntime.InferenceSession(path).run(None, {"images":
+batch})``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Cluster-NMS iterations baked into an exported graph.
-NMS_ITERATIONS = 16
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
 
@@ -40,21 +40,23 @@ class ExportError(ValueError):
 class ExportableDetector(nn.Module):
     """``images uint8 [B, 3, S, S]`` -> ``(boxes, scores, labels, num_detections)`` (see the module docstring).
 
-    A copy of ``detector`` switched to its export path: device-side Cluster-NMS with a fixed iteration count and
-    torchvision's RoIAlign. The original detector is left as it was."""
+    A copy of ``detector`` switched to its export path: exact greedy NMS on fixed-shape tensors (the cluster
+    strategy, which becomes ONNX's ``NonMaxSuppression`` when exported) and torchvision's RoIAlign. The original
+    detector is left as it was."""
 
-    def __init__(self, detector: nn.Module, nms_iterations: int = NMS_ITERATIONS) -> None:
+    def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.detector = copy.deepcopy(detector).eval()
+        self.eval()
         for module in self.detector.modules():
             if hasattr(module, "nms") and isinstance(getattr(module, "nms"), str):  # the RPN
                 module.nms = "cluster"
                 if hasattr(module, "nms_iterations"):
-                    module.nms_iterations = nms_iterations
+                    module.nms_iterations = None  # exact
             if getattr(module, "impl", None) in ("auto", "gather"):  # the RoI pooler
                 module.impl = "torchvision"
         for post in _postprocessors(self.detector):
-            post.nms, post.fixed_iterations = "cluster", nms_iterations
+            post.nms, post.fixed_iterations = "cluster", None  # exact
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dets = self.detector.predict(images)
@@ -66,6 +68,38 @@ def _postprocessors(detector: nn.Module) -> list:
 
     found = [v for m in detector.modules() for v in vars(m).values() if isinstance(v, PostProcess)]
     return list({id(p): p for p in found}.values())
+
+
+def greedy_nms_onnx(boxes, labels, valid, iou_threshold: float):
+    """ONNX translation of ``detkit::greedy_nms`` (:func:`detkit.models.detection.postprocess.greedy_nms`):
+    ``boxes float [N, K, 4]`` sorted by decreasing score, ``labels int64 [N, K]``, ``valid bool [N, K]`` ->
+    ``keep bool [N, K]``, by ``NonMaxSuppression`` with one score row per class.
+
+    The scores given to ``NonMaxSuppression`` are the candidates' ranks (``K`` for the first, ``1`` for the last;
+    0 for other classes and invalid candidates, below its score threshold 0.5), so it visits the candidates in
+    the graph's order whatever the ties among the real scores, and suppresses within a class, as greedy NMS (IoU
+    strictly above ``iou_threshold``) does."""
+    from onnxscript import BOOL, FLOAT
+    from onnxscript import opset18 as op
+
+    k = op.Shape(labels, start=1, end=2)  # [1]
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rank = op.Cast(op.Range(op.Squeeze(k), zero, op.Constant(value_int=-1)), to=FLOAT.dtype)  # K .. 1, exact < 2**24
+    classes = op.Range(zero, op.Add(op.ReduceMax(labels, keepdims=0), one), one)  # [C]
+    member = op.And(op.Equal(op.Unsqueeze(labels, [1]), op.Unsqueeze(classes, [0, 2])), op.Unsqueeze(valid, [1]))
+    scores = op.Where(member, rank, op.Constant(value_float=0.0))  # [N, C, K]
+    selected = op.NonMaxSuppression(boxes, scores, k, op.Constant(value_float=float(iou_threshold)),
+                                    op.Constant(value_float=0.5))  # [M, 3]: (n, class, k)
+    index = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)  # [M, 2]
+    ones = op.Expand(op.Constant(value_ints=[1]), op.Shape(selected, start=0, end=1))
+    zeros = op.Expand(zero, op.Shape(labels))  # int64 [N, K]
+    return op.Cast(op.ScatterND(zeros, index, ones), to=BOOL.dtype)
+
+
+def _custom_translations() -> dict:
+    import detkit.models.detection.postprocess  # noqa: F401 (registers detkit::greedy_nms)
+
+    return {torch.ops.detkit.greedy_nms.default: greedy_nms_onnx}
 
 
 def load_detector(checkpoint: str | Path):
@@ -102,13 +136,13 @@ def export_onnx(module, path: str | Path, image_size: int | None = None, batch_s
     with torch.no_grad():
         torch.onnx.export(wrapper, (example,), str(path), dynamo=True, opset_version=opset,
                           input_names=["images"], output_names=OUTPUT_NAMES, dynamic_shapes=dynamic,
-                          external_data=False, verbose=False)
+                          custom_translation_table=_custom_translations(), external_data=False, verbose=False)
     meta = {"input": {"name": "images", "dtype": "uint8", "shape": ["batch" if dynamic_batch else batch_size, 3,
                                                                     size, size],
                       "letterbox": "resize the longer side to image_size, pad bottom/right with 114 (RGB)"},
             "outputs": {"boxes": "float32 [B, D, 4] xyxy input pixels", "scores": "float32 [B, D]",
                         "labels": "int64 [B, D] class index into categories", "num_detections": "int64 [B]"},
             "image_size": size, "categories": module.categories.to_list(), "half": half,
-            "nms_iterations": NMS_ITERATIONS}
+            "nms": "greedy, class-aware (ONNX NonMaxSuppression)"}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return path

@@ -226,6 +226,92 @@ def test_cluster_nms_converges_in_few_iterations_and_inexact_mode_never_reads_ba
     assert sync.total == 0 and torch.equal(fixed, exact)
 
 
+def _chain(n: int) -> torch.Tensor:
+    """``n`` 32 px boxes 8 px apart: IoU 0.6 with the next, 1/3 with the one after (greedy NMS at 0.5, in this
+    order, keeps every other box)."""
+    return torch.tensor([[8.0 * i, 0.0, 8.0 * i + 32, 32.0] for i in range(n)])
+
+
+def _depths(boxes: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Per score-sorted candidate, the longest suppression chain ending at it (0: nothing before it suppresses it)."""
+    sup = (box_iou(boxes, boxes) > thresh) & (labels[:, None] == labels[None, :]) & valid[:, None]
+    depth = torch.zeros(len(boxes), dtype=torch.int64)
+    for j in range(len(boxes)):
+        above = sup[:j, j]
+        depth[j] = depth[:j][above].max() + 1 if above.any() else 0
+    return depth
+
+
+@pytest.mark.parametrize("t", range(1, 25))
+def test_fixed_iteration_cluster_nms_on_a_chain_is_greedy_up_to_depth_t(t):
+    """A chain of 24 boxes: ``t`` iterations decide the first ``t + 1`` boxes as greedy NMS does, are exact only from
+    ``t = 23``, keep a superset of greedy's boxes for an even ``t`` and a subset for an odd one."""
+    greedy = torch.arange(24) % 2 == 0
+    keep = cluster_nms(_chain(24)[None], torch.ones(1, 24, dtype=torch.bool), None, 0.5, exact=False,
+                       iterations=t)[0]
+    assert torch.equal(keep[:t + 1], greedy[:t + 1])
+    assert torch.equal(keep, greedy) == (t >= 23)
+    if t % 2 == 0:
+        assert not (greedy & ~keep).any()
+    else:
+        assert not (keep & ~greedy).any()
+    assert int(keep.sum()) == {4: 22, 16: 16}.get(t, int(keep.sum()))  # the figures in cluster_nms's docstring
+    assert torch.equal(cluster_nms(_chain(24)[None], torch.ones(1, 24, dtype=torch.bool), None, 0.5)[0], greedy)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fixed_iteration_cluster_nms_agrees_with_greedy_exactly_on_candidates_of_depth_at_most_t(seed):
+    """The bound of cluster_nms's docstring on crowded, multi-class, partly invalid boxes: after ``t`` iterations
+    every candidate of depth <= t is decided as greedy NMS decides it, deeper ones err only upwards (even t) or
+    downwards (odd t), and the whole result is greedy NMS's when no candidate is deeper than t."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(4, 2, generator=g) * 100
+    xy = centres[torch.randint(0, 4, (300,), generator=g)] + torch.randn(300, 2, generator=g) * 5
+    boxes = torch.cat([xy, xy + 20 + torch.rand(300, 2, generator=g) * 20], 1)
+    labels = torch.randint(0, 2, (300,), generator=g)
+    valid = torch.rand(300, generator=g) > 0.1
+    greedy = cluster_nms(boxes[None], valid[None], labels[None], 0.5)[0]
+    depth = _depths(boxes, valid, labels, 0.5)
+    assert depth[valid].max() >= 4  # deep enough for the small t to be inexact
+    for t in range(1, int(depth[valid].max()) + 2):
+        keep = cluster_nms(boxes[None], valid[None], labels[None], 0.5, exact=False, iterations=t)[0]
+        shallow = depth <= t
+        assert torch.equal(keep[shallow], greedy[shallow])
+        assert not ((greedy & ~keep) if t % 2 == 0 else (keep & ~greedy)).any()
+        if depth[valid].max() <= t:
+            assert torch.equal(keep, greedy)
+
+
+def _chain_rpn(nms: str, nms_iterations: int | None = 4):
+    from detkit.models.detection.anchors import AnchorGenerator
+    from detkit.models.detection.rpn import RegionProposalNetwork
+
+    return RegionProposalNetwork(1, AnchorGenerator([[32]], [[1.0]]), pre_nms_top_n={"test": 24},
+                                 post_nms_top_n={"test": 30}, nms_thresh=0.5, nms=nms,
+                                 nms_iterations=nms_iterations).eval()
+
+
+@pytest.mark.parametrize("n", [5, 6, 24])
+def test_rpn_cluster_proposals_on_a_chain_contain_the_cpu_paths_and_are_exact_with_nms_iterations_none(n):
+    """The RPN's cluster path (the GPU default, 4 iterations) against the CPU path (torchvision's greedy NMS) on a
+    chain of ``n`` anchors: the same proposals up to 5 boxes (depth 4), a superset beyond (24: 22 against 12);
+    ``nms_iterations=None`` gives the CPU path's proposals."""
+    anchors = _chain(n)
+    logits = torch.linspace(3, 1, n)[None]
+    deltas = torch.zeros(1, n, 4)
+
+    def proposed(rpn) -> set:
+        p = rpn.propose([anchors], [logits], [deltas], (256, 256))
+        return {tuple(b) for b in p.boxes[0][p.valid[0]].tolist()}
+
+    greedy = proposed(_chain_rpn("torchvision"))
+    assert len(greedy) == (n + 1) // 2
+    fixed = proposed(_chain_rpn("cluster"))
+    assert greedy <= fixed and (fixed == greedy) == (n <= 5)
+    assert len(fixed) == {24: 22}.get(n, len(fixed))
+    assert proposed(_chain_rpn("cluster", None)) == greedy
+
+
 @pytest.mark.parametrize("nms_strategy", ["torchvision", "cluster"])
 def test_roi_postprocess_equals_torchvision(nms_strategy):
     """Same proposals, logits and deltas -> the same detections as torchvision's RoIHeads.postprocess_detections

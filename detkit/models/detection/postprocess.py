@@ -7,8 +7,12 @@ of its class overlaps it by IoU > threshold):
   Bolya et al., YOLACT++) on fixed-shape tensors: the score-sorted candidates' ``[N, K, K]`` "i suppresses j" mask
   (IoU > threshold, same class, i before j) is applied to the kept set until the kept set stops changing; that
   fixed point is greedy NMS. Everything stays on the device; the only host traffic is one boolean per
-  ``check_every`` iterations to stop (none at all with ``exact=False``, which runs a fixed number of iterations).
-  Measured: 1-4 iterations reach the fixed point on RPN proposals and on random boxes.
+  ``check_every`` iterations to stop (none at all with ``exact=False``, which runs a fixed number of iterations
+  and is exact only up to a suppression-chain length: see :func:`cluster_nms`). Measured: 1-4 iterations reach
+  the fixed point on RPN proposals and on random boxes; a chain of ``n`` boxes, each overlapping the next, needs
+  ``n - 1``. In an ONNX export (``torch.compiler.is_exporting()``) the exact form is ONNX's ``NonMaxSuppression``
+  (the custom op ``detkit::greedy_nms``, translated by :mod:`detkit.export`): a traced graph cannot loop until the
+  kept set stops changing.
 * ``"torchvision"`` — ``torchvision.ops.batched_nms`` per image (a host loop). Its CUDA kernel copies an
   ``N x N/64`` bitmask to the host and reduces it there, which stalls a GPU; on a CPU it is the faster one.
 
@@ -60,9 +64,27 @@ def cluster_nms(boxes: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor |
     ``valid [N, K]``, ``labels [N, K]`` (NMS within a class; ``None``: one class) -> ``keep [N, K]`` bool.
 
     With ``exact=True`` the kept set is iterated to its fixed point (greedy NMS), checking convergence on the host
-    once every ``iterations`` iterations; with ``exact=False`` exactly ``iterations`` iterations run and nothing
-    reaches the host (the first iterations are those of Fast-NMS and converge towards greedy NMS from there).
+    once every ``iterations`` iterations (while exporting: ONNX's ``NonMaxSuppression``, see the module docstring);
+    with ``exact=False`` exactly ``t = iterations`` iterations run and nothing reaches the host. What that keeps:
+
+    * Let a candidate's *depth* be 0 when no valid candidate before it suppresses it (same class, IoU above the
+      threshold), else 1 + the largest depth of the candidates that suppress it (the longest suppression chain
+      ending at it). After ``t`` iterations every candidate of depth ``<= t`` is kept or dropped exactly as greedy
+      NMS does; so all agree when no candidate is deeper than ``t`` (a chain of ``n`` boxes, each suppressing the
+      next, needs ``t >= n - 1``).
+    * Deeper candidates may differ, in one direction: an even ``t`` keeps every box greedy NMS keeps and perhaps
+      more, an odd ``t`` only boxes greedy NMS keeps, perhaps fewer (each iteration maps a superset of greedy's
+      kept set to a subset and back). A chain of 24 boxes (IoU 0.6 with the next, 1/3 with the one after, NMS 0.5):
+      greedy keeps 12 (every other box); ``t = 4`` keeps 22, ``t = 16`` keeps 16.
+
+    No fixed ``t`` below ``K - 1`` is exact on every input (a chain of ``K`` boxes), and greedy NMS has no
+    shallower dense formulation (it is the lexicographically first maximal independent set of the "suppresses"
+    graph, a P-complete problem); exactness without a host synchronisation costs ``K - 1`` iterations.
     """
+    if exact and torch.compiler.is_exporting():
+        if labels is None:
+            labels = torch.zeros(valid.shape, dtype=torch.int64, device=valid.device)
+        return torch.ops.detkit.greedy_nms(boxes.float(), labels.long(), valid, float(iou_threshold))
     k = boxes.shape[1]
     upper = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)
     suppresses = (batched_box_iou(boxes, boxes) > iou_threshold) & upper & valid[:, :, None]
@@ -76,6 +98,19 @@ def cluster_nms(boxes: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor |
         # the fixed point is reached when an iteration changes nothing: one boolean to the host per round
         if not exact or torch.equal(keep, previous):
             return keep
+
+
+@torch.library.custom_op("detkit::greedy_nms", mutates_args=())
+def greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Exact greedy NMS as one opaque op for ``torch.export``: ``cluster_nms(boxes, valid, labels, iou_threshold)``
+    (candidates sorted by decreasing score; ``labels`` int64, ``[N, K]``) -> ``keep [N, K]``. Its ONNX form is
+    ``NonMaxSuppression`` (:func:`detkit.export.greedy_nms_onnx`); here it runs Cluster-NMS to its fixed point."""
+    return cluster_nms(boxes, valid, labels, iou_threshold, exact=True).clone()
+
+
+@greedy_nms.register_fake
+def _(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    return torch.empty_like(valid)
 
 
 def _first_kept(keep: torch.Tensor, max_det: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +199,9 @@ class PostProcess:
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.topk_candidates, self.detections_per_img = topk_candidates, detections_per_img
         self.nms, self.min_size = nms, min_size
-        #: ``None``: cluster NMS runs to its fixed point (a host check every 4 iterations); an int: exactly that
-        #: many iterations, nothing read back (ONNX export sets it: a traced graph cannot loop on data).
+        #: ``None``: cluster NMS runs to its fixed point (a host check every 4 iterations; ONNX's
+        #: NonMaxSuppression in an export); an int: exactly that many iterations, nothing read back, exact only on
+        #: suppression chains up to that length (:func:`cluster_nms`).
         self.fixed_iterations: int | None = None
 
     def __call__(self, boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None = None) -> Detections:

@@ -68,9 +68,16 @@ class RegionProposalNetwork(nn.Module):
         post_nms_top_n: proposals kept per image after NMS, ``{"train": n, "test": n}`` (= ``P``).
         nms_thresh: NMS IoU among proposals (within a level, as torchvision).
         nms: ``"auto"``, ``"cluster"`` or ``"torchvision"`` (see :mod:`detkit.models.detection.postprocess`).
-        nms_iterations: cluster NMS runs this many iterations, with no host synchronisation (proposals only
-            need to be good candidates: 1-3 iterations reach greedy NMS's result on RPN outputs, see
-            :func:`~detkit.models.detection.postprocess.cluster_nms`).
+        nms_iterations: cluster NMS (the GPU default) runs this many iterations ``t``, with no host
+            synchronisation. Bound (:func:`~detkit.models.detection.postprocess.cluster_nms`): the candidates of
+            an (image, level) whose longest suppression chain has at most ``t`` steps are kept exactly as greedy NMS
+            (the CPU path, torchvision) keeps them; deeper ones, with an even ``t``, only ever add proposals: the
+            kept set before the top ``post_nms_top_n`` contains greedy NMS's. Measured: 1-3 iterations reach
+            greedy NMS's result on RPN outputs; a chain of ``n`` boxes, each overlapping the next by more than
+            ``nms_thresh``, needs ``n - 1`` (24 such anchors: 22 proposals at ``t = 4``, 12 from greedy NMS).
+            Proposals only need to be good candidates, and exactness without a host synchronisation costs
+            ``pre_nms_top_n - 1`` iterations. ``None``: exact (iterates to greedy NMS's result, one host check
+            per 4 iterations; ONNX's NonMaxSuppression in an export).
         fg_iou_thresh / bg_iou_thresh: matcher thresholds (0.7 / 0.3).
         min_size: proposals smaller than this (pixels) are dropped.
         box_loss: ``"smooth_l1"`` or ``"l1"``.
@@ -85,7 +92,7 @@ class RegionProposalNetwork(nn.Module):
         post_nms_top_n: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006
         nms_thresh: float = 0.7,
         nms: str = "auto",
-        nms_iterations: int = 4,
+        nms_iterations: int | None = 4,
         fg_iou_thresh: float = 0.7,
         bg_iou_thresh: float = 0.3,
         min_size: float = 1e-3,
@@ -142,8 +149,9 @@ class RegionProposalNetwork(nn.Module):
         post = self.post_nms_top_n[mode]
         if resolve_strategy(self.nms, boxes.device) == "cluster":
             # every (image, level) pair is one NMS problem; candidates are already sorted by score
-            keep = cluster_nms(boxes.flatten(0, 1), valid.flatten(0, 1), None, self.nms_thresh, exact=False,
-                               iterations=self.nms_iterations).view(b, n_levels, k)
+            keep = cluster_nms(boxes.flatten(0, 1), valid.flatten(0, 1), None, self.nms_thresh,
+                               exact=self.nms_iterations is None, iterations=self.nms_iterations or 4
+                               ).view(b, n_levels, k)
             key = scores.masked_fill(~keep, float("-inf")).flatten(1)
             top = key.topk(min(post, key.shape[1]), dim=1)
             out_boxes = boxes.flatten(1, 2).gather(1, top.indices[..., None].expand(-1, -1, 4))
