@@ -42,7 +42,9 @@ def data_args(ann: Path, root: Path) -> list[str]:
 ])
 def test_train_configs_compose_and_instantiate(overrides):
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/x"])
+        # the demo sets BCCD itself; the other configs run on the data a user names (here the embedded BCCD set)
+        data = [] if "experiment=pipeline" in overrides else ["data=bccd"]
+        cfg = compose("train", overrides=[*data, *overrides, "paths.output_dir=/tmp/x"])
     dm = instantiate(cfg.data)
     dm.setup("fit")
     model = instantiate(cfg.model, categories=dm.categories.to_list(), _recursive_=False)
@@ -51,6 +53,20 @@ def test_train_configs_compose_and_instantiate(overrides):
         assert cfg.pretrain.data.images == cfg.data.train_images
     for node in cfg.callbacks.values():
         instantiate(node)
+
+
+def test_the_default_data_config_is_the_generic_one_and_names_what_is_missing():
+    """A user's paths never inherit the demo set's settings (vertical flips, a fixed size); with no data given, the
+    error names the settings and what to type, before anything is built."""
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["data.train_ann=a.json", "data.train_images=img"])
+        demo = compose("train", overrides=["experiment=pipeline"])
+    assert cfg.data.train_transform.vflip == 0.0 and cfg.data.image_size is None and cfg.data.val_ann is None
+    assert demo.data.train_ann.endswith("bccd/annotations/train.json") and demo.data.train_transform.vflip == 0.5
+    r = run(["detkit-train", "hydra.run.dir=/tmp/detkit_missing_data"])
+    text = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in text, text[-2000:]
+    assert "required settings not given: data.train_ann, data.train_images" in text and "data=bccd" in text
 
 
 @pytest.mark.parametrize("name", ["gpu", "ddp", "ddp_cpu"])

@@ -106,7 +106,7 @@ def test_a_cuda_graph_compiled_training_run_trains_and_evaluates(tmp_path):
     """``model.compile=reduce-overhead`` through Lightning: the step is captured as CUDA graphs, replayed each
     step with new batches (varying box counts), logged, checkpointed and evaluated."""
     trainer = ["trainer=gpu"] if DEVICE.type == "cuda" else ["trainer=cpu"]
-    r = run(["detkit-train", "model=yolo", "model.compile=reduce-overhead", *trainer, *FAST_DATA,
+    r = run(["detkit-train", "data=bccd", "model=yolo", "model.compile=reduce-overhead", *trainer, *FAST_DATA,
              "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())

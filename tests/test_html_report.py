@@ -189,10 +189,10 @@ def test_the_page_ignores_a_detection_inside_a_crowd_region_as_cocoeval_does(tmp
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
-    """``detkit-train`` with the defaults (the embedded BCCD data, whose paths the saved config holds as
-    ``${detkit_data:}``), cut to a few batches."""
+    """``detkit-train data=bccd`` with the defaults otherwise (the embedded BCCD data, whose paths the saved config
+    holds as ``${detkit_data:}``), cut to a few batches."""
     out = tmp_path_factory.mktemp("default")
-    r = run(["detkit-train", *FAST_DATA, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+    r = run(["detkit-train", "data=bccd", *FAST_DATA, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
              f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "${detkit_data:}" in (out / ".hydra" / "config.yaml").read_text()

@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.data.coco import CategoryMismatchError
@@ -52,6 +52,31 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+class MissingSettingError(ValueError):
+    """A required setting (``???`` in the config) was not given."""
+
+
+USER_ERRORS = (*USER_ERRORS, MissingSettingError)
+
+
+#: What to type for a missing setting, by key prefix.
+SETTING_HINTS = {
+    "data.": "give your COCO dataset, e.g. data.train_ann=train.json data.train_images=IMAGES_DIR "
+             "data.val_ann=val.json data.val_images=IMAGES_DIR (or data=bccd for the embedded demo dataset)",
+}
+
+
+def check_required_settings(cfg: DictConfig) -> None:
+    """Refuse a config with required settings left unset (``???``), naming each and what to give, before any
+    work starts (rather than an ``omegaconf`` error from wherever the first one is read)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if not missing:
+        return
+    hints = sorted({h for key in missing for prefix, h in SETTING_HINTS.items() if key.startswith(prefix)})
+    raise MissingSettingError(f"required setting{'s' if len(missing) > 1 else ''} not given: {', '.join(missing)}"
+                              + (f". {' '.join(hints)}" if hints else ""))
+
+
 def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run an entry point with clean failure handling.
 
@@ -69,6 +94,7 @@ def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         start = time.time()
         multirun = is_multirun()
         try:
+            check_required_settings(cfg)
             check_config_keys(cfg)
             result = fn(cfg)
         except USER_ERRORS as e:
