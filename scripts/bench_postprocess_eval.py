@@ -22,7 +22,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from detkit.eval.coco_eval import STAT_KEYS, evaluate_coco
-from detkit.models.detection.postprocess import batched_multiclass_nms, resolve_strategy, topk_candidates
+from detkit.models.detection.postprocess import batched_multiclass_nms, resolve_strategy
 
 
 def synthetic_coco(n_images: int, n_cats: int = 80, seed: int = 0) -> tuple[dict, list]:
@@ -84,7 +84,8 @@ def detkit_path(boxes, scores, strategy, thresh=0.05, topk=1000, iou=0.5, max_de
     b, k, c, _ = boxes.shape
     flat_scores = scores.reshape(b, k * c)
     labels = torch.arange(c, device=boxes.device).repeat(k)[None].expand(b, -1)
-    top = topk_candidates(flat_scores.masked_fill(flat_scores <= thresh, -1.0), topk)
+    masked = flat_scores.masked_fill(flat_scores <= thresh, -1.0)
+    top = masked.topk(min(topk, masked.shape[1]), dim=1).indices  # as PostProcess: [B, K] sorted by score
     s = flat_scores.gather(1, top)
     bx = boxes.reshape(b, k * c, 4).gather(1, top[..., None].expand(-1, -1, 4))
     return batched_multiclass_nms(bx, s, labels.gather(1, top), s > thresh, iou, max_det, strategy, num_classes=c)
