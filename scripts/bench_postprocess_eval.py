@@ -88,7 +88,7 @@ def detkit_path(boxes, scores, strategy, thresh=0.05, topk=1000, iou=0.5, max_de
     top = masked.topk(min(topk, masked.shape[1]), dim=1).indices  # as PostProcess: [B, K] sorted by score
     s = flat_scores.gather(1, top)
     bx = boxes.reshape(b, k * c, 4).gather(1, top[..., None].expand(-1, -1, 4))
-    return batched_multiclass_nms(bx, s, labels.gather(1, top), s > thresh, iou, max_det, strategy, num_classes=c)
+    return batched_multiclass_nms(bx, s, labels.gather(1, top), s > thresh, iou, max_det, strategy)
 
 
 def loop_path(boxes, scores, thresh=0.05, topk=1000, iou=0.5, max_det=100):
@@ -125,13 +125,13 @@ def bench_postprocess(b: int, k: int, c: int, device: str, repeats: int) -> None
     boxes, scores = make_batch(b, k, c, device)
     reference = loop_path(boxes, scores)
     auto = resolve_strategy("auto", torch.device(device))
-    for strategy in ("per_image", "batched"):
+    for strategy in ("torchvision", "cluster"):
         dets = detkit_path(boxes, scores, strategy).to_list()
         for d, (rb, rs, rl) in zip(dets, reference):
             assert torch.equal(d["boxes"], rb) and torch.equal(d["scores"], rs) and torch.equal(d["labels"], rl)
     t_loop = timed(lambda: loop_path(boxes, scores), repeats, device)
     rows = [("per-image loop (top-k + torchvision batched_nms)", t_loop)]
-    for strategy in ("per_image", "batched"):
+    for strategy in ("torchvision", "cluster"):
         mark = " <- auto" if strategy == auto else ""
         rows.append((f"detkit strategy={strategy}{mark}", timed(lambda: detkit_path(boxes, scores, strategy),
                                                                  repeats, device)))
