@@ -4,6 +4,7 @@ FasterRCNN with the same parts, side by side, plus device NMS against the per-im
     python scripts/bench_gpu.py                      # GPU: batch 8 and 32 at 640 px, fp32 / 16-mixed / bf16-mixed
     python scripts/bench_gpu.py --device cpu         # CPU: batch 2 at 320 px, fp32 (a smoke-sized run)
     python scripts/bench_gpu.py --impls detkit --precisions 16-mixed --batches 8 --compile
+    python scripts/bench_gpu.py --nms-only [--nms-size 16,1000,80]   # the NMS table alone
 
 Each implementation runs in its own process. The models are those of ``scripts/bench_faster_rcnn.py`` (ResNet-18,
 random init; torchvision's FasterRCNN gets detkit's backbone, anchors, RPN/RoI counts and box head) on real BCCD
@@ -11,7 +12,8 @@ images letterboxed to the image size, one fixed batch resident on the device, so
 (no data loading). Per configuration: training images/s (forward + backward + SGD step, GradScaler for fp16),
 inference images/s, peak device memory, and from ``torch.profiler`` over a few training steps: the GPU-busy
 fraction (union of kernel time over wall time), host synchronisations + memcpys per step and kernel launches per
-step. Last, one markdown table.
+step. Last, one markdown table (each row is also printed to stderr as JSON as soon as it is measured); the exit
+status is 1 when an implementation failed.
 """
 
 from __future__ import annotations
@@ -160,12 +162,15 @@ def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
             opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4,
                                   fused=args.fused_sgd or None)
             scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-            loss_fn = torch.compile(model.loss, mode=args.compile_mode) if args.compile and impl != "torchvision" \
+            compiled = bool(args.compile) and impl != "torchvision"
+            if compiled:  # each configuration compiles for its own shapes (no dynamic-shape graph from the last one)
+                torch._dynamo.reset()
+            loss_fn = torch.compile(model.loss, mode=args.compile_mode, backend=args.compile_backend) if compiled \
                 else getattr(model, "loss", None)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             model.train()
-            graphs = bool(args.compile) and impl != "torchvision" and args.compile_mode in CUDA_GRAPH_MODES
+            graphs = compiled and args.compile_mode in CUDA_GRAPH_MODES
             step = train_step_fn(impl, model, images, targets, dtype, scaler, opt, loss_fn, graphs)
             warm = timed(step, args.warmup, device)
             train_s = timed(step, args.steps, device)
@@ -183,7 +188,7 @@ def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
             infer_s = timed(infer, args.steps, device)
             row = {"impl": impl, "precision": precision, "batch": batch, "size": args.image_size,
                    "train_img_s": batch * args.steps / train_s, "infer_img_s": batch * args.steps / infer_s,
-                   "warmup_s": warm, "compile": bool(args.compile and impl != "torchvision"),
+                   "warmup_s": warm, "compile": compiled, "compile_mode": args.compile_mode if compiled else None,
                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                    **prof}
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -195,15 +200,15 @@ def run_one(impl: str, args: argparse.Namespace) -> list[dict]:
 
 
 def nms_table(args: argparse.Namespace) -> list[dict]:
-    """16 images x 1,000 boxes x 80 classes (softmax-like scores): the per-image torchvision loop against detkit's
-    PostProcess with each NMS strategy; the same kept boxes are checked."""
+    """``--nms-size`` (default 16 images x 1,000 boxes x 80 classes, softmax-like scores): the per-image torchvision
+    loop against detkit's PostProcess with each NMS strategy; the same kept boxes are checked."""
     from torchvision.ops import batched_nms
 
     from detkit.models.detection.postprocess import PostProcess
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    b, n, c = 16, 1000, 80
+    b, n, c = args.nms_size
     xy = torch.rand(b, n, 2, generator=g) * 600
     wh = torch.rand(b, n, 2, generator=g) * 120 + 4
     boxes = torch.cat([xy, xy + wh], -1).to(device)
@@ -213,7 +218,7 @@ def nms_table(args: argparse.Namespace) -> list[dict]:
         out = []
         for i in range(b):
             s = scores[i].flatten()
-            top = s.topk(1000)
+            top = s.topk(min(1000, s.numel()))
             keep_mask = top.values > 0.05
             idx = top.indices[keep_mask]
             bx, sc, lab = boxes[i][idx // c], s[idx], idx % c
@@ -259,9 +264,13 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile detkit's loss")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only)")
     p.add_argument("--fused-sgd", action="store_true", help="SGD(fused=True): one kernel per optimiser step")
     p.add_argument("--skip-nms", action="store_true")
+    p.add_argument("--nms-only", action="store_true", help="the NMS table alone, no detector")
+    p.add_argument("--nms-size", default="16,1000,80", help="NMS table: images,boxes,classes")
     p.add_argument("--top-ops", type=int, default=0, help="print the N ops with the most host time per config")
+    p.add_argument("--in-process", action="store_true", help="every implementation in this process (quick dry runs)")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "cuda"
@@ -270,11 +279,15 @@ def main() -> None:
     args.image_size = args.image_size or (640 if gpu else 320)
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup or (10 if gpu else 2)
+    args.nms_size = [int(v) for v in args.nms_size.split(",")]
     if args.impl:
         print(json.dumps(run_one(args.impl, args)))
         return
-    rows = []
-    for impl in args.impls.split(","):
+    rows, failed = [], []
+    for impl in [] if args.nms_only else args.impls.split(","):
+        if args.in_process:
+            rows += run_one(impl, args)
+            continue
         cmd = [sys.executable, __file__, "--impl", impl, "--device", args.device, "--precisions",
                ",".join(args.precisions), "--batches", ",".join(map(str, args.batches)), "--image-size",
                str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile-steps",
@@ -282,12 +295,31 @@ def main() -> None:
                "--top-ops", str(args.top_ops)]
         cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile + ["--fused-sgd"] * args.fused_sgd
         cmd += ["--compile-mode", args.compile_mode] if args.compile_mode else []
+        cmd += ["--compile-backend", args.compile_backend]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # progress goes to stderr
         if out.returncode != 0:
             print(f"{impl} failed with exit status {out.returncode}", file=sys.stderr)
+            failed.append(impl)
             continue
         rows += json.loads(out.stdout.strip().splitlines()[-1])
     name = torch.cuda.get_device_name() if gpu else "CPU"
+    if args.nms_only:
+        print(f"\n{name}, torch {torch.__version__}")
+    else:
+        print_table(rows, name, args)
+    if not args.skip_nms:
+        b, n, c = args.nms_size
+        print(f"\n| NMS path ({b} x {n} boxes x {c} classes) | median ms | speed-up vs loop | same boxes |")
+        print("| --- | --- | --- | --- |")
+        nms_rows = nms_table(args)
+        for r in nms_rows:
+            print(f"| {r['path']} | {r['median_ms']:.2f} | {nms_rows[0]['median_ms'] / r['median_ms']:.2f}x | "
+                  f"{r['same_boxes']} |")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+def print_table(rows: list[dict], name: str, args: argparse.Namespace) -> None:
     print(f"\n{name}, torch {torch.__version__}, {args.image_size} px, BCCD images, random init ResNet-18, "
           f"pooler={args.pooler}, nms={args.nms}, channels_last={args.channels_last}, compile={args.compile} "
           f"({args.compile_mode or 'default'}), fused SGD={args.fused_sgd}")
@@ -306,13 +338,6 @@ def main() -> None:
         if impl == "detkit" and tv:
             print(f"detkit/torchvision {prec} batch {batch}: train {r['train_img_s'] / tv['train_img_s']:.2f}x, "
                   f"infer {r['infer_img_s'] / tv['infer_img_s']:.2f}x")
-    if not args.skip_nms:
-        print("\n| NMS path (16 x 1000 boxes x 80 classes) | median ms | speed-up vs loop | same boxes |")
-        print("| --- | --- | --- | --- |")
-        nms_rows = nms_table(args)
-        for r in nms_rows:
-            print(f"| {r['path']} | {r['median_ms']:.2f} | {nms_rows[0]['median_ms'] / r['median_ms']:.2f}x | "
-                  f"{r['same_boxes']} |")
 
 
 if __name__ == "__main__":

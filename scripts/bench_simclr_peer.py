@@ -2,6 +2,7 @@
 
     python scripts/bench_simclr_peer.py [--per-class 100] [--epochs 3] [--batch-size 128] [--augment-on cpu|device]
                                         [--device cpu|cuda] [--impls detkit,lightly,random] [--stem small|standard]
+                                        [--no-probe]   # throughput only: no test images needed
 
 Both train detkit's ResNet-18 encoder (3x3 stem for 32 px, or ``--stem standard``: torchvision's 7x7/2 stem and
 max-pool, 16x fewer FLOPs, for CPU-scale runs) + a 512-512-128 projector (Linear-BN-ReLU-Linear-BN, lightly's
@@ -161,6 +162,8 @@ def main() -> None:
     p.add_argument("--augment-on", default="cpu", choices=["cpu", "device"])
     p.add_argument("--impls", default="detkit,lightly,random")
     p.add_argument("--stem", default="small", choices=["small", "standard"])
+    p.add_argument("--no-probe", action="store_true", help="skip detkit-probe (throughput only; no cifar10/test)")
+    p.add_argument("--in-process", action="store_true", help="every implementation in this process (quick dry runs)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_simclr_peer"))
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--images", help=argparse.SUPPRESS)
@@ -173,25 +176,32 @@ def main() -> None:
         return
     images = subset(Path(args.cifar) / "train", args.per_class, Path(tempfile.mkdtemp()) / "train")
     rows = []
+    fns = {"detkit": run_detkit, "lightly": run_lightly, "random": run_random}
     for impl in args.impls.split(","):
-        cmd = [sys.executable, __file__, "--impl", impl, "--images", str(images)] + \
-            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "images", "impls")]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(f"{impl} failed:\n{r.stderr[-3000:]}")
-        row = json.loads(r.stdout.strip().splitlines()[-1])
-        row.update(probe(row["encoder"], Path(args.cifar), args.probe_per_class, args.workers))
+        if args.in_process:
+            row = json.loads(json.dumps(fns[impl](args, images, out)))
+        else:
+            cmd = [sys.executable, __file__, "--impl", impl, "--images", str(images)] + \
+                [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("impl", "images", "impls", "no_probe", "in_process")]  # the children never probe
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"{impl} failed:\n{r.stderr[-3000:]}")
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+        if not args.no_probe:
+            row.update(probe(row["encoder"], Path(args.cifar), args.probe_per_class, args.workers))
         rows.append(row)
-    n = args.per_class * 10
+    n = sum(1 for f in images.rglob("*") if f.is_file())
     print(f"SimCLR on {n} cifar10/train images, {args.epochs} epochs, batch {args.batch_size}, {args.size} px, "
           f"ResNet-18 {args.stem} stem, "
-          f"{args.device}, {args.precision}, torch {torch.__version__}; probe: {args.probe_per_class}/class train -> "
-          f"{args.probe_per_class}/class test")
+          f"{args.device}, {args.precision}, torch {torch.__version__}; " + ("no probe" if args.no_probe else
+          f"probe: {args.probe_per_class}/class train -> {args.probe_per_class}/class test"))
     print("| impl | img/s | wall s | peak MB | final loss | kNN k=20 | kNN k=1 | linear probe |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    acc = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
     for r in rows:
         print(f"| {r['impl']} | {r['img_s']:.1f} | {r['wall_s']:.1f} | {r['peak_mb']:.0f} | {r['final_loss']:.3f} | "
-              f"{r['knn_top1']:.3f} | {r['knn_top1_k1']:.3f} | {r['linear_probe_top1']:.3f} |")
+              f"{acc(r, 'knn_top1')} | {acc(r, 'knn_top1_k1')} | {acc(r, 'linear_probe_top1')} |")
     if len(rows) >= 2 and rows[0]["impl"].startswith("detkit") and rows[1]["impl"] == "lightly":
         print(f"| ratio {rows[0]['impl']} / {rows[1]['impl']} | {rows[0]['img_s'] / rows[1]['img_s']:.2f}x | | "
               f"{rows[0]['peak_mb'] / rows[1]['peak_mb']:.2f}x | | | | |")
