@@ -2,7 +2,9 @@
 
 The graph's input is ``images uint8 [B, 3, S, S]``: RGB images letterboxed as detkit does (resized so the longer
 side is ``S``, the checkpoint's training size unless given, and padded at the bottom/right with grey 114;
-:class:`detkit.data.transforms.LetterboxImage`). Normalisation happens inside. Outputs, in input pixels:
+:class:`detkit.data.transforms.LetterboxImage`), decoded as detkit reads images: the stored pixels, EXIF
+orientation ignored (:mod:`detkit.data.image_files`; boxes come out in those pixels). Normalisation happens
+inside. Outputs, in input pixels:
 
 * ``boxes float32 [B, D, 4]`` xyxy, ``scores float32 [B, D]``, ``labels int64 [B, D]`` (contiguous class index
   ``0..C-1``; the category ids and names are in the ``.json`` written beside the model),
@@ -139,7 +141,9 @@ def export_onnx(module, path: str | Path, image_size: int | None = None, batch_s
                           custom_translation_table=_custom_translations(), external_data=False, verbose=False)
     meta = {"input": {"name": "images", "dtype": "uint8", "shape": ["batch" if dynamic_batch else batch_size, 3,
                                                                     size, size],
-                      "letterbox": "resize the longer side to image_size, pad bottom/right with 114 (RGB)"},
+                      "letterbox": "resize the longer side to image_size, pad bottom/right with 114 (RGB)",
+                      "decode": "RGB uint8 of the stored pixels: ignore EXIF orientation (as detkit reads images; "
+                                "boxes are in the stored pixels)"},
             "outputs": {"boxes": "float32 [B, D, 4] xyxy input pixels", "scores": "float32 [B, D]",
                         "labels": "int64 [B, D] class index into categories", "num_detections": "int64 [B]"},
             "image_size": size, "categories": module.categories.to_list(), "half": half,

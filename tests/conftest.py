@@ -24,6 +24,13 @@ def env_with_path(*paths: str | Path, base: dict | None = None) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True, scope="session")
+def image_check_cache(tmp_path_factory) -> None:
+    """detkit's per-folder image-check cache (:mod:`detkit.data.image_files`) goes under the session's temporary
+    directory, not the user's ``~/.cache`` (subprocesses inherit it)."""
+    os.environ.setdefault("DETKIT_CACHE_DIR", str(tmp_path_factory.mktemp("detkit_cache")))
+
+
 @pytest.fixture
 def synthetic(tmp_path: Path) -> tuple[Path, Path]:
     """8 synthetic images (ids from 0, every 4th empty) -> (ann_file, image_root)."""

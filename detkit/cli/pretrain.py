@@ -1,7 +1,8 @@
 """``detkit-pretrain data.images=DIR [trainer.max_epochs=N] [hydra.run.dir=OUT]``: SimCLR pretraining.
 
 Writes ``OUT/encoder.pt`` (the encoder file ``model.detector.backbone.init`` takes), ``OUT/checkpoints/last.ckpt`` and
-``OUT/pretrain_metrics.json`` (final loss, kNN accuracy when a monitor set is configured, wall time, images/s).
+``OUT/pretrain_metrics.json`` (final loss, kNN accuracy when a monitor set is configured, wall time, images/s, and
+under ``input_check`` the images used and the unreadable files skipped, by name with the reason).
 ``+ckpt_path=OUT/checkpoints/last.ckpt`` (saved at the end of every epoch) resumes a stopped run with the same
 command; its wall time and images/s then cover the epochs trained after resuming (``epochs_this_run``).
 """
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
+from detkit.cli.common import USER_ERRORS, check_torchvision_ops, clean_errors, output_dir
 from detkit.models.backbones import save_encoder
 from detkit.paths import config_dir
 
@@ -41,7 +43,12 @@ def pretrain(cfg: DictConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     check_torchvision_ops(cfg.trainer.get("accelerator", "cpu"))
     L.seed_everything(cfg.get("seed", 0), workers=True)
-    datamodule = instantiate(cfg.data)
+    try:
+        datamodule = instantiate(cfg.data)  # checks the images (and kNN folders) before anything is trained
+    except InstantiationException as e:  # Hydra wraps what the data module raised: report the check's own words
+        if isinstance(e.__cause__, USER_ERRORS):
+            raise e.__cause__ from None
+        raise
     module = instantiate(cfg.model)
     # last.ckpt after every epoch. (save_last=True with save_top_k=0 writes nothing at a training-epoch end when
     # there is no validation loop: Lightning only copies "last" from a top-k save.)
@@ -59,7 +66,10 @@ def pretrain(cfg: DictConfig, out: Path) -> Path:
     metrics.update(epochs=trainer.current_epoch, epochs_this_run=ran, wall_time_s=round(wall, 1),
                    images_per_s=round(len(datamodule.dataset) * ran / max(wall, 1e-9), 1))
     encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": "simclr", **metrics})
-    (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
+    checked = {"input_check": datamodule.dataset, "knn_train_check": getattr(datamodule, "knn_bank", None),
+               "knn_val_check": getattr(datamodule, "knn_query", None)}  # unreadable files skipped, by name
+    extra = {key: ds.check.summary() for key, ds in checked.items() if getattr(ds, "check", None) is not None}
+    (out / "pretrain_metrics.json").write_text(json.dumps({**metrics, **extra}, indent=2))
     log.info("encoder: %s (%s)", encoder, ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return encoder
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detkit.data.image_files import read_rgb  # noqa: F401  (the reading policy; also imported from here)
 from detkit.data.transforms import item_seed
 from detkit.data.validate import DatasetError, drop_invalid, group_by_image, load_coco_json, resolve_image_path, validate_coco
 
@@ -75,14 +75,6 @@ class CategoryMap:
             raise CategoryMismatchError(f"category_mapping=by_name: the dataset has no category named {missing}:"
                                         f"\n  {both}")
         return CategoryMap([{"id": id_of[n], "name": n} for n in self.names], sort=False)
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to ``uint8 [H, W, 3]`` RGB, ignoring EXIF orientation (as the json sizes do)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise OSError(f"cannot decode image file {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @dataclass

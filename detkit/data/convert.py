@@ -102,9 +102,13 @@ def yolo_to_coco(
     image_files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     images, annotations, problems = [], [], []
     for image_id, path in enumerate(image_files, start=1):
-        with Image.open(path) as im:
-            width, height = im.size
         rel = path.relative_to(image_dir).as_posix()
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except (OSError, SyntaxError, ValueError) as e:  # one broken file must not end the conversion
+            problems.append(f"{rel}: not a readable image ({e}), left out with its labels")
+            continue
         images.append({"id": image_id, "file_name": rel, "width": width, "height": height})
         label_file = label_dir / Path(rel).with_suffix(".txt")
         if not label_file.is_file():

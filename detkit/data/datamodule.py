@@ -151,13 +151,16 @@ class PretrainDataModule(L.LightningDataModule):
             ``image_size``; images are shrunk to fit, never enlarged) and
             :class:`detkit.data.device_views.DeviceSimCLRViews` makes both views of the whole batch on the
             training device (same recipe; ``solarize_p`` only there).
+        skip_invalid: image files that do not decode (in ``images`` and the kNN folders) are named and skipped,
+            and counted in ``pretrain_metrics.json``; ``False`` refuses them instead (checked before training, see
+            :mod:`detkit.data.image_files`).
     """
 
     def __init__(self, images: str, ann_file: str | None = None, image_size: int = 64,
                  crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float | None = None, batch_size: int = 128,
                  num_workers: int = 2, knn_train: str | None = None, knn_val: str | None = None,
                  knn_per_class: int | None = 100, seed: int = 0, augment_on: str = "cpu",
-                 source_size: int | None = None, solarize_p: float = 0.0) -> None:
+                 source_size: int | None = None, solarize_p: float = 0.0, skip_invalid: bool = True) -> None:
         super().__init__()
         self.seed = seed
         from detkit.data.device_views import DeviceSimCLRViews, SourceImage
@@ -174,11 +177,11 @@ class PretrainDataModule(L.LightningDataModule):
             if solarize_p:
                 raise ValueError("data.solarize_p needs data.augment_on=device")
             transform = SimCLRViews(image_size, tuple(crop_scale), blur_p=blur_p)
-        self.dataset = UnlabeledImages(images, transform, ann_file=ann_file)
+        self.dataset = UnlabeledImages(images, transform, ann_file=ann_file, skip_invalid=skip_invalid)
         self.knn_bank = self.knn_query = None
         if knn_train and knn_val:
-            self.knn_bank = ImageFolderDataset(knn_train, ResizeImage(image_size), knn_per_class)
-            self.knn_query = ImageFolderDataset(knn_val, ResizeImage(image_size), knn_per_class)
+            self.knn_bank = ImageFolderDataset(knn_train, ResizeImage(image_size), knn_per_class, skip_invalid)
+            self.knn_query = ImageFolderDataset(knn_val, ResizeImage(image_size), knn_per_class, skip_invalid)
         log.info("pretraining on %d unlabeled images from %s", len(self.dataset), images)
 
     def train_dataloader(self) -> StatefulDataLoader:

@@ -10,21 +10,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detkit.data.coco import read_rgb
-from detkit.data.convert import IMAGE_SUFFIXES
+from detkit.data.image_files import ImageCheck, check_image_files, check_image_folder, read_rgb_or_substitute
 from detkit.data.transforms import SeededPipeline, item_seed
-from detkit.data.validate import load_coco_json, resolve_image_path
+from detkit.data.validate import load_coco_json
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, sorted)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
-    return files
+def list_images(root: str | Path, skip_invalid: bool = True) -> list[Path]:
+    """Every readable image file under ``root`` (recursive, sorted), checked as
+    :func:`detkit.data.image_files.check_image_folder` does (unreadable files named and skipped)."""
+    return check_image_folder(root, skip_invalid=skip_invalid).files
 
 
 #: Views at most this many pixels wide get no Gaussian blur by default (``blur_p=None``): the SimCLR paper blurs
@@ -96,30 +90,30 @@ class ResizeImage:
 
 class UnlabeledImages(Dataset):
     """Images without labels: every image under a folder, or the images of a COCO json (``ann_file``) relative
-    to ``root``. Items are whatever ``transform`` makes of the RGB image (two views for SimCLR)."""
+    to ``root``. Items are whatever ``transform`` makes of the RGB image (two views for SimCLR).
 
-    def __init__(self, root: str | Path, transform: Callable, ann_file: str | Path | None = None) -> None:
+    The images are checked on construction (:mod:`detkit.data.image_files`): unreadable files are named and
+    skipped (:attr:`check` records them), or refused with ``skip_invalid=False``. A file that becomes unreadable
+    later is warned about once and another image stands in for it
+    (:func:`detkit.data.image_files.read_rgb_or_substitute`), so batches keep their size."""
+
+    def __init__(self, root: str | Path, transform: Callable, ann_file: str | Path | None = None,
+                 skip_invalid: bool = True) -> None:
         self.root = Path(root)
         if ann_file is None:
-            self.files = list_images(self.root)
+            self.check: ImageCheck = check_image_folder(self.root, skip_invalid, what="unlabeled images")
         else:
-            data = load_coco_json(ann_file)
-            self.files = []
-            for img in data["images"]:
-                path, reason = resolve_image_path(self.root, img.get("file_name"))
-                if path is None:
-                    raise ValueError(f"{ann_file}: image id {img.get('id')}: {reason}")
-                self.files.append(path)
+            images = load_coco_json(ann_file)["images"]
+            names = [img.get("file_name") if isinstance(img, dict) else None for img in images]
+            self.check = check_image_files(self.root, names, skip_invalid, what=f"{ann_file}: images under")
+        self.files = self.check.files
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        try:
-            image = read_rgb(self.files[index])
-        except OSError as e:
-            raise OSError(f"unlabeled image {self.files[index]}: {e}") from e
+        _, image = read_rgb_or_substitute(self.files, index)
         if isinstance(self.transform, SimCLRViews):
             return self.transform(image, seed=item_seed(index))
         return self.transform(image)
@@ -132,22 +126,33 @@ class ImageFolderDataset(Dataset):
         root: the tree; class labels follow sorted folder names.
         transform: image transform.
         per_class: keep at most this many images per class (first in sorted order), for quick monitors.
+        skip_invalid: skip unreadable image files (named once in the log) instead of refusing the tree; checked
+            and handled during the run as :class:`UnlabeledImages` does.
     """
 
-    def __init__(self, root: str | Path, transform: Callable, per_class: int | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable, per_class: int | None = None,
+                 skip_invalid: bool = True) -> None:
         root = Path(root)
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
         if not self.classes:
             raise FileNotFoundError(f"{root} is not an ImageFolder tree (one sub-folder per class)")
+        self.check = check_image_folder(root, skip_invalid, what="ImageFolder tree")
+        by_class: dict[str, list[Path]] = {name: [] for name in self.classes}
+        for f in self.check.files:  # sorted; files directly under root belong to no class
+            parts = f.relative_to(root).parts
+            if len(parts) > 1 and parts[0] in by_class:
+                by_class[parts[0]].append(f)
         self.samples = []
         for label, name in enumerate(self.classes):
-            files = list_images(root / name)
-            self.samples += [(f, label) for f in files[:per_class]]
+            if not by_class[name]:
+                raise FileNotFoundError(f"ImageFolder tree {root}: class folder {name!r} holds no readable images")
+            self.samples += [(f, label) for f in by_class[name][:per_class]]
+        self.files = [f for f, _ in self.samples]
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(read_rgb(path)), label
+        j, image = read_rgb_or_substitute(self.files, index)  # a file broken since the check: another item
+        return self.transform(image), self.samples[j][1]

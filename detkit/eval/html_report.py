@@ -40,7 +40,9 @@ def _thumbnail(src: Path, dst: Path) -> tuple[int, int]:
     """Write a JPEG thumbnail of ``src`` (longer side :data:`THUMB_SIDE`); returns the original ``(w, h)``."""
     import cv2
 
-    image = cv2.imread(str(src), cv2.IMREAD_COLOR)
+    from detkit.data.image_files import READ_FLAGS
+
+    image = cv2.imread(str(src), READ_FLAGS)  # detkit's reading policy: stored pixels, EXIF orientation ignored
     if image is None:
         raise FileNotFoundError(f"report: cannot read image {src}")
     h, w = image.shape[:2]
