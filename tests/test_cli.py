@@ -67,6 +67,8 @@ def test_the_default_data_config_is_the_generic_one_and_names_what_is_missing():
     text = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in text, text[-2000:]
     assert "required settings not given: data.train_ann, data.train_images" in text and "data=bccd" in text
+    r = run(["detkit-train", "experiment=simclr_frcnn", "hydra.run.dir=/tmp/detkit_missing_data"])  # via ${data...}
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "data.train_images" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("name", ["gpu", "ddp", "ddp_cpu"])

@@ -111,3 +111,23 @@ def test_a_cuda_graph_compiled_training_run_trains_and_evaluates(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 < metrics["AP50"] <= 1.0, metrics
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_the_divergence_record_never_waits_for_the_device_and_catches_an_unread_step(every):
+    """On the device the monitor folds every step into its record without a host read (steps between reads
+    included); a NaN at a step that was not read is still caught by the flush before a checkpoint."""
+    from detkit.lit.divergence import DivergenceMonitor, TrainingDivergedError
+
+    monitor = DivergenceMonitor(every=every)
+    ok = {"loss": torch.tensor(1.0, device=DEVICE)}
+    health = {"nonfinite_proposals": torch.tensor(0, device=DEVICE)}
+    with HostSyncCounter() as sync, no_device_sync():
+        for step in range(1, 8):
+            monitor.record(step, ok, health)
+    if DEVICE.type == "cuda":
+        assert sync.total == 0, dict(sync.counts)
+    with pytest.raises(TrainingDivergedError, match="step 8"):  # read at once (CPU, every=1) or at the flush
+        monitor.record(8, {"loss": torch.tensor(float("nan"), device=DEVICE)}, health)  # not a read step at every=5
+        monitor.record(9, ok, health)
+        monitor.flush()

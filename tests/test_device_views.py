@@ -77,9 +77,8 @@ def test_source_image_letterboxes_and_reports_the_valid_size():
 
 
 def test_pretraining_with_device_views_trains_on_two_distinct_views_of_every_image(tmp_path):
-    """Through Lightning: the batches the training step sees are two views per image made on the device, each view
-    distinct from every other in the step and from the previous step's, with pixels of the images only (the
-    synthetic images are letterboxed 64 x 48 into the source, so padding would show as the canvas value)."""
+    """Through Lightning: the batches the training step sees are two views per image made on the device, of the
+    view size, in pixel range, each view distinct from every other in the step and from the previous step's."""
     import lightning as L
 
     from detkit.data.datamodule import PretrainDataModule
@@ -128,14 +127,20 @@ def _plain_views(size: int, **kw) -> DeviceSimCLRViews:
 
 
 def test_views_of_a_letterboxed_image_never_show_the_padding():
-    """A white 40 x 23 image letterboxed in a 64 px source: every pixel of every view (crops up to the valid area's
-    edge, upsampled to 32 px) is white, as crop-then-resize of the image itself gives; bilinear samples near the
-    edge must not mix in the canvas beyond it."""
-    image = np.full((23, 40, 3), 255, dtype=np.uint8)
+    """A 40 x 23 noise image placed in a 64 px source canvas: its views (crops up to the valid area's edge,
+    upsampled to 32 px) equal the views of the bare image drawn with the same generator, where there is nothing
+    beyond the edge to sample. Padding that bleeds in, or a crop that reaches past the valid area, would differ."""
+    image = np.random.default_rng(0).integers(0, 256, (23, 40, 3), dtype=np.uint8)
     src, size = SourceImage(64)(image)
-    batch, sizes = src[None].repeat(64, 1, 1, 1), size[None].repeat(64, 1)
-    out = _plain_views(32, crop_scale=(0.08, 1.0))(batch, sizes, torch.Generator().manual_seed(0))
-    assert out.min() >= 254.5, f"{int((out < 254.5).any(1).flatten(1).any(1).sum())} of 128 views show padding"
+    bare = torch.from_numpy(image).permute(2, 0, 1)
+    views = _plain_views(32, crop_scale=(0.08, 1.0))
+    on_canvas = views(src[None].repeat(64, 1, 1, 1), size[None].repeat(64, 1), torch.Generator().manual_seed(0))
+    alone = views(bare[None].repeat(64, 1, 1, 1), size[None].repeat(64, 1), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(on_canvas, alone, atol=1e-3, rtol=0)
+    plain_zero_pad = torch.zeros_like(src)
+    plain_zero_pad[:, :23, :40] = bare  # the old letterbox: black beyond the image
+    padded = views(plain_zero_pad[None].repeat(64, 1, 1, 1), size[None].repeat(64, 1), torch.Generator().manual_seed(0))
+    assert (padded - alone).abs().amax() > 10  # the comparison can tell padding from image
 
 
 def test_the_source_is_never_upsampled():

@@ -354,7 +354,7 @@ def test_predict_writes_the_good_images_and_names_the_broken_ones(checkpoint, tm
     assert [Path(im["file_name"]).name for im in preds["images"]] == ["good_0.png"]
     assert preds["info"]["skipped"] == 2 and preds["info"]["ignored_non_image_files"] == 1
     assert {s["file"] for s in preds["info"]["skipped_files"]} == {"broken.jpg", "truncated.jpg"}
-    assert [p.name for p in (out / "visualizations").iterdir()] == ["good_0.jpg"]
+    assert [p.name for p in (out / "visualizations").iterdir()] == ["good_0.png.jpg"]
 
 
 def test_predict_refuses_with_skip_invalid_false_and_on_empty_or_all_broken_folders(checkpoint, tmp_path):
@@ -399,3 +399,18 @@ def test_yolo_conversion_leaves_an_unreadable_image_out_and_says_so(tmp_path):
     coco, problems = yolo_to_coco(tmp_path / "labels", tmp_path / "images", ["thing"])
     assert [im["file_name"] for im in coco["images"]] == ["good.png"] and len(coco["annotations"]) == 1
     assert len(problems) == 1 and "broken.jpg" in problems[0] and "not a readable image" in problems[0]
+
+
+def test_predict_drawings_of_same_named_files_do_not_overwrite_each_other(checkpoint, tmp_path):
+    """``a.jpg``, ``a.png`` and ``sub/a.jpg`` are three images: three drawings, in the input's tree."""
+    from detkit.cli.predict import predict
+
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    for name in ("a.jpg", "a.png", "sub/a.jpg"):
+        cv2.imwrite(str(root / name), img)
+    out = tmp_path / "o"
+    predict(compose_predict(f"checkpoint={checkpoint}", f"input={root}", "draw=true"), out)
+    drawn = sorted(p.relative_to(out / "visualizations").as_posix() for p in (out / "visualizations").rglob("*.jpg"))
+    assert drawn == ["a.jpg.jpg", "a.png.jpg", "sub/a.jpg.jpg"]

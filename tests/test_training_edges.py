@@ -139,3 +139,27 @@ def test_sampling_draws_differ_across_micro_batches_and_ranks_and_repeat_on_resu
     assert len({tuple(d.tolist()) for d in draws}) == 8
     assert torch.equal(draw(2, 1), draw(2, 1))
     module._trainer = None
+
+
+def test_steps_per_process_under_ddp_follow_the_distributed_sampler():
+    """N=12 items, batch 4, 2 processes, drop_last: each process gets ceil(12 / 2) = 6 items, 1 full batch, so 1
+    step per epoch (not ceil(floor(12 / 4) / 2) = 2); and max_steps caps an epoch-bound run."""
+    from types import SimpleNamespace
+
+    class Loader:
+        def __init__(self, n: int, batch: int, drop_last: bool) -> None:
+            self.sampler, self.batch_size, self.drop_last = range(n), batch, drop_last
+
+        def __len__(self) -> int:
+            return len(self.sampler) // self.batch_size if self.drop_last else -(-len(self.sampler) // self.batch_size)
+
+    def steps(n, batch, world, drop_last=True, epochs=3, max_steps=-1, accumulate=1):
+        dm = SimpleNamespace(train_dataloader=lambda: Loader(n, batch, drop_last))
+        trainer = SimpleNamespace(max_steps=max_steps, max_epochs=epochs, world_size=world, limit_train_batches=1.0,
+                                  accumulate_grad_batches=accumulate)
+        return total_training_steps(trainer, dm)
+
+    assert steps(12, 4, 2) == 3 and steps(1000, 64, 8) == 3 and steps(12, 4, 2, drop_last=False) == 6
+    assert steps(12, 4, 1) == 9 and steps(10, 1, 1, epochs=2, accumulate=4) == 6
+    assert steps(12, 4, 1, max_steps=5) == 5 and steps(12, 4, 1, max_steps=50) == 9
+    assert steps(12, 4, 1, epochs=-1, max_steps=7) == 7

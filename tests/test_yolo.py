@@ -147,3 +147,31 @@ def test_ema_follows_the_formula():
     ema.update(model)
     torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 2.0))
     assert not ema.module.weight.requires_grad
+
+
+class _Seeded(_Squares):
+    """Like _Squares, but each item's pixels record the augmentation seed it was drawn with."""
+
+    def __len__(self) -> int:
+        return 2  # few images: a mosaic often draws the same image twice
+
+    def item(self, i, seed):
+        image, target = super().__getitem__(i)
+        return torch.full_like(image, (seed or 0) % 251), target
+
+    def __getitem__(self, i):
+        return self.item(i, 1000 + i)  # what item_seed(i) gives in this "worker"
+
+
+def test_mosaic_tiles_draw_their_own_augmentation(monkeypatch):
+    """In a loader worker every tile gets its own seed: no tile repeats its image's own view of the epoch, and an
+    image drawn twice into one mosaic gives two different tiles."""
+    import detkit.data.mosaic as mosaic
+
+    monkeypatch.setattr(mosaic, "item_seed", lambda i: 1000 + i)
+    data = _Seeded()
+    own_views = {int(data[i][0][0, 0, 0]) for i in range(len(data))}
+    for index in range(len(data)):
+        image, _ = mosaic.Mosaic(data, p=1.0)[index]
+        tiles = [int(image[0, y, x]) for y, x in ((0, 0), (0, 63), (63, 0), (63, 63))]
+        assert len(set(tiles)) == 4 and not own_views & set(tiles), tiles

@@ -61,15 +61,25 @@ USER_ERRORS = (*USER_ERRORS, MissingSettingError)
 
 #: What to type for a missing setting, by key prefix.
 SETTING_HINTS = {
-    "data.": "give your COCO dataset, e.g. data.train_ann=train.json data.train_images=IMAGES_DIR "
+    "data.": "Give your COCO dataset, e.g. data.train_ann=train.json data.train_images=IMAGES_DIR "
              "data.val_ann=val.json data.val_images=IMAGES_DIR (or data=bccd for the embedded demo dataset)",
 }
+
+
+def _literal_missing(node: Any, prefix: str = "") -> list[str]:
+    """Keys whose value is literally ``???``, found without resolving anything (an interpolation that points at one,
+    such as ``pretrain.data.images: ${data.train_images}``, is reported through its target)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _literal_missing(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _literal_missing(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
 
 
 def check_required_settings(cfg: DictConfig) -> None:
     """Refuse a config with required settings left unset (``???``), naming each and what to give, before any
     work starts (rather than an ``omegaconf`` error from wherever the first one is read)."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(_literal_missing(OmegaConf.to_container(cfg, resolve=False)))
     if not missing:
         return
     hints = sorted({h for key in missing for prefix, h in SETTING_HINTS.items() if key.startswith(prefix)})

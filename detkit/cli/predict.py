@@ -2,7 +2,7 @@
 
 Writes ``OUT/predictions.json`` (COCO-style: ``images``, ``annotations`` with xywh boxes in original pixels and
 scores, ``categories``, and ``info``: the input folder, how many images were predicted, and every unreadable file
-skipped, by name with the reason) and, with ``draw=true``, ``OUT/visualizations/<image>.jpg`` with boxes, labels
+skipped, by name with the reason) and, with ``draw=true``, ``OUT/visualizations/<image path under the input folder>.jpg`` with boxes, labels
 and scores.
 
 The input is checked before the model is loaded (:mod:`detkit.data.image_files`): files without an image suffix
@@ -118,7 +118,12 @@ def predict(cfg: DictConfig, out: Path) -> Path:
             results += detections_to_results(det["boxes"], det["scores"], det["category_ids"], det["image_id"])
             if cfg.draw:
                 try:
-                    draw(path, det, names, vis_dir / (path.stem + ".jpg"))
+                    # the image's path under the input folder, plus .jpg: a.jpg, a.png and sub/a.jpg stay three
+                    # drawings (the checked files all lie inside the folder, so this stays inside vis_dir)
+                    rel = path.relative_to(check.root) if path.is_relative_to(check.root) else Path(path.name)
+                    target = vis_dir / rel.parent / f"{rel.name}.jpg"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    draw(path, det, names, target)
                 except OSError as e:  # changed between prediction and drawing: the predictions stand
                     log.warning("image file %r: not drawn (%s)", str(path), e)
     for i, r in enumerate(results):

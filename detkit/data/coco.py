@@ -162,6 +162,11 @@ class CocoDetection(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.item(index, item_seed(index))
+
+    def item(self, index: int, seed: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Item ``index`` with its augmentation drawn from ``seed`` (``None``: the pipeline's continuing stream);
+        ``dataset[index]`` is ``item(index, item_seed(index))``."""
         rec = self.records[index]
         try:
             image = read_rgb(rec.path)
@@ -169,7 +174,7 @@ class CocoDetection(Dataset):
             raise OSError(f"{self.ann_file}: image id {rec.image_id}: {e}") from e
         boxes, labels, scale = rec.boxes, rec.labels, 1.0
         if self.transform is not None:
-            image, boxes, labels, scale = self.transform(image, boxes, labels, seed=item_seed(index))
+            image, boxes, labels, scale = self.transform(image, boxes, labels, seed=seed)
         target = {
             "boxes": torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
             "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),

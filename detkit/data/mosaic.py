@@ -33,13 +33,21 @@ class Mosaic(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+    def _tile(self, index: int, seed: int | None) -> tuple[torch.Tensor, dict]:
+        item = getattr(self.dataset, "item", None)
+        return item(index, seed) if item is not None and seed is not None else self.dataset[index]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         seed = item_seed(index)
         g = torch.Generator().manual_seed(seed) if seed is not None else None  # see item_seed
         if self.p == 0 or torch.rand((), generator=g) >= self.p:
             return self.dataset[index]
         others = torch.randint(len(self.dataset), (3,), generator=g).tolist()
-        items = [self.dataset[i] for i in [index, *others]]
+        # Each tile draws its own augmentation (seed of this item and the tile's place): read through
+        # dataset[i], a tile would repeat item i's own view of this epoch, and an image drawn twice would give
+        # two identical tiles.
+        items = [self._tile(i, None if seed is None else hash((seed, k)) % 2**32)
+                 for k, i in enumerate([index, *others])]
         _, h, w = items[0][0].shape
         canvas = torch.empty_like(items[0][0])
         boxes, labels = [], []

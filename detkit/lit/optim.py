@@ -25,16 +25,29 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def total_training_steps(trainer, datamodule=None) -> int:
-    """Optimiser steps of the whole run, computed from the data module.
+    """Optimiser steps of the whole run, counted as Lightning takes them, computed from the data module.
+
+    Per process, an epoch has ``floor(ceil(N / W) / B)`` batches (``drop_last``) or ``ceil(ceil(N / W) / B)`` (the
+    loader is given a distributed sampler of ``ceil(N / W)`` items under DDP), then ``limit_train_batches``; the
+    optimiser steps after every ``accumulate_grad_batches`` batches and after the epoch's last one. With both
+    ``max_steps`` and ``max_epochs`` set, the run ends at whichever comes first.
 
     ``trainer.estimated_stepping_batches`` would give the same number, but calling it from ``configure_optimizers``
     makes Lightning build the training loader before a checkpoint's loop state is restored, and a resumed run then
     silently restarts its epoch from the first batch instead of continuing mid-epoch.
     """
-    if trainer.max_steps and trainer.max_steps > 0:
-        return int(trainer.max_steps)
+    max_steps = int(trainer.max_steps or -1)
+    max_epochs = trainer.max_epochs
+    if max_steps > 0 and (max_epochs is None or max_epochs < 0):
+        return max_steps
     datamodule = datamodule if datamodule is not None else trainer.datamodule
-    batches = math.ceil(len(datamodule.train_dataloader()) / max(1, trainer.world_size))
+    loader = datamodule.train_dataloader()
+    world = max(1, trainer.world_size)
+    if loader.batch_size is not None and world > 1:
+        per_rank = math.ceil(len(loader.sampler) / world)
+        batches = per_rank // loader.batch_size if loader.drop_last else math.ceil(per_rank / loader.batch_size)
+    else:
+        batches = len(loader)
     limit = trainer.limit_train_batches
     if isinstance(limit, int):
         batches = min(batches, limit)
@@ -42,7 +55,8 @@ def total_training_steps(trainer, datamodule=None) -> int:
         batches = int(batches * float(limit))
     # Lightning steps the optimiser after every ``accumulate`` batches and after the epoch's last batch, even when
     # the last group is incomplete: ceil, not floor (10 batches, accumulate 4: steps after batches 4, 8 and 10).
-    return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)) * max(1, trainer.max_epochs))
+    total = max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)) * max(1, max_epochs or 1))
+    return min(total, max_steps) if max_steps > 0 else total
 
 
 def _steps(value: float, total: int) -> float:
