@@ -16,7 +16,7 @@ import torch
 
 from detkit.data.unlabeled import ImageFolderDataset, ResizeImage
 from detkit.eval.ssl_eval import extract_features, knn_accuracy, linear_probe
-from detkit.models.backbones import ResNetEncoder, load_encoder, read_encoder_file
+from detkit.models.backbones import build_encoder, load_encoder, read_encoder_file
 
 
 class _Pixels(torch.nn.Module):
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder: torch.nn.Module = _Pixels()
     elif args.random:
         torch.manual_seed(0)
-        encoder = ResNetEncoder(**read_encoder_file(args.encoder)["arch"])
+        encoder = build_encoder(read_encoder_file(args.encoder)["arch"])
     else:
         encoder = load_encoder(args.encoder)
     start = time.time()

@@ -41,18 +41,37 @@ def to_original_pixels(dets: Detections, targets: Targets) -> torch.Tensor:
     return clip_boxes(dets.boxes / scales[:, None, None], sizes[:, 0, None], sizes[:, 1, None])
 
 
+def stage_aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """``{"backbone.encoder.layer1": [parameter names], ...}``: the stage names (``stem``, ``layer1..layer4``) of
+    every encoder in ``model`` that groups its parameters by stage (``stage_parameters()``; timm encoders, whose
+    own module names differ from model to model)."""
+    aliases: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if callable(getattr(module, "stage_parameters", None)):
+            base = f"{path}." if path else ""
+            for stage, names in module.stage_parameters().items():
+                aliases[base + stage] = [base + n for n in names]
+    return aliases
+
+
 def freeze_parameters(model: torch.nn.Module, prefixes: list[str]) -> int:
-    """Set ``requires_grad=False`` on every parameter whose name starts with one of ``prefixes``; returns how many
+    """Set ``requires_grad=False`` on every parameter whose name starts with one of ``prefixes`` (or that belongs to
+    an encoder stage named by one, e.g. ``backbone.encoder.layer1``, see :func:`stage_aliases`); returns how many
     tensors were frozen. A prefix that names no parameter is an error that lists the model's top-level parts."""
     names = [n for n, _ in model.named_parameters()]
+    aliases = stage_aliases(model)
+    selected: set[str] = set()
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix.rstrip(".") + ".") for n in names):
+        hits = {n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")}
+        hits |= set(aliases.get(prefix.rstrip("."), ()))
+        if not hits:
             parts = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"model.freeze: {prefix!r} names no parameter of the detector; its parts are {parts} "
                              f"(a prefix such as 'backbone', 'backbone.encoder.layer1', 'rpn', 'roi_heads.box_head')")
+        selected |= hits
     count = 0
     for n, p in model.named_parameters():
-        if any(n == pre or n.startswith(pre.rstrip(".") + ".") for pre in prefixes):
+        if n in selected:
             p.requires_grad_(False)
             count += 1
     return count

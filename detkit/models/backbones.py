@@ -9,27 +9,43 @@ An encoder file (written by ``detkit-pretrain`` as ``encoder.pt``) is a plain di
 
 The state dict uses torchvision's ResNet key names (``conv1.weight``, ``layer1.0.bn1.running_mean`` ...) without
 ``fc``, plus the ``pixel_mean``/``pixel_std`` buffers, so one normalisation travels from pretraining to fine-tuning.
+A timm encoder (:mod:`detkit.models.timm_backbone`) writes the same file with ``"arch": {"timm": NAME}``.
+
+``Backbone(init=...)`` takes such a file, ``"imagenet"`` (torchvision's ImageNet weights for the chosen ResNet,
+downloaded once into torch's cache, ``$TORCH_HOME/hub/checkpoints``) or a torchvision-format ResNet state dict
+(``torch.save(resnet18(weights=...).state_dict(), PATH)``, e.g. that cached file), loaded with ImageNet's pixel
+normalisation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, resnet18, resnet34, resnet50
 
 from detkit.models.necks import FPN, PANNeck
 
+log = logging.getLogger(__name__)
+
 ENCODER_FORMAT = "detkit-encoder/1"
 _BUILDERS = {18: resnet18, 34: resnet34, 50: resnet50}
+#: ``init: imagenet``: torchvision's weights enum per depth (its default, i.e. best, ImageNet-1k weights).
+IMAGENET_WEIGHTS = {18: ResNet18_Weights.DEFAULT, 34: ResNet34_Weights.DEFAULT, 50: ResNet50_Weights.DEFAULT}
+IMAGENET = "imagenet"
 #: ImageNet RGB statistics in 0..255 pixel units; a convention, not pretrained weights.
 DEFAULT_MEAN = (123.675, 116.28, 103.53)
 DEFAULT_STD = (58.395, 57.12, 57.375)
 LEVELS = ("c2", "c3", "c4", "c5")
+#: Stage names, coarse to fine grouping of an encoder's parameters: ``freeze_at=k`` freezes the first ``k``.
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
 class EncoderLoadError(RuntimeError):
@@ -94,8 +110,36 @@ class ResNetEncoder(nn.Module):
         c5 = self.features(self.normalize(images))["c5"]
         return torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1)
 
+    def stage_parameters(self) -> dict[str, list[str]]:
+        """``{"stem": ["conv1.weight", "bn1.weight", "bn1.bias"], "layer1": [...], ...}`` (names in this module)."""
+        return {stage: [n for n, _ in self.named_parameters()
+                        if n.split(".")[0] in (("conv1", "bn1") if stage == "stem" else (stage,))] for stage in STAGES}
 
-def save_encoder(encoder: ResNetEncoder, path: str | Path, meta: dict | None = None) -> Path:
+    def freeze(self, freeze_at: int, norm: str) -> None:
+        """``freeze_at=k``: weights and BatchNorm statistics of the stem and ``layer1..layer{k-1}`` fixed;
+        ``norm``: ``bn`` | ``frozen_stats`` | ``frozen`` for every BatchNorm (see :class:`Backbone`)."""
+        stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
+        nn.ModuleList(stages[:freeze_at]).requires_grad_(False)  # frozen stages: weights and statistics
+        if norm != "bn":
+            freeze_batchnorm(self, train_affine=norm == "frozen_stats")
+            return
+        if freeze_at >= 1:
+            self.bn1 = FrozenBatchNorm2d.from_batchnorm(self.bn1, train_affine=False)
+        for layer in stages[1:freeze_at]:
+            freeze_batchnorm(layer, train_affine=False)
+
+
+def build_encoder(arch: dict[str, Any]) -> nn.Module:
+    """The encoder an encoder file's ``arch`` describes (random weights): a ResNet or, with ``"timm"``, a timm
+    model (:class:`detkit.models.timm_backbone.TimmEncoder`, needs ``pip install "detkit[timm]"``)."""
+    if "timm" in arch:
+        from detkit.models.timm_backbone import TimmEncoder
+
+        return TimmEncoder(arch["timm"])
+    return ResNetEncoder(**arch)
+
+
+def save_encoder(encoder: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write an encoder file (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,28 +160,103 @@ def read_encoder_file(path: str | Path) -> dict:
     return blob
 
 
-def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
+def _arch_hint(arch: dict[str, Any]) -> str:
+    return "model.detector.backbone.name (backbone@model.detector.backbone=timm)" if "timm" in arch else \
+        "model.detector.backbone.depth/small_stem"
+
+
+def load_state_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: str,
+                      ignore: Sequence[str] = ()) -> int:
+    """Load ``state`` into ``encoder``: every key of the encoder (except ``ignore``) must be matched by a tensor of
+    the same shape and nothing may be left over, or one error lists the missing, unexpected and mismatched keys.
+    Logs and returns the number of matched keys."""
+    own = {k: v for k, v in encoder.state_dict().items() if k not in ignore}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise EncoderLoadError(f"{source} does not fit the encoder: missing keys {missing}, unexpected keys "
+                               f"{unexpected}, shape mismatches {mismatched}")
+    encoder.load_state_dict(state, strict=not ignore)
+    log.info("%s: %d keys matched, none missing or unexpected", source, len(own))
+    return len(own)
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     """Load an encoder file into ``encoder``, strictly: every key must match, or a clear error lists them."""
     blob = read_encoder_file(path)
     if blob["arch"] != encoder.arch:
-        raise EncoderLoadError(f"{path} holds a ResNet {blob['arch']} but the model is configured as "
-                               f"{encoder.arch}: set model.detector.backbone.depth/small_stem to match the file")
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(blob["state_dict"]))
-    unexpected = sorted(set(blob["state_dict"]) - set(own))
-    mismatched = sorted(k for k in set(own) & set(blob["state_dict"]) if own[k].shape != blob["state_dict"][k].shape)
-    if missing or unexpected or mismatched:
-        raise EncoderLoadError(f"{path} does not fit the encoder: missing keys {missing}, unexpected keys "
-                               f"{unexpected}, shape mismatches {mismatched}")
-    encoder.load_state_dict(blob["state_dict"], strict=True)
+        raise EncoderLoadError(f"{path} holds a {'timm' if 'timm' in blob['arch'] else 'ResNet'} encoder "
+                               f"{blob['arch']} but the model is configured as {encoder.arch}: set "
+                               f"{_arch_hint(blob['arch'])} to match the file")
+    load_state_strict(encoder, blob["state_dict"], str(path))
 
 
-def load_encoder(path: str | Path) -> ResNetEncoder:
+def load_encoder(path: str | Path) -> nn.Module:
     """Build the encoder an encoder file describes and load its weights; ``forward`` gives pooled features."""
     blob = read_encoder_file(path)
-    encoder = ResNetEncoder(**blob["arch"])
+    encoder = build_encoder(blob["arch"])
     load_encoder_weights(encoder, path)
     return encoder
+
+
+def is_encoder_file(path: str | Path) -> bool:
+    """Whether ``path`` is a detkit encoder file (rather than another library's state dict)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT
+
+
+def fetch_torchvision_weights(weights) -> dict[str, torch.Tensor]:
+    """``weights.get_state_dict()``: torchvision's download into torch's cache (``$TORCH_HOME/hub/checkpoints``,
+    read from there without the network once present). A failed download becomes one error that names the file,
+    its URL and the folder to place it in."""
+    url = weights.url
+    name = Path(urlparse(url).path).name
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except (URLError, OSError) as e:
+        raise EncoderLoadError(
+            f"init=imagenet: could not download {type(weights).__name__}.{weights.name} ({e}). Without network "
+            f"access, fetch {url} elsewhere and place it as {folder / name} (torchvision's cache: "
+            f"$TORCH_HOME/hub/checkpoints/{name}), or pass model.detector.backbone.init=PATH to that file") from e
+
+
+def load_torchvision_resnet(encoder: ResNetEncoder, state: dict[str, torch.Tensor], source: str,
+                            mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> None:
+    """Load a torchvision ResNet state dict (its classifier ``fc.*`` dropped) into ``encoder``, strictly, and set
+    its pixel normalisation to the weights' (``mean``/``std`` in 0..255 units)."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_state_strict(encoder, state, source, ignore=("pixel_mean", "pixel_std"))
+    with torch.no_grad():
+        encoder.pixel_mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+        encoder.pixel_std.copy_(torch.tensor(std).view(1, 3, 1, 1))
+
+
+def load_resnet_init(encoder: ResNetEncoder, init: str) -> None:
+    """``init``: ``"imagenet"``, a detkit encoder file, or a torchvision-format ResNet state dict."""
+    if init == IMAGENET:
+        if encoder.small_stem:
+            raise EncoderLoadError("init=imagenet loads torchvision's ResNet, whose stem is the 7x7/2 convolution: "
+                                   "set model.detector.backbone.small_stem=false")
+        weights = IMAGENET_WEIGHTS[encoder.depth]
+        meta = weights.transforms()
+        load_torchvision_resnet(encoder, fetch_torchvision_weights(weights), f"{type(weights).__name__}."
+                                f"{weights.name}", [255 * m for m in meta.mean], [255 * s for s in meta.std])
+        return
+    path = Path(init)
+    if not path.is_file():
+        raise EncoderLoadError(f"encoder file {path} does not exist (init takes an encoder file from detkit-pretrain, "
+                               "a torchvision ResNet state dict, or imagenet)")
+    if is_encoder_file(path):
+        load_encoder_weights(encoder, path)
+        return
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderLoadError(f"{path} is neither a detkit encoder file (format {ENCODER_FORMAT!r}, written by "
+                               "detkit-pretrain as encoder.pt) nor a torchvision ResNet state dict")
+    load_torchvision_resnet(encoder, state, str(path))
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -199,7 +318,9 @@ class Backbone(nn.Module):
 
     Args:
         depth, small_stem: the encoder architecture (must match an ``init`` file).
-        init: path to an encoder file from ``detkit-pretrain``; ``None`` for random initialisation.
+        init: path to an encoder file from ``detkit-pretrain``; ``"imagenet"`` for torchvision's ImageNet weights
+            of this depth (downloaded once into ``$TORCH_HOME/hub/checkpoints``); a path to a torchvision-format
+            ResNet state dict; ``None`` for random initialisation.
         levels: encoder levels used, e.g. ``["c4"]`` (single level, ``neck: none``) or ``["c3", "c4", "c5"]``.
         neck: ``"fpn"`` (:class:`detkit.models.necks.FPN`, Faster R-CNN), ``"pan"``
             (:class:`detkit.models.necks.PANNeck`, YOLO) or ``"none"`` (one level, the encoder's own channels).
@@ -224,6 +345,14 @@ class Backbone(nn.Module):
         norm: str = "bn",
     ) -> None:
         super().__init__()
+        levels = self._check(levels, neck, extra_pool, norm)
+        self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
+        if init:
+            load_resnet_init(self.encoder, init)
+        self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm)
+
+    @staticmethod
+    def _check(levels: Sequence[str], neck: str, extra_pool: bool, norm: str) -> list[str]:
         if norm not in ("bn", "frozen_stats", "frozen"):
             raise ValueError(f"backbone norm must be 'bn', 'frozen_stats' or 'frozen', got {norm!r}")
         if neck not in NECKS:
@@ -235,9 +364,11 @@ class Backbone(nn.Module):
             raise ValueError(f"levels {levels} need a neck (fpn or pan): without one the levels have different widths")
         if extra_pool and neck != "fpn":
             raise ValueError("extra_pool adds a max-pooled FPN level: it needs neck=fpn")
-        self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
-        if init:
-            load_encoder_weights(self.encoder, init)
+        return levels
+
+    def _build_neck(self, levels: list[str], neck: str, neck_channels: int, extra_pool: bool, freeze_at: int,
+                    norm: str) -> None:
+        """The neck over ``self.encoder``'s levels, the output names/strides, and the encoder's freezing."""
         self.levels, self.norm, self.freeze_at = levels, norm, freeze_at
         enc = self.encoder
         in_channels = [enc.channels[lv] for lv in levels]
@@ -254,18 +385,7 @@ class Backbone(nn.Module):
             self.neck = None
         self.out_channels = in_channels[0] if neck == "none" else neck_channels
         self.strides = dict(zip(names, strides))
-        self._freeze()
-    def _freeze(self) -> None:
-        enc = self.encoder
-        stages = [nn.ModuleList([enc.conv1, enc.bn1]), enc.layer1, enc.layer2, enc.layer3, enc.layer4]
-        nn.ModuleList(stages[: self.freeze_at]).requires_grad_(False)  # frozen stages: weights and statistics
-        if self.norm != "bn":
-            freeze_batchnorm(enc, train_affine=self.norm == "frozen_stats")
-            return
-        if self.freeze_at >= 1:
-            enc.bn1 = FrozenBatchNorm2d.from_batchnorm(enc.bn1, train_affine=False)
-        for layer in stages[1: self.freeze_at]:
-            freeze_batchnorm(layer, train_affine=False)
+        enc.freeze(freeze_at, norm)
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""
