@@ -12,7 +12,7 @@ from detkit.data.device_views import device_view_seed
 from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
-from detkit.models.backbones import ResNetEncoder
+from detkit.models.backbones import build_encoder
 from detkit.models.ssl.simclr import NTXentLoss, Projector
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,9 @@ class SimCLRModule(L.LightningModule):
 
     Args:
         depth, small_stem: encoder architecture (the same class the detectors use as backbone).
+        timm: a timm model name (``pip install "detkit[timm]"``): the encoder is then that model's feature maps
+            (:class:`detkit.models.timm_backbone.TimmEncoder`, global average pool of the stride-32 map) instead of
+            the ResNet, and its encoder file loads into ``backbone@model.detector.backbone=timm`` with the same name.
         proj_hidden, proj_dim: projector sizes.
         temperature: NT-Xent temperature.
         optimizer: ``{"_target_": "torch.optim.SGD", "lr": ..., "weight_decay": ..., ...}``; ``lr`` is scaled
@@ -33,15 +36,16 @@ class SimCLRModule(L.LightningModule):
 
     def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
                  temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
-                 scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07) -> None:
+                 scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07,
+                 timm: str | None = None) -> None:
         super().__init__()
         optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.3, "momentum": 0.9,
                                        "weight_decay": 1e-4})
         self.save_hyperparameters({"depth": depth, "small_stem": small_stem, "proj_hidden": proj_hidden,
                                    "proj_dim": proj_dim, "temperature": temperature, "optimizer": optimizer,
                                    "warmup": warmup, "scale_lr": scale_lr, "knn_k": knn_k,
-                                   "knn_temperature": knn_temperature})
-        self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
+                                   "knn_temperature": knn_temperature, "timm": timm})
+        self.encoder = build_encoder({"timm": timm} if timm else {"depth": depth, "small_stem": small_stem})
         self.projector = Projector(self.encoder.out_dim, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature)
         self._generators: dict[str, torch.Generator] = {}
