@@ -10,8 +10,10 @@ random init (nothing is downloaded). Each implementation runs in its own process
 count and is evaluated after each listed step count with detkit's COCO evaluator (score threshold 0.001 / each
 model's own inference settings otherwise):
 
-* ``detkit_frcnn`` / ``detkit_yolo``: ``detkit-train``'s composed defaults (``model=faster_rcnn|yolo``, SGD lr
-  0.02, warm-up + cosine over the run, anchors fitted by ``fit=auto``), run through the same Lightning module.
+* ``detkit_frcnn`` / ``detkit_yolo``: exactly what ``detkit-train model=faster_rcnn|yolo`` runs on these images:
+  its composed defaults (SGD lr 0.02, warm-up + cosine over the run, anchors fitted by ``fit=auto``, its training
+  augmentation unless ``--detkit-aug off``), its preparation and its trainer (gradient clipping at norm 10),
+  stopped at the largest step count.
 * ``torchvision``: ``FasterRCNN`` on ``resnet_fpn_backbone("resnet18", weights=None)`` with that function's
   defaults (FrozenBatchNorm, layer2-4 trainable; the set-up of issue 19's report; with trainable BatchNorm at
   batch 2 it found nothing in 90 steps: AP50 0.000), its anchors, ``min_size=max_size=320``,
@@ -60,26 +62,35 @@ def evaluate(gt: dict, results: list[dict]) -> dict:
 
 
 def run_detkit(args, ann: Path, model_name: str) -> dict:
+    """What ``detkit-train model=NAME data.train_ann=... data.val_ann=... data.batch_size=B`` runs: its composed
+    defaults and its preparation (init check, training size, anchor fit), its trainer (gradient clipping and all),
+    stopped at the largest step count with the schedule sized to it. ``--detkit-aug off`` turns the default training
+    augmentation off (the peers train without augmentation); ``--image-size`` fixes the size it would choose."""
     import lightning as L
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import detkit.cli.common  # noqa: F401
-    from detkit.cli.train import fit_priors
+    from detkit.cli.train import _check_init_choice, _choose_image_size, fit_priors
     from detkit.paths import config_dir
 
     steps = sorted(int(s) for s in args.steps.split(","))
+    aug_off = ["data.train_transform.hflip=0", "data.train_transform.scale_range=[1.0,1.0]",
+               "data.train_transform.color_jitter=0"] if args.detkit_aug == "off" else []
+    size = [f"data.image_size={args.image_size}"] if args.image_size else []
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "data=coco", f"data.train_ann={ann}", f"data.train_images={args.images}", f"data.val_ann={ann}",
-            f"data.val_images={args.images}", f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
-            "data.num_workers=1", "data.train_transform.hflip=0", "data.train_transform.scale_range=[1.0,1.0]",
-            "data.train_transform.color_jitter=0", f"model={model_name}", "paths.output_dir=/tmp/x"])
-    L.seed_everything(0)
+            f"data.train_ann={ann}", f"data.train_images={args.images}", f"data.val_ann={ann}",
+            f"data.val_images={args.images}", *size, f"data.batch_size={args.batch_size}", "data.num_workers=1",
+            *aug_off, f"model={model_name}", "paths.output_dir=/tmp/x", f"+trainer.max_steps={max(steps)}",
+            "trainer.max_epochs=-1"])
+    L.seed_everything(cfg.seed, workers=True)
+    _check_init_choice(cfg)
+    _choose_image_size(cfg)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     fit_priors(cfg, dm.datasets["train"].coco_data)
-    module = instantiate(cfg.model, categories=dm.categories.to_list(), image_size=args.image_size, _recursive_=False)
+    module = instantiate(cfg.model, categories=dm.categories.to_list(), image_size=cfg.data.image_size,
+                        seed=cfg.seed, _recursive_=False)
     gt = dm.datasets["val"].coco_data
     points, timing = {}, {"t": 0.0, "n": 0}
 
@@ -102,11 +113,12 @@ def run_detkit(args, ann: Path, model_name: str) -> dict:
                 points[trainer.global_step] = evaluate(gt, results)
                 pl_module.train()
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=max(steps), limit_val_batches=0, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Checkpoints()])
+    trainer = instantiate(cfg.trainer, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, callbacks=[Checkpoints()])
     trainer.fit(module, datamodule=dm)
-    return {"impl": f"detkit {model_name}", "points": points, "train_img_s": timing["n"] / max(timing["t"], 1e-9)}
+    aug = "" if args.detkit_aug == "default" else ", no aug"
+    return {"impl": f"detkit {model_name} ({cfg.data.image_size} px{aug}, clip {cfg.trainer.gradient_clip_val})",
+            "points": points, "train_img_s": timing["n"] / max(timing["t"], 1e-9)}
 
 
 def run_torchvision(args, ann: Path) -> dict:
@@ -121,14 +133,14 @@ def run_torchvision(args, ann: Path) -> dict:
 
     steps = sorted(int(s) for s in args.steps.split(","))
     torch.manual_seed(0)
-    plain = DetectionTransform(args.image_size, train=True, hflip=0.0, vflip=0.0, scale_range=(1.0, 1.0),
+    plain = DetectionTransform(args.peer_size, train=True, hflip=0.0, vflip=0.0, scale_range=(1.0, 1.0),
                                color_jitter=0.0)
-    dm = DetectionDataModule(str(ann), args.images, str(ann), args.images, image_size=args.image_size,
+    dm = DetectionDataModule(str(ann), args.images, str(ann), args.images, image_size=args.peer_size,
                              batch_size=args.batch_size, num_workers=1, train_transform=plain)
     dm.setup("fit")
     cats = dm.categories
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None)  # its defaults: FrozenBN, 3 stages
-    model = FasterRCNN(backbone, num_classes=len(cats) + 1, min_size=args.image_size, max_size=args.image_size,
+    model = FasterRCNN(backbone, num_classes=len(cats) + 1, min_size=args.peer_size, max_size=args.peer_size,
                        box_score_thresh=args.tv_score_thresh)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.tv_lr, momentum=0.9, weight_decay=1e-4)
@@ -208,7 +220,7 @@ def run_ultralytics(args, ann: Path, work: Path) -> dict:
     torch.manual_seed(0)
     model = YOLO("yolov8n.yaml")
     t0 = time.perf_counter()
-    model.train(data=str(yaml), epochs=max(steps) // per_epoch, imgsz=args.image_size, batch=args.batch_size,
+    model.train(data=str(yaml), epochs=max(steps) // per_epoch, imgsz=args.peer_size, batch=args.batch_size,
                 nbs=args.batch_size, optimizer="SGD", amp=False, pretrained=False, device="cpu", workers=1,
                 mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0, scale=0.0, translate=0.0, val=False,
                 plots=False, save_period=1, project=str(work / "ul_runs"), name="train", exist_ok=True,
@@ -223,7 +235,7 @@ def run_ultralytics(args, ann: Path, work: Path) -> dict:
         m = YOLO(str(ckpt))
         results = []
         for im, path in files:
-            r = m.predict(str(path), imgsz=args.image_size, conf=0.001, iou=0.7, max_det=100, verbose=False,
+            r = m.predict(str(path), imgsz=args.peer_size, conf=0.001, iou=0.7, max_det=100, verbose=False,
                           device="cpu")[0]
             for (x1, y1, x2, y2), sc, c in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist()):
                 results.append({"image_id": im["id"], "category_id": cats[int(c)]["id"],
@@ -241,7 +253,10 @@ def main() -> None:
     p.add_argument("--max-images", type=int, default=6)
     p.add_argument("--steps", default="30,60,90")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--image-size", type=int, default=320,
+                   help="every implementation's size; 0: detkit chooses its own as detkit-train does (peers: 320)")
+    p.add_argument("--detkit-aug", default="default", choices=["default", "off"],
+                   help="detkit's training augmentation: detkit-train's default (what a user runs) or off")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tv-score-thresh", type=float, default=0.05,
                    help="torchvision's box_score_thresh (its default 0.05; 0.001 = the others' evaluation setting)")
@@ -252,6 +267,7 @@ def main() -> None:
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.peer_size = args.image_size or 320
     torch.set_num_threads(args.threads)
     if args.impl:
         work = Path(args.work)
@@ -269,15 +285,18 @@ def main() -> None:
     rows = []
     for impl in args.impls.split(","):
         cmd = [sys.executable, __file__, "--impl", impl, "--work", str(work)] + \
-            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "impls", "work")]
+            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "impls", "work", "peer_size")]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if r.returncode:
             print(f"{impl} failed:\n{r.stderr[-2500:]}", file=sys.stderr)
             continue
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     steps = sorted(int(s) for s in args.steps.split(","))
-    print(f"{Path(args.ann).name}: first {args.max_images} images (train = eval), {args.image_size} px, batch "
-          f"{args.batch_size}, no augmentation, random init, {args.threads} threads, torch {torch.__version__}")
+    aug = "detkit with detkit-train's augmentation, peers without" if args.detkit_aug == "default" else \
+        "no augmentation"
+    print(f"{Path(args.ann).name}: first {args.max_images} images (train = eval), {args.peer_size} px (detkit: "
+          f"{args.image_size or 'its own choice'}), batch {args.batch_size}, {aug}, random init, {args.threads} "
+          f"threads, torch {torch.__version__}")
     print("| implementation | " + " | ".join(f"AP50 / AP @ {s} steps" for s in steps) + " | train img/s |")
     print("| --- | " + " | ".join("---" for _ in steps) + " | --- |")
     def cell(r: dict, s: int) -> str:
