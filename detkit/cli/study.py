@@ -1,6 +1,6 @@
 """``detkit-study``: does SimCLR pretraining on the unlabeled images improve detection? One reproducible study.
 
-    detkit-study [--out runs/study] [--scale 1] [--pretrain-epochs 60] [--pretrain-size 64]
+    detkit-study [--out runs/study] [--scale 1] [--pretrain-epochs 60] [--pretrain-size 64] [--imagenet]
                  [-- HYDRA OVERRIDES FOR FINE-TUNING...]
 
 1. Pretrains one SimCLR encoder on the training images (labels unused; random resized crops of the full images)
@@ -18,6 +18,13 @@ table and plot list them as ``init = simclr:NAME``, each compared with the same 
 
     detkit-study --scale 10 --arm "crop_small data.crop_scale=[0.02,0.3]" --arm "tau05 model.temperature=0.5" \
         --arm "lars model.optimizer._target_=detkit.lit.lars.LARS" -- trainer=gpu
+
+The ImageNet arm (``--imagenet``): the fine-tuning sweep adds ``init=imagenet`` beside ``scratch`` and ``simclr``,
+the baseline SimCLR must beat: torchvision's ImageNet weights of the same ResNet (or timm's for a timm backbone),
+reported as ``init = imagenet`` with its AP50 gain vs scratch. It needs the weights file, downloaded once into
+torch's cache (``$TORCH_HOME/hub/checkpoints``); offline, each imagenet job fails with the file name and folder to
+place it in, and the other arms still complete. The same arm without the study: ``detkit-train -m
+experiment=study_bccd encoder=OUT/encoder.pt init=scratch,simclr,imagenet``.
 
 Another COCO dataset: pass its paths as overrides, e.g. ``-- data.train_ann=A.json data.train_images=DIR
 data.val_ann=B.json data.val_images=DIR`` (pretraining then uses those training images too).
@@ -87,10 +94,15 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
-def finetune_command(out: Path, encoder: Path, scale: int, overrides: list[str]) -> list[str]:
-    """The ``detkit-train -m experiment=study_bccd`` sweep over every arm."""
+#: The inits of the fine-tuning sweep with ``--imagenet`` (the experiment's own are scratch and simclr).
+IMAGENET_INITS = "init=scratch,simclr,imagenet"
+
+
+def finetune_command(out: Path, encoder: Path, scale: int, overrides: list[str], imagenet: bool = False) -> list[str]:
+    """The ``detkit-train -m experiment=study_bccd`` sweep over every arm (``imagenet``: with the ImageNet arm)."""
+    extra = merge_overrides([IMAGENET_INITS], overrides) if imagenet else list(overrides)
     return [_bin("detkit-train"), "-m", "experiment=study_bccd", f"encoder={encoder}", f"study.scale={scale}",
-            f"hydra.sweep.dir={out}", *overrides]
+            f"hydra.sweep.dir={out}", *extra]
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -141,7 +153,8 @@ def aggregate(summary_csv: Path, init_label: str | None = None) -> list[dict[str
 
 
 def table(arms: list[dict[str, Any]]) -> str:
-    """Markdown table: one row per arm, mean +- std over seeds, and the SimCLR - scratch difference of AP50."""
+    """Markdown table: one row per arm, mean +- std over seeds, and the difference of AP50 to the scratch arm (for
+    SimCLR, its pretraining arms and ImageNet)."""
     lines = ["| detector | init | labels | seeds | AP | AP50 | AP75 | AP50 gain vs scratch |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_key = {(a["model"], a["init"], a["fraction"]): a for a in arms}
@@ -172,7 +185,8 @@ def plot(arms: list[dict[str, Any]], path: Path) -> Path:
                     linestyle="--" if init == "scratch" else "-", capsize=3, label=f"{model}, {init}")
     ax.set_xlabel("labeled training images (%)")
     ax.set_ylabel("val AP50 (mean ± std over seeds)")
-    ax.set_title("SimCLR init vs random init")
+    ax.set_title("SimCLR init vs random init" + (" and ImageNet" if any(a["init"] == "imagenet" for a in arms)
+                                                  else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -231,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", action="append", default=[], metavar='"NAME KEY=VALUE ..."',
                    help="a pretraining arm (repeatable): its own encoder from these detkit-pretrain overrides, "
                         "fine-tuned with init=simclr; reported as simclr:NAME")
+    p.add_argument("--imagenet", action="store_true",
+                   help="add the init=imagenet arm (ImageNet weights; downloads them once, see above)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every fine-tuning job (after --)")
     args = p.parse_args(argv)
@@ -252,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             return encoder
 
         encoder = pretrain(out / "pretrain", args.pretrain_override)
-        cmd = finetune_command(out / "finetune", encoder, args.scale, args.overrides)
+        cmd = finetune_command(out / "finetune", encoder, args.scale, args.overrides, imagenet=args.imagenet)
         print("[detkit-study]", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         for name, arm_overrides in arms:
