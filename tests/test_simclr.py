@@ -162,14 +162,14 @@ def test_pretraining_views_change_from_epoch_to_epoch(tmp_path: Path):
 def test_lars_scales_each_step_by_the_trust_ratio_and_skips_no_decay_groups():
     from detkit.lit.lars import LARS
 
-    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
-    b = torch.nn.Parameter(torch.tensor([1.0]))
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # a weight matrix, ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))  # a bias (1-d): no adaptation
     opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=1.0, momentum=0.0,
                trust_coefficient=0.01)
-    w.grad, b.grad = torch.tensor([0.6, 0.8]), torch.tensor([0.5])  # ||g|| = 1
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5])  # ||g|| = 1
     opt.step()
     trust = 0.01 * 5 / (1 + 0.1 * 5)
-    expected = torch.tensor([3.0, 4.0]) - trust * (torch.tensor([0.6, 0.8]) + 0.1 * torch.tensor([3.0, 4.0]))
+    expected = torch.tensor([[3.0, 4.0]]) - trust * (torch.tensor([[0.6, 0.8]]) + 0.1 * torch.tensor([[3.0, 4.0]]))
     torch.testing.assert_close(w.detach(), expected)
     torch.testing.assert_close(b.detach(), torch.tensor([0.5]))  # plain SGD step: no trust ratio, no decay
     # momentum accumulates the scaled steps like SGD's buffer
