@@ -236,3 +236,27 @@ def test_projector_ends_with_batch_norm_like_simclrs_code_and_lightlys_head():
     torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-4, rtol=0)  # standardised per dimension
     torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(16), atol=1e-2, rtol=0)
     assert isinstance(Projector(64, 32, 16, out_bn=False).net[-1], torch.nn.Linear)
+
+
+def test_pretraining_continues_from_an_encoder_file(tmp_path: Path):
+    """``detkit-pretrain model.init=FILE``: the encoder starts from the file (all weights and BN statistics), the
+    projector fresh; a file of another architecture is a clear error; the option is in the pretraining config."""
+    from hydra import compose, initialize_config_dir
+
+    from detkit.lit.pretrain_module import SimCLRModule
+    from detkit.paths import config_dir
+
+    torch.manual_seed(0)
+    source = ResNetEncoder(depth=18, small_stem=True)
+    with torch.no_grad():
+        source.layer3[0].bn1.running_mean.fill_(0.75)
+    path = save_encoder(source, tmp_path / "encoder.pt")
+    module = SimCLRModule(small_stem=True, proj_hidden=32, proj_dim=16, init=str(path))
+    for k, v in source.state_dict().items():
+        assert torch.equal(module.encoder.state_dict()[k], v), k
+    assert module.hparams.init == str(path)
+    with pytest.raises(EncoderLoadError):
+        SimCLRModule(small_stem=False, proj_hidden=32, proj_dim=16, init=str(path))
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[f"model.init={path}"])
+    assert cfg.model.init == str(path)

@@ -65,7 +65,8 @@ def pretrain(cfg: DictConfig, out: Path) -> Path:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(epochs=trainer.current_epoch, epochs_this_run=ran, wall_time_s=round(wall, 1),
                    images_per_s=round(len(datamodule.dataset) * ran / max(wall, 1e-9), 1))
-    encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": "simclr", **metrics})
+    encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": "simclr", "init": cfg.model.get("init"),
+                                                                     **metrics})
     checked = {"input_check": datamodule.dataset, "knn_train_check": getattr(datamodule, "knn_bank", None),
                "knn_val_check": getattr(datamodule, "knn_query", None)}  # unreadable files skipped, by name
     extra = {key: ds.check.summary() for key, ds in checked.items() if getattr(ds, "check", None) is not None}

@@ -12,7 +12,7 @@ from detkit.data.device_views import device_view_seed
 from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
-from detkit.models.backbones import build_encoder
+from detkit.models.backbones import build_encoder, load_resnet_init
 from detkit.models.ssl.simclr import NTXentLoss, Projector
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,30 @@ class SimCLRModule(L.LightningModule):
             by ``batch_size / 256`` (linear scaling rule) when ``scale_lr`` is true.
         warmup: warm-up fraction (or steps) before cosine decay.
         knn_k, knn_temperature: kNN monitor settings (run when the data module has a labeled monitor set).
+        init: start the encoder from weights instead of random: an encoder file (``encoder.pt`` of an earlier
+            ``detkit-pretrain``, to adapt an encoder to new images), ``"imagenet"``, or a torchvision ResNet (or
+            timm) state dict, as the detectors' ``backbone.init`` takes them. The projector starts fresh.
     """
 
     def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
                  temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
                  scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07,
-                 timm: str | None = None) -> None:
+                 timm: str | None = None, init: str | None = None) -> None:
         super().__init__()
         optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.3, "momentum": 0.9,
                                        "weight_decay": 1e-4})
         self.save_hyperparameters({"depth": depth, "small_stem": small_stem, "proj_hidden": proj_hidden,
                                    "proj_dim": proj_dim, "temperature": temperature, "optimizer": optimizer,
                                    "warmup": warmup, "scale_lr": scale_lr, "knn_k": knn_k,
-                                   "knn_temperature": knn_temperature, "timm": timm})
-        self.encoder = build_encoder({"timm": timm} if timm else {"depth": depth, "small_stem": small_stem})
+                                   "knn_temperature": knn_temperature, "timm": timm, "init": init})
+        if timm:
+            from detkit.models.timm_backbone import build_timm_encoder
+
+            self.encoder = build_timm_encoder(timm, init)
+        else:
+            self.encoder = build_encoder({"depth": depth, "small_stem": small_stem})
+            if init:
+                load_resnet_init(self.encoder, init)
         self.projector = Projector(self.encoder.out_dim, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature)
         self._generators: dict[str, torch.Generator] = {}

@@ -189,6 +189,19 @@ def _create_pretrained(timm, name: str, kwargs: dict) -> nn.Module:
             f"file (or place the Hugging Face repository {hub} in timm's cache, {cache})") from e
 
 
+def build_timm_encoder(name: str, init: str | None = None) -> "TimmEncoder":
+    """The timm encoder ``name`` initialised from ``init``: ``None`` (random), ``"imagenet"`` (timm's pretrained
+    weights), an encoder file from ``detkit-pretrain model.timm=NAME`` (loaded strictly), or a timm state dict."""
+    if init and init != IMAGENET and not Path(init).is_file():
+        raise EncoderLoadError(f"encoder file {init} does not exist (init takes an encoder file from "
+                               "detkit-pretrain, a timm state dict of the model, or imagenet)")
+    encoder_file = bool(init) and init != IMAGENET and is_encoder_file(init)
+    encoder = TimmEncoder(name, weights=None if encoder_file else init)
+    if encoder_file:
+        load_encoder_weights(encoder, init)
+    return encoder
+
+
 class TimmBackbone(Backbone):
     """:class:`detkit.models.backbones.Backbone` over a :class:`TimmEncoder` (same necks, levels and freezing).
 
@@ -213,11 +226,5 @@ class TimmBackbone(Backbone):
     ) -> None:
         nn.Module.__init__(self)
         levels = self._check(levels, neck, extra_pool, norm)
-        if init and init != IMAGENET and not Path(init).is_file():
-            raise EncoderLoadError(f"encoder file {init} does not exist (init takes an encoder file from "
-                                   "detkit-pretrain, a timm state dict of the model, or imagenet)")
-        encoder_file = bool(init) and init != IMAGENET and is_encoder_file(init)
-        self.encoder = TimmEncoder(name, weights=None if encoder_file else init)
-        if encoder_file:
-            load_encoder_weights(self.encoder, init)
+        self.encoder = build_timm_encoder(name, init)
         self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm)
