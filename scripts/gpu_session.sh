@@ -22,6 +22,8 @@
 #   bash scripts/gpu_session.sh eager     # issue 16: eager re-measure after the sync fixes, with torchvision
 #   bash scripts/gpu_session.sh tests     # tests/test_cuda.py: the device path checked on the GPU (make test-gpu)
 #   bash scripts/gpu_session.sh views     # issue 17: SimCLR views on the device (BCCD images when ../shared is absent)
+#   bash scripts/gpu_session.sh parity    # issue 28: SimCLR detkit vs lightly, 10,000 CIFAR-10 images, 40 epochs,
+#                                         # batch 512, probed (needs .gpu_data/cifar10_{train,test}.tar.gz)
 #
 # Run from the repository root; on the device machine with .whl (and .gpu_data) carried; each stage writes its
 # markdown and log under $OUT (default /tmp/gpu_out). PYTHON picks the interpreter (default python3).
@@ -71,6 +73,8 @@ prepare() {
     mkdir -p .gpu_data
     if [ -d "$cifar/train" ]; then
         tar -czf .gpu_data/cifar10_train.tar.gz -C "$(dirname "$cifar")" "$(basename "$cifar")/train"
+        # the probe's query split, for the parity stage
+        tar -czf .gpu_data/cifar10_test.tar.gz -C "$(dirname "$cifar")" "$(basename "$cifar")/test"
     else
         echo "prepare: no $cifar/train: the SimCLR stage will use the BCCD images instead" >&2
     fi
@@ -130,8 +134,18 @@ tests)
 views)
     setup || exit 1; device_txt
     timeout 540 "$PY" scripts/bench_simclr_views.py --batch 512 > "$OUT/views.md" 2> "$OUT/views.log" ;;
+parity)  # issue 28's GPU goal: detkit (device views) vs lightly, 10,000 CIFAR-10 images, 40 epochs, batch 512,
+         # both probed on cifar10/train -> cifar10/test (kNN k=20/k=1, linear); its own call (~8 min)
+    setup || exit 1; device_txt
+    mkdir -p /tmp/parity_cifar
+    for split in train test; do
+        tar -xzf ".gpu_data/cifar10_$split.tar.gz" -C /tmp/parity_cifar || exit 1
+    done
+    timeout 560 "$PY" scripts/bench_simclr_peer.py --cifar /tmp/parity_cifar/cifar10 --per-class 1000 --epochs 40 \
+        --batch-size 512 --probe-per-class 1000 --augment-on device --device cuda --precision bf16-mixed \
+        --workers 12 --out "$OUT/parity" > "$OUT/parity.md" 2> "$OUT/parity.log" ;;
 *)
     echo "usage: bash scripts/gpu_session.sh prepare | all [--dry-run] | compile [PRECISION] | eager | tests" \
-        "| views" >&2
+        "| views | parity" >&2
     exit 2 ;;
 esac
