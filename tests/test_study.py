@@ -128,3 +128,17 @@ def test_a_pretraining_arm_needs_a_name_and_overrides():
         with pytest.raises(SystemExit, match="--arm"):
             parse_arm(bad)
     assert merge_overrides(["a=1", "b=2", "+c=3"], ["b=5", "c=4"]) == ["a=1", "b=5", "c=4"]
+
+
+def test_a_study_on_the_users_data_uses_the_generic_data_config(tmp_path):
+    """detkit-study -- data.train_ann=... must not inherit the demo set's settings (vertical flips, test split)."""
+    from detkit.cli.study import finetune_command
+
+    own = ["data.train_ann=/d/a.json", "data.train_images=/d/img", "data.val_ann=/d/b.json", "data.val_images=/d/img"]
+    cmd = finetune_command(tmp_path, tmp_path / "encoder.pt", 1, own)
+    overrides = [c for c in cmd[2:] if not c.startswith("hydra.")]
+    cfg = compose_train([o for o in overrides if not o.startswith("encoder=")] + [f"encoder={tmp_path}/e.pt"])
+    assert cfg.data.train_transform.vflip == 0.0 and cfg.data.test_ann is None and cfg.data.train_ann == "/d/a.json"
+    demo = compose_train([c for c in finetune_command(tmp_path, tmp_path / "e.pt", 1, [])[2:]
+                          if not c.startswith("hydra.")])
+    assert demo.data.train_transform.vflip == 0.5 and demo.data.train_ann.endswith("bccd/annotations/train.json")

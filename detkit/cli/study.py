@@ -101,8 +101,12 @@ IMAGENET_INITS = "init=scratch,simclr,imagenet"
 def finetune_command(out: Path, encoder: Path, scale: int, overrides: list[str], imagenet: bool = False) -> list[str]:
     """The ``detkit-train -m experiment=study_bccd`` sweep over every arm (``imagenet``: with the ImageNet arm)."""
     extra = merge_overrides([IMAGENET_INITS], overrides) if imagenet else list(overrides)
-    return [_bin("detkit-train"), "-m", "experiment=study_bccd", f"encoder={encoder}", f"study.scale={scale}",
-            f"hydra.sweep.dir={out}", *extra]
+    # The study's experiment selects the demo set (data=bccd); a user's own dataset gets the generic data config
+    # instead, so it never inherits BCCD's vertical flips or its test split.
+    own_data = any(o.split("=", 1)[0].lstrip("+") in ("data.train_ann", "data.train_images") for o in extra) and \
+        not any(o.startswith("data=") for o in extra)
+    return [_bin("detkit-train"), "-m", "experiment=study_bccd", *(["data=coco"] if own_data else []),
+            f"encoder={encoder}", f"study.scale={scale}", f"hydra.sweep.dir={out}", *extra]
 
 
 def parse_overrides(text: str) -> dict[str, str]:
