@@ -208,8 +208,8 @@ def test_the_check_is_cached_per_folder_and_a_changed_file_is_checked_again(tmp_
 
     root = messy_folder(tmp_path / "in")
     probed = []
-    real_probe = image_files.probe_image
-    monkeypatch.setattr(image_files, "probe_image", lambda p: probed.append(p.name) or real_probe(p))
+    real_probe = image_files._probe
+    monkeypatch.setattr(image_files, "_probe", lambda p: probed.append(p.name) or real_probe(p))
     first = check_image_folder(root)
     assert sorted(probed) == ["broken.jpg", "good_0.png", "good_1.png", "good_2.png", "truncated.jpg"]
     probed.clear()
@@ -219,6 +219,49 @@ def test_the_check_is_cached_per_folder_and_a_changed_file_is_checked_again(tmp_
     os.utime(root / "broken.jpg", ns=(1, 1))
     third = check_image_folder(root)
     assert probed == ["broken.jpg"] and "broken.jpg" in [p.name for p in third.files]
+
+
+def test_a_passing_failure_is_not_cached_and_a_same_size_same_mtime_replacement_is_checked(tmp_path, monkeypatch):
+    """A permission or I/O error says nothing lasting about a file: the next run checks it again. A file replaced
+    by one of the same size and modification time (cp -p, rsync -a) is a new inode: checked again."""
+    from PIL import Image
+
+    import detkit.data.image_files as image_files
+
+    root = messy_folder(tmp_path / "in")
+    real_open = Image.open
+
+    def deny(path, *a, **kw):
+        if Path(path).name == "good_1.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(image_files.Image, "open", deny)
+    first = check_image_folder(root)
+    assert "good_1.png" in [name for name, _ in first.skipped]
+    monkeypatch.setattr(image_files.Image, "open", real_open)  # the cause fixed: size and mtime unchanged
+    assert "good_1.png" in [p.name for p in check_image_folder(root).files]
+    good = root / "good_2.png"
+    st = good.stat()
+    replacement = tmp_path / "same_size.png"
+    replacement.write_bytes(b"\0" * st.st_size)  # not an image, same size
+    os.replace(replacement, good)
+    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "good_2.png" in [name for name, _ in check_image_folder(root).skipped]
+
+
+def test_a_file_the_runs_reader_cannot_decode_does_not_pass_the_check(tmp_path):
+    """A 32-bit float TIFF decodes in Pillow but not in the reader training uses: refused by the check, not in a
+    loader worker."""
+    from PIL import Image
+
+    root = tmp_path / "in"
+    root.mkdir()
+    photo(root / "good.png", seed=1)
+    Image.fromarray(np.random.default_rng(0).random((16, 16), dtype=np.float32), mode="F").save(root / "float.tif")
+    check = check_image_folder(root)
+    assert [p.name for p in check.files] == ["good.png"]
+    assert dict(check.skipped)["float.tif"].startswith("32-bit float samples")
 
 
 def test_names_leading_out_of_the_folder_are_never_opened(tmp_path):

@@ -24,7 +24,8 @@ def _torchvision_cache(tmp_path: Path, monkeypatch, depth: int = 18) -> tuple[Pa
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     torch.manual_seed(3)
-    state = resnet18(weights=None).state_dict()
+    # as torchvision's IMAGENET1K_V1 files: saved before BatchNorm had a num_batches_tracked buffer
+    state = {k: v for k, v in resnet18(weights=None).state_dict().items() if not k.endswith("num_batches_tracked")}
     name = Path(IMAGENET_WEIGHTS[depth].url).name
     target = tmp_path / "torch" / "hub" / "checkpoints" / name
     target.parent.mkdir(parents=True)
@@ -51,6 +52,14 @@ def test_init_imagenet_loads_torchvision_weights_from_its_cache_with_their_norma
     # init=PATH: the same file as a torchvision state dict, without the cache
     from_path = Backbone(depth=18, init=str(target))
     assert all(torch.equal(from_path.encoder.state_dict()[k], v) for k, v in own.items())
+    # the cached file is read with the restricted unpickler: a file that would run code on loading is refused
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"conv1.weight": Payload()}, target)
+    with pytest.raises(EncoderLoadError, match="is not the ResNet18_Weights"):
+        Backbone(depth=18, init="imagenet")
     # one override on the command line's config
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["init=imagenet", "model=yolo", "paths.output_dir=/tmp/x"])

@@ -82,17 +82,30 @@ def probe_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
 
     JPEGs decode at a reduced scale (``draft``): all of the file is still read, so a truncated or corrupt file
     fails as it does at full size, at a fraction of the cost."""
+    size, reason, _ = _probe(path)
+    return size, reason
+
+
+def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None, bool]:
+    """:func:`probe_image` plus whether the verdict may be cached: a failure of the file system (permission,
+    I/O error: an ``OSError`` with an ``errno``) says nothing lasting about the file's contents."""
     try:
         with Image.open(path) as im:
             size = im.size
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             im.load()
+            mode = im.mode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"not a readable image ({e})"
+        transient = isinstance(e, OSError) and e.errno is not None
+        return None, f"not a readable image ({e})", not transient
     if size[0] <= 0 or size[1] <= 0:
-        return None, f"image has no pixels ({size[0]}x{size[1]})"
-    return size, None
+        return None, f"image has no pixels ({size[0]}x{size[1]})", True
+    # 32-bit integer or float samples (e.g. scientific TIFFs) decode here but not always in the reader the run uses
+    # (OpenCV): ask that reader, so that a file that passes the check also loads in the run
+    if mode in ("I", "F") and cv2.imread(str(path), READ_FLAGS) is None:
+        return None, f"{'32-bit float' if mode == 'F' else '32-bit integer'} samples: not readable as an RGB image", True
+    return size, None, True
 
 
 @dataclass
@@ -177,6 +190,13 @@ def _cache_path(root: Path) -> Path | None:
     return Path(base) / "image_check" / f"{key}.json"
 
 
+def _cache_version() -> str:
+    """The check's version and the decoders' (a newer Pillow or OpenCV may read what an older one refused)."""
+    import PIL
+
+    return f"{CHECK_VERSION}/Pillow {PIL.__version__}/OpenCV {cv2.__version__}"
+
+
 def _load_cache(path: Path | None, root: Path) -> dict:
     if path is None or not path.is_file():
         return {}
@@ -184,7 +204,7 @@ def _load_cache(path: Path | None, root: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != CHECK_VERSION or data.get("root") != str(root) \
+    if not isinstance(data, dict) or data.get("version") != _cache_version() or data.get("root") != str(root) \
             or not isinstance(data.get("files"), dict):
         return {}
     return data["files"]
@@ -196,7 +216,7 @@ def _save_cache(path: Path | None, root: Path, entries: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": CHECK_VERSION, "root": str(root), "files": entries}),
+        tmp.write_text(json.dumps({"version": _cache_version(), "root": str(root), "files": entries}),
                        encoding="utf-8")
         os.replace(tmp, path)  # atomic: concurrent runs (DDP ranks) never read half a file
     except OSError as e:  # a read-only home must not stop a run: the check is only slower next time
@@ -208,7 +228,9 @@ def _stamp(path: Path) -> list[int] | None:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    # size, modification and status-change times, inode: a file replaced with the same size and mtime (cp -p,
+    # rsync -a, a re-extracted archive) still gets a new inode or ctime, so its verdict is not reused
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _check(root: Path, candidates: list[tuple[str, Path]], workers: int,
@@ -222,32 +244,37 @@ def _check(root: Path, candidates: list[tuple[str, Path]], workers: int,
     todo = []
     for i, ((name, path), stamp) in enumerate(zip(candidates, stamps)):
         hit = cache.get(name)
-        if stamp is not None and isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp \
-                and isinstance(hit[2], (str, type(None))):
+        if stamp is not None and isinstance(hit, list) and len(hit) == len(stamp) + 1 and hit[:-1] == stamp \
+                and isinstance(hit[-1], (str, type(None))):
             continue
         todo.append(i)
 
-    def verdict(i: int) -> str | None:
+    def verdict(i: int) -> tuple[str | None, bool]:
         name, path = candidates[i]
         if stamps[i] is None:
-            return "file not found"
+            return "file not found", False
         if not path.is_file():  # a folder or a FIFO named like an image: never opened (a FIFO would block)
-            return "not a regular file"
-        return probe_image(path)[1]
+            return "not a regular file", True
+        _, reason, cacheable = _probe(path)
+        return reason, cacheable
 
-    fresh = {}
+    fresh, keep = {}, {}
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-            fresh = dict(zip(todo, pool.map(verdict, todo)))
+            results = dict(zip(todo, pool.map(verdict, todo)))
+        fresh = {i: reason for i, (reason, _) in results.items()}
+        keep = {i for i, (_, cacheable) in results.items() if cacheable}
         for i, reason in fresh.items():
-            if stamps[i] is not None:
+            if stamps[i] is not None and i in keep:
                 cache[candidates[i][0]] = [*stamps[i], reason]
+            else:
+                cache.pop(candidates[i][0], None)
     stale = set(cache) - {name for name, _ in candidates} if whole_folder else set()
     for name in stale:
         del cache[name]
     if fresh or stale:
         _save_cache(cache_file, root, cache)
-    return [(name, path, fresh[i] if i in fresh else cache[name][2]) for i, (name, path) in enumerate(candidates)]
+    return [(name, path, fresh[i] if i in fresh else cache[name][-1]) for i, (name, path) in enumerate(candidates)]
 
 
 # ---- the checks ------------------------------------------------------------------------------------------------

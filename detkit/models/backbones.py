@@ -20,6 +20,7 @@ normalisation.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -171,13 +172,16 @@ def load_state_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source
     the same shape and nothing may be left over, or one error lists the missing, unexpected and mismatched keys.
     Logs and returns the number of matched keys."""
     own = {k: v for k, v in encoder.state_dict().items() if k not in ignore}
-    missing = sorted(set(own) - set(state))
+    # BatchNorm's step counter is optional: files saved before it existed (torchvision's IMAGENET1K_V1 ResNets) lack
+    # it, and torch itself loads them (the encoder keeps its own value)
+    optional = {k for k in own if k.endswith("num_batches_tracked") and k not in state}
+    missing = sorted(set(own) - set(state) - optional)
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
         raise EncoderLoadError(f"{source} does not fit the encoder: missing keys {missing}, unexpected keys "
                                f"{unexpected}, shape mismatches {mismatched}")
-    encoder.load_state_dict(state, strict=not ignore)
+    encoder.load_state_dict({**{k: own[k] for k in optional}, **state}, strict=not ignore)
     log.info("%s: %d keys matched, none missing or unexpected", source, len(own))
     return len(own)
 
@@ -214,7 +218,13 @@ def fetch_torchvision_weights(weights) -> dict[str, torch.Tensor]:
     name = Path(urlparse(url).path).name
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        return weights.get_state_dict(progress=False, check_hash=False)
+        # weights_only: the cached file is read with the restricted unpickler (a file placed there by hand must not
+        # run code); check_hash: a download that does not match torchvision's published hash is refused
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise EncoderLoadError(f"init=imagenet: the cached weights file {folder / name} is not the "
+                               f"{type(weights).__name__}.{weights.name} file ({type(e).__name__}: {e}); delete it "
+                               "and run again, or place the file from its URL there") from e
     except (URLError, OSError) as e:
         raise EncoderLoadError(
             f"init=imagenet: could not download {type(weights).__name__}.{weights.name} ({e}). Without network "
