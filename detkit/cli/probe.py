@@ -25,6 +25,18 @@ class _Pixels(torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: a user-input error (a missing or unfit encoder file, a folder with no readable images) is one
+    line on stderr and exit status 1, as for the Hydra commands."""
+    from detkit.cli.common import USER_ERRORS
+
+    try:
+        return _probe(argv)
+    except USER_ERRORS as e:
+        print(f"detkit-probe: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _probe(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="detkit-probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("encoder", help="encoder file written by detkit-pretrain (encoder.pt)")
