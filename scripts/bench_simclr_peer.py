@@ -76,7 +76,7 @@ def run_detkit(args, images: Path, out: Path) -> dict:
     wall = time.perf_counter() - start
     save_encoder(model.encoder, out / "detkit_encoder.pt", {"method": "simclr", "impl": "detkit"})
     return {"impl": f"detkit ({args.augment_on} views)", "wall_s": wall,
-            "img_s": len(dm.dataset) * args.epochs / wall, "peak_mb": peak_memory_mb(args.device),
+            "img_s": trainer.global_step * args.batch_size / wall, "peak_mb": peak_memory_mb(args.device),
             "final_loss": float(trainer.callback_metrics["pretrain/loss"]), "encoder": str(out / "detkit_encoder.pt")}
 
 
