@@ -62,9 +62,10 @@ def run_detkit(args, images: Path, out: Path) -> dict:
     from detkit.lit.pretrain_module import SimCLRModule
     from detkit.models.backbones import save_encoder
 
-    L.seed_everything(0, workers=True)
+    L.seed_everything(args.seed, workers=True)
     dm = PretrainDataModule(str(images), image_size=args.size, crop_scale=(0.08, 1.0), blur_p=0.0,
-                            batch_size=args.batch_size, num_workers=args.workers, augment_on=args.augment_on)
+                            batch_size=args.batch_size, num_workers=args.workers, augment_on=args.augment_on,
+                            seed=args.seed)
     model = SimCLRModule(depth=18, small_stem=args.stem == "small", proj_hidden=512, proj_dim=128, temperature=args.temperature,
                          optimizer={"_target_": "torch.optim.SGD", "lr": args.lr, "momentum": 0.9,
                                     "weight_decay": 1e-4}, warmup=0.1, scale_lr=True)
@@ -89,7 +90,7 @@ def run_lightly(args, images: Path, out: Path) -> dict:
     from detkit.lit.optim import WarmupSchedule, param_groups
     from detkit.models.backbones import ResNetEncoder, save_encoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     transform = SimCLRTransform(input_size=args.size, cj_prob=0.8, cj_strength=0.5, min_scale=0.08,
                                 random_gray_scale=0.2, gaussian_blur=0.0, normalize=None)
@@ -132,7 +133,7 @@ def run_random(args, images: Path, out: Path) -> dict:
     """The floor: the same encoder at its random initialisation, probed the same way."""
     from detkit.models.backbones import ResNetEncoder, save_encoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     encoder = ResNetEncoder(depth=18, small_stem=args.stem == "small")
     save_encoder(encoder, out / "random_encoder.pt", {"method": "random", "impl": "random"})
     return {"impl": "random init (no training)", "wall_s": float("nan"), "img_s": float("nan"),
@@ -162,6 +163,7 @@ def main() -> None:
     p.add_argument("--augment-on", default="cpu", choices=["cpu", "device"])
     p.add_argument("--impls", default="detkit,lightly,random")
     p.add_argument("--stem", default="small", choices=["small", "standard"])
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation seed (both)")
     p.add_argument("--no-probe", action="store_true", help="skip detkit-probe (throughput only; no cifar10/test)")
     p.add_argument("--in-process", action="store_true", help="every implementation in this process (quick dry runs)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_simclr_peer"))
