@@ -15,8 +15,10 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from detkit.errors import UserError
 
-class ConfigKeyError(ValueError):
+
+class ConfigKeyError(UserError, ValueError):
     """A config node names a key its ``_target_`` does not accept."""
 
 

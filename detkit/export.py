@@ -30,12 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from detkit.errors import UserError
+
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The file is not a detkit detector checkpoint, or the model cannot be exported as asked."""
 
 

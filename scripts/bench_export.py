@@ -50,7 +50,6 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import detkit.cli.common  # noqa: F401
     from detkit.export import export_onnx, load_detector
     from detkit.paths import config_dir
     if args.checkpoint:

@@ -91,8 +91,7 @@ def build_torchvision(num_classes: int, image_size: int):
 
 def padded(dets: list[dict]):
     """torchvision's per-image detection dicts as detkit's padded Detections."""
-    from detkit.data.collate import Targets
-    from detkit.models.detection.postprocess import Detections
+    from detkit.structures import Detections, Targets
 
     t = Targets.from_list([{"boxes": d["boxes"], "labels": d["labels"]} for d in dets], pad_multiple=1)
     scores = torch.zeros(t.valid.shape)

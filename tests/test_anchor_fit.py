@@ -82,7 +82,6 @@ def test_fit_auto_refits_only_anchors_that_miss_most_boxes(dataset, size, refit)
     90% (refitting them there cost AP: STUDY.md). ``always`` refits regardless."""
     from hydra import compose, initialize_config_dir
 
-    import detkit.cli.common  # noqa: F401  (registers resolvers)
     from detkit.cli.train import fit_priors
     from detkit.paths import config_dir
 

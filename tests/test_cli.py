@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import detkit.cli.common  # noqa: F401  (registers resolvers)
 from detkit.eval.coco_eval import STAT_KEYS
 from detkit.paths import config_dir
 from tests.conftest import dump, load

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-import detkit.cli.common  # noqa: F401  (registers resolvers)
 from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.paths import config_dir
 from tests.test_cli import data_args, run

@@ -16,7 +16,7 @@ from detkit.data.transforms import DetectionTransform
 from detkit.data.validate import validate_coco
 from detkit.eval.coco_eval import detections_to_results, evaluate_coco
 from detkit.lit.detection_module import to_original_pixels
-from detkit.models.detection.postprocess import Detections
+from detkit.structures import Detections
 from tests.conftest import BCCD, SHARED, dump, load, needs_shared
 
 

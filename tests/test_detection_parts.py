@@ -318,10 +318,9 @@ def test_roi_postprocess_equals_torchvision(nms_strategy):
     (torchvision puts background at index 0 and predicts deltas for it too; detkit puts it last)."""
     from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
 
-    from detkit.data.collate import Targets
     from detkit.models.detection.postprocess import PostProcess
     from detkit.models.detection.roi_heads import RoIHeads
-    from detkit.models.detection.rpn import Proposals
+    from detkit.structures import Proposals, Targets
 
     g = torch.Generator().manual_seed(9)
     c, image_size = 4, (240, 320)

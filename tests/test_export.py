@@ -129,7 +129,7 @@ class ChainProposals(torch.nn.Module):
         self.register_buffer("anchors", torch.tensor(CHAIN))
 
     def predict(self, images: torch.Tensor):
-        from detkit.models.detection.postprocess import Detections
+        from detkit.structures import Detections
 
         logits = images[:, 1, 0, :len(CHAIN)].float() / 10
         props = self.rpn.propose([self.anchors], [logits], [torch.zeros(*logits.shape, 4)], (256, 256))

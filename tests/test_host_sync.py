@@ -10,8 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import detkit.cli.common  # noqa: F401  (registers resolvers)
-from detkit.data.collate import Targets
+from detkit.structures import Targets
 from detkit.host_sync import HostSyncCounter
 from detkit.paths import config_dir
 

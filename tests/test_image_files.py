@@ -305,7 +305,6 @@ def test_a_file_that_breaks_during_a_run_is_replaced_by_another_item_with_one_wa
 def test_pretraining_trains_on_the_readable_images_and_records_the_skipped_ones(synthetic, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    import detkit.cli.common  # noqa: F401  (registers resolvers)
     from detkit.cli.pretrain import pretrain
     from detkit.paths import config_dir
 
@@ -361,7 +360,6 @@ def checkpoint(tmp_path) -> Path:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import detkit.cli.common  # noqa: F401
     from detkit.paths import config_dir
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
@@ -375,7 +373,6 @@ def checkpoint(tmp_path) -> Path:
 def compose_predict(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    import detkit.cli.common  # noqa: F401
     from detkit.paths import config_dir
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):

@@ -12,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import detkit.cli.common  # noqa: F401  (registers resolvers)
 from detkit.cli.train import stop_reason
 from detkit.lit.detection_module import DetectionModule, freeze_parameters
 from detkit.lit.optim import WarmupSchedule

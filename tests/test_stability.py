@@ -11,7 +11,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import detkit.cli.common  # noqa: F401  (registers resolvers)
 from detkit.cli.train import _choose_image_size
 from detkit.paths import config_dir
 

@@ -16,21 +16,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.config_check import ConfigKeyError, check_config_keys
-from detkit.data.coco import CategoryMismatchError
-from detkit.data.validate import DatasetError, UnusableInputError
-from detkit.eval.coco_eval import PredictionError
-from detkit.export import ExportError
-from detkit.lit.divergence import TrainingDivergedError
-from detkit.models.backbones import EncoderLoadError
-from detkit.run_config import register_resolvers  # noqa: F401  (re-exported: its former home)
+from detkit.config_check import check_config_keys
+from detkit.errors import USER_ERRORS, UserError
 
 log = logging.getLogger("detkit")
-
-#: Errors caused by user input: reported as one clear message, without a traceback.
-USER_ERRORS = (DatasetError, UnusableInputError, EncoderLoadError, PredictionError, FileNotFoundError,
-               ConfigKeyError, CategoryMismatchError, TrainingDivergedError, ExportError)
-
 
 def check_torchvision_ops(accelerator: str) -> None:
     """Fail early, with what to install, if torchvision's compiled ops do not run on the chosen device."""
@@ -52,11 +41,8 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-class MissingSettingError(ValueError):
+class MissingSettingError(UserError, ValueError):
     """A required setting (``???`` in the config) was not given."""
-
-
-USER_ERRORS = (*USER_ERRORS, MissingSettingError)
 
 
 #: What to type for a missing setting, by key prefix.
@@ -92,7 +78,8 @@ def clean_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
 
     Every key of the config is first checked against its node's ``_target_`` (:mod:`detkit.config_check`), so a
     misspelled key stops the run before anything is built.
-    Single run: a user-input error is one message and exit status 1 (other errors keep their traceback).
+    Single run: a user-input error (:class:`detkit.errors.UserError`, a missing file) is one message and exit
+    status 1 (other errors keep their traceback).
     Multirun: any error is logged and recorded in the job directory (``job_status.json``) and the job returns NaN,
     so the other jobs go on and the sweep summary lists this one as failed (see :mod:`detkit.cli.sweep`).
     """

@@ -15,6 +15,7 @@ import time
 import torch
 
 from detkit.data.unlabeled import ImageFolderDataset, ResizeImage
+from detkit.errors import USER_ERRORS
 from detkit.eval.ssl_eval import extract_features, knn_accuracy, linear_probe
 from detkit.models.backbones import build_encoder, load_encoder, read_encoder_file
 
@@ -27,8 +28,6 @@ class _Pixels(torch.nn.Module):
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user-input error (a missing or unfit encoder file, a folder with no readable images) is one
     line on stderr and exit status 1, as for the Hydra commands."""
-    from detkit.cli.common import USER_ERRORS
-
     try:
         return _probe(argv)
     except USER_ERRORS as e:

@@ -18,11 +18,12 @@ from torch.utils.data import Dataset
 from detkit.data.image_files import read_rgb  # noqa: F401  (the reading policy; also imported from here)
 from detkit.data.transforms import item_seed
 from detkit.data.validate import DatasetError, drop_invalid, group_by_image, load_coco_json, resolve_image_path, validate_coco
+from detkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class CategoryMismatchError(ValueError):
+class CategoryMismatchError(UserError, ValueError):
     """A model's categories differ from those of the dataset it is evaluated on."""
 
 

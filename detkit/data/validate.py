@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
+from detkit.errors import UserError
+
 #: Boxes may overhang the image border by this many pixels (rounding in labelling tools) before it is a problem.
 BORDER_TOLERANCE = 1.0
 
@@ -25,11 +27,11 @@ ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 CATEGORY_KEYS = ("id", "name")
 
 
-class UnusableInputError(ValueError):
+class UnusableInputError(UserError, ValueError):
     """The file is not a COCO detection json at all (``detkit-data-check`` exits with 2)."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset failed validation; ``str(error)`` is the full report."""
 
     def __init__(self, report: "ValidationReport") -> None:

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from detkit.errors import UserError
+
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("faster_coco_eval", "pycocotools")
 _SUMMARY_LINES = (
@@ -29,7 +31,7 @@ _SUMMARY_LINES = (
 )
 
 
-class PredictionError(ValueError):
+class PredictionError(UserError, ValueError):
     """A predictions file does not fit its ground truth (unknown image or category ids, malformed entries)."""
 
 

@@ -14,13 +14,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detkit.data.coco import CategoryMap
-from detkit.data.collate import Targets
 from detkit.eval.coco_eval import STAT_KEYS, EvalResult, detections_to_results, evaluate_coco
 from detkit.lit.divergence import DivergenceMonitor
 from detkit.lit.ema import ModelEMA
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
 from detkit.models.detection.boxes import clip_boxes
-from detkit.models.detection.postprocess import Detections
+from detkit.structures import Detections, Targets
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,10 @@ from typing import Sequence
 
 import torch
 
+from detkit.errors import UserError
 
-class TrainingDivergedError(RuntimeError):
+
+class TrainingDivergedError(UserError, RuntimeError):
     """A loss term or a health figure became non-finite (or a health count non-zero) during training."""
 
 

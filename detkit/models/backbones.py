@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, resnet18, resnet34, resnet50
 
+from detkit.errors import UserError
 from detkit.models.necks import FPN, PANNeck
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ LEVELS = ("c2", "c3", "c4", "c5")
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(UserError, RuntimeError):
     """An encoder file does not fit the model it is loaded into (wrong architecture, missing/unexpected keys)."""
 
 

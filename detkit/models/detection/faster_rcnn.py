@@ -7,11 +7,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from detkit.data.collate import Targets, as_targets
 from detkit.models.backbones import Backbone
-from detkit.models.detection.postprocess import Detections
 from detkit.models.detection.roi_heads import RoIHeads
 from detkit.models.detection.rpn import RegionProposalNetwork
+from detkit.structures import Detections, Targets, as_targets
 
 
 class FasterRCNN(nn.Module):

@@ -22,32 +22,13 @@ device (BENCHMARKS.md): torchvision on CPU, cluster on CUDA.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torchvision.ops import batched_nms
 
 from detkit.models.detection.boxes import batched_box_iou, finite_boxes, small_boxes
+from detkit.structures import Detections
 
 STRATEGIES = ("auto", "cluster", "torchvision")
-
-
-class Detections(NamedTuple):
-    """Padded per-image detections, sorted by decreasing score: ``boxes [B, K, 4]`` xyxy (float32), ``scores
-    [B, K]``, ``labels [B, K]`` int64 and ``valid [B, K]`` bool (False for padding)."""
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    labels: torch.Tensor
-    valid: torch.Tensor
-
-    def to_list(self) -> list[dict[str, torch.Tensor]]:
-        """Per image ``{"boxes" [n, 4], "scores" [n], "labels" [n]}`` (on the host side; not for hot paths)."""
-        return [{"boxes": b[v], "scores": s[v], "labels": c[v]}
-                for b, s, c, v in zip(self.boxes, self.scores, self.labels, self.valid)]
-
-    def cpu(self) -> "Detections":
-        return Detections(*(t.cpu() for t in self))
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> str:

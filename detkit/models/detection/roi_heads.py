@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
-from detkit.data.collate import Targets
 from detkit.models.detection.box_coder import BoxCoder
 from detkit.models.detection.boxes import batched_box_iou, box_area, clip_boxes
 from detkit.models.detection.losses import box_regression_loss, masked_mean
 from detkit.models.detection.matcher import Matcher
-from detkit.models.detection.postprocess import Detections, PostProcess
+from detkit.models.detection.postprocess import PostProcess
 from detkit.models.detection.roi_align import roi_align_gather
-from detkit.models.detection.rpn import Proposals
 from detkit.models.detection.sampler import BalancedSampler
+from detkit.structures import Detections, Proposals, Targets
 
 
 class RoIPooler(nn.Module):

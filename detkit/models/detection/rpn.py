@@ -7,13 +7,12 @@ host synchronisation and no data-dependent shape.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detkit.data.collate import Targets
 from detkit.models.detection.anchors import AnchorGenerator, anchors_per_location
 from detkit.models.detection.box_coder import BoxCoder
 from detkit.models.detection.boxes import batched_box_iou, clip_boxes, finite_boxes, small_boxes
@@ -21,6 +20,7 @@ from detkit.models.detection.losses import box_regression_loss, masked_mean
 from detkit.models.detection.matcher import Matcher
 from detkit.models.detection.postprocess import batched_multiclass_nms, cluster_nms, resolve_strategy
 from detkit.models.detection.sampler import BalancedSampler
+from detkit.structures import Proposals, Targets
 
 
 class RPNHead(nn.Module):
@@ -45,16 +45,6 @@ class RPNHead(nn.Module):
             logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(b, -1))
             deltas.append(self.bbox_pred(t).view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))
         return logits, deltas
-
-
-class Proposals(NamedTuple):
-    """``boxes [B, P, 4]`` (xyxy input pixels, float32, detached) and ``valid [B, P]``, sorted by decreasing
-    objectness within each image; ``nonfinite`` counts the top candidates whose box or score was not finite (a
-    diverging RPN; they are never proposed)."""
-
-    boxes: torch.Tensor
-    valid: torch.Tensor
-    nonfinite: torch.Tensor
 
 
 class RegionProposalNetwork(nn.Module):

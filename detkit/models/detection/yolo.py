@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detkit.data.collate import Targets, as_targets
 from detkit.models.backbones import Backbone
 from detkit.models.detection.boxes import batched_box_iou, clip_boxes
 from detkit.models.detection.losses import iou_loss, masked_mean
-from detkit.models.detection.postprocess import Detections, PostProcess
+from detkit.models.detection.postprocess import PostProcess
 from detkit.models.detection.shape_cache import cached
 from detkit.models.necks import conv_bn_act
+from detkit.structures import Detections, Targets, as_targets
 
 INF = 1e8
 
