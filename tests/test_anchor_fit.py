@@ -70,6 +70,36 @@ def test_fitted_anchors_cover_a_real_dataset_better_than_bccd_sized_ones():
     assert fit_anchors(wh, [2, 2, 2], [3, 3, 3], seed=0) == (sizes, ratios)  # reproducible
 
 
+def test_decide_anchors_applies_the_generators_fit_policy():
+    """The policy lives beside the fitting (models side): never keeps (no fitted candidate), always replaces, auto
+    replaces anchors that miss most boxes only; the levels and per-level counts never change."""
+    from detkit.models.detection.anchor_fit import decide_anchors
+
+    data = json.loads(RACCOON.read_text())
+    boxes, wh = letterboxed_boxes(data, 320), box_sizes(data, 320)
+    sizes, ratios = [[16, 24], [48, 64], [96, 128]], [[0.5, 1.0, 2.0]] * 3
+    never = decide_anchors(AnchorGenerator(sizes, ratios, fit="never"), boxes, wh, [8, 16, 32], 320)
+    assert not never.fitted and never.candidate is None and never.sizes == sizes
+    assert never.report(sizes, ratios)["fitted"] is None
+    auto = decide_anchors(AnchorGenerator(sizes, ratios), boxes, wh, [8, 16, 32], 320)  # default: auto (the YAML's)
+    assert auto.fitted and auto.candidate.bpr > auto.configured.bpr
+    assert [len(s) for s in auto.sizes] == [2, 2, 2] and [len(r) for r in auto.aspect_ratios] == [3, 3, 3]
+    covering = decide_anchors(AnchorGenerator(auto.sizes, auto.aspect_ratios), boxes, wh, [8, 16, 32], 320)
+    assert not covering.fitted and covering.candidate is not None  # auto keeps anchors that already cover
+    forced = decide_anchors(AnchorGenerator(auto.sizes, auto.aspect_ratios, fit="always"), boxes, wh, [8, 16, 32],
+                            320)
+    assert forced.fitted and forced.report(sizes, ratios)["fitted"]["coverage"]["bpr"] == forced.candidate.bpr
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"levels": ["c4"], "neck": "none"}, {"extra_pool": True},
+                                    {"neck": "pan", "small_stem": True}, {"levels": ["c2", "c3"], "neck": "fpn"}])
+def test_backbone_strides_are_known_before_it_is_built(kwargs):
+    """The anchor fit reads the strides from Backbone.strides_for, which must equal what the built backbone has."""
+    from detkit.models.backbones import Backbone
+
+    assert Backbone.strides_for(**kwargs, depth=18, init=None) == Backbone(**kwargs).strides
+
+
 def test_anchor_fit_mode_is_checked():
     with pytest.raises(ValueError, match="anchor fit"):
         AnchorGenerator([[32]], [[1.0]], fit="sometimes")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -28,18 +28,10 @@ from detkit.data.validate import load_coco_json
 from detkit.eval.outputs import write_evaluation
 from detkit.lit.optim import plot_lr_schedule, total_training_steps
 from detkit.models.backbones import EncoderLoadError
-from detkit.models.detection.anchor_fit import anchor_coverage, fit_anchors, grid_anchors, size_range_report
-from detkit.models.detection.anchors import AnchorGenerator
+from detkit.models.detection.anchor_fit import decide_anchors, size_range_report
 from detkit.paths import config_dir
 
 log = logging.getLogger("detkit")
-#: anchor_generator.fit=auto replaces anchors whose best possible recall is below FIT_BELOW_BPR *and* whose median
-#: best IoU with a box is below FIT_BELOW_MEDIAN_IOU by fitted ones, when those cover at least FIT_MIN_GAIN more of
-#: the training boxes. The median gate: when most boxes already have an anchor overlapping them at IoU 0.5, the RPN
-#: learns them from there, and refitting (which concentrates sizes and ratios on the dominant shape) cost AP on
-#: BCCD (median 0.64: SimCLR Faster R-CNN AP 0.132 -> 0.095, STUDY.md); on photos the BCCD-sized anchors barely
-#: touch (raccoons: median 0.39) refitting took AP50 at 60 steps from 0.025 to 1.0 (BENCHMARKS.md).
-FIT_BELOW_BPR, FIT_BELOW_MEDIAN_IOU, FIT_MIN_GAIN = 0.9, 0.5, 0.05
 
 
 def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
@@ -69,44 +61,27 @@ def _choose_image_size(cfg: DictConfig) -> None:
                  "keep >= 8 px; see detkit/data/box_stats.py)", size)
 
 
-def _encoder_strides(backbone: DictConfig) -> list[int]:
-    first = 1 if backbone.get("small_stem") else 4
-    strides = [first * 2 ** (int(lv[1]) - 2) for lv in backbone.levels]
-    return strides + [strides[-1] * 2] if backbone.get("extra_pool") else strides
-
-
 def fit_priors(cfg: DictConfig, data: dict) -> dict:
-    """Measure the detector's priors against the training boxes ``data`` (COCO dict) at the training size, log it,
-    and for the RPN replace the anchors by fitted ones as ``anchor_generator.fit`` says (in ``cfg``, so the
-    checkpoint and the saved config hold what was trained). Returns the report for ``run.json``."""
+    """Measure the detector's priors against the training boxes ``data`` (COCO dict) at the training size and log
+    it; for the RPN, record in ``cfg`` the anchors :func:`~detkit.models.detection.anchor_fit.decide_anchors` chose
+    under ``anchor_generator.fit`` (so the checkpoint and the saved config hold what was trained). Returns the
+    report for ``run.json``."""
     size, det, report = int(cfg.data.image_size), cfg.model.detector, {}
-    strides = _encoder_strides(det.backbone)
+    backbone = det.backbone  # the backbone class computes its strides from these settings (Backbone.strides_for)
+    strides = list(get_class(backbone._target_).strides_for(
+        **{k: backbone[k] for k in ("levels", "neck", "extra_pool", "small_stem") if k in backbone}).values())
     boxes, wh = letterboxed_boxes(data, size), box_sizes(data, size)
     if "rpn" in det:
         gen = det.rpn.anchor_generator
+        configured = instantiate(gen)
         fg_iou = float(det.rpn.get("fg_iou_thresh", 0.7))
-        before = anchor_coverage(boxes, grid_anchors(AnchorGenerator(gen.sizes, gen.aspect_ratios), strides, size),
-                                 fg_iou)
-        log.info("RPN anchors %s: %s", OmegaConf.to_container(gen.sizes), before)
-        report["anchors"] = {"configured": {"sizes": OmegaConf.to_container(gen.sizes),
-                                            "aspect_ratios": OmegaConf.to_container(gen.aspect_ratios)},
-                             "coverage": before.to_json(), "fitted": None}
-        if gen.get("fit", "never") != "never":
-            sizes, ratios = fit_anchors(wh, [len(s) for s in gen.sizes], [len(r) for r in gen.aspect_ratios],
-                                        seed=cfg.seed)
-            after = anchor_coverage(boxes, grid_anchors(AnchorGenerator(sizes, ratios), strides, size), fg_iou)
-            better = before.bpr < FIT_BELOW_BPR and before.median_best_iou < FIT_BELOW_MEDIAN_IOU \
-                and after.bpr >= before.bpr + FIT_MIN_GAIN
-            if gen.fit == "always" or better:
-                with open_dict(cfg):
-                    gen.sizes, gen.aspect_ratios = sizes, ratios
-                report["anchors"]["fitted"] = {"sizes": sizes, "aspect_ratios": ratios, "coverage": after.to_json()}
-                log.info("anchors fitted to the training boxes (fit=%s): sizes %s, aspect ratios %s: %s", gen.fit,
-                         sizes, ratios, after)
-            else:
-                log.info("fitted anchors would give %s: configured anchors kept (fit=auto refits below %.0f%% best "
-                         "possible recall and %.2f median best IoU when fitting gains >= %.0f points; fit=always "
-                         "forces it)", after, 100 * FIT_BELOW_BPR, FIT_BELOW_MEDIAN_IOU, 100 * FIT_MIN_GAIN)
+        decision = decide_anchors(configured, boxes, wh, strides, size, fg_iou=fg_iou, seed=cfg.seed)
+        log.info("RPN anchors %s: %s", configured.sizes, decision.configured)
+        log.info("%s", decision)
+        report["anchors"] = decision.report(configured.sizes, configured.aspect_ratios)
+        if decision.fitted:
+            with open_dict(cfg):
+                gen.sizes, gen.aspect_ratios = decision.sizes, decision.aspect_ratios
     if det.get("assigner") is not None and det.assigner.get("size_ranges") is not None:
         report["size_ranges"] = size_range_report(wh, det.assigner.size_ranges, strides)
         log.info("YOLO size ranges (longer half-side) against the training boxes: %s", report["size_ranges"])

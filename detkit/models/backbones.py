@@ -84,9 +84,14 @@ class ResNetEncoder(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(DEFAULT_STD).view(1, 3, 1, 1))
         expansion = 4 if depth >= 50 else 1
         self.channels = {"c2": 64 * expansion, "c3": 128 * expansion, "c4": 256 * expansion, "c5": 512 * expansion}
-        first = 1 if small_stem else 4
-        self.strides = {name: first * 2**i for i, name in enumerate(LEVELS)}
+        self.strides = self.level_strides(small_stem)
         self.out_dim = self.channels["c5"]
+
+    @staticmethod
+    def level_strides(small_stem: bool = False) -> dict[str, int]:
+        """``{"c2": 4, "c3": 8, "c4": 16, "c5": 32}`` (``small_stem``: 1, 2, 4, 8), in input pixels."""
+        first = 1 if small_stem else 4
+        return {name: first * 2**i for i, name in enumerate(LEVELS)}
 
     @property
     def arch(self) -> dict[str, Any]:
@@ -383,20 +388,34 @@ class Backbone(nn.Module):
         self.levels, self.norm, self.freeze_at = levels, norm, freeze_at
         enc = self.encoder
         in_channels = [enc.channels[lv] for lv in levels]
-        strides = [enc.strides[lv] for lv in levels]
-        names = list(levels) if neck == "none" else [f"p{lv[1]}" for lv in levels]
         if neck == "fpn":
             self.neck: nn.Module | None = FPN(in_channels, neck_channels, extra_pool=extra_pool)
-            if extra_pool:
-                names.append(f"p{int(levels[-1][1]) + 1}")
-                strides.append(strides[-1] * 2)
         elif neck == "pan":
             self.neck = PANNeck(in_channels, neck_channels)
         else:
             self.neck = None
         self.out_channels = in_channels[0] if neck == "none" else neck_channels
-        self.strides = dict(zip(names, strides))
+        self.strides = self.output_strides(enc.strides, levels, neck, extra_pool)
         enc.freeze(freeze_at, norm)
+
+    @staticmethod
+    def output_strides(encoder_strides: dict[str, int], levels: Sequence[str], neck: str, extra_pool: bool
+                       ) -> dict[str, int]:
+        """The output level names and strides (what :attr:`strides` is) for these settings over an encoder's
+        ``c2..c5`` strides: the one place they are computed."""
+        strides = [encoder_strides[lv] for lv in levels]
+        names = list(levels) if neck == "none" else [f"p{lv[1]}" for lv in levels]
+        if neck == "fpn" and extra_pool:
+            names.append(f"p{int(levels[-1][1]) + 1}")
+            strides.append(strides[-1] * 2)
+        return dict(zip(names, strides))
+
+    @classmethod
+    def strides_for(cls, levels: Sequence[str] = ("c3", "c4", "c5"), neck: str = "fpn", extra_pool: bool = False,
+                    small_stem: bool = False, **_: Any) -> dict[str, int]:
+        """:attr:`strides` of the backbone these arguments (a config node's keys) would build, without building it
+        (no weights are read): what the anchor fit measures against before the model exists."""
+        return cls.output_strides(ResNetEncoder.level_strides(small_stem), list(levels), neck, extra_pool)
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """``[B, 3, H, W]`` 0..255 pixels -> ``{level: [B, out_channels, H/stride, W/stride]}``, finest first."""

@@ -228,3 +228,9 @@ class TimmBackbone(Backbone):
         levels = self._check(levels, neck, extra_pool, norm)
         self.encoder = build_timm_encoder(name, init)
         self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm)
+
+    @classmethod
+    def strides_for(cls, levels: Sequence[str] = ("c3", "c4", "c5"), neck: str = "fpn", extra_pool: bool = False,
+                    **_: Any) -> dict[str, int]:
+        """As :meth:`Backbone.strides_for`, over the timm encoder's reductions."""
+        return cls.output_strides(dict(REDUCTIONS), list(levels), neck, extra_pool)

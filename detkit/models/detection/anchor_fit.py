@@ -9,6 +9,9 @@
   area and dealt out to the levels finest first; each level's aspect ratios are quantiles of the ``h / w`` of the
   boxes nearest to its sizes. The level and per-level counts of the configured generator are kept, so the RPN
   head's shape does not change.
+* :func:`decide_anchors` — the fit policy (``AnchorGenerator.fit``: ``auto``, ``always``, ``never``) and its
+  thresholds (``FIT_*`` below): which anchors the RPN trains with. ``detkit-train`` only records the decision in the
+  run's config, so the checkpoint and the saved config hold what was trained.
 * :func:`size_range_report` — for the YOLO assigner: how many boxes each level's size range receives.
 """
 
@@ -22,6 +25,14 @@ import torch
 
 from detkit.models.detection.anchors import AnchorGenerator
 from detkit.models.detection.boxes import batched_box_iou
+
+#: ``fit=auto`` replaces anchors whose best possible recall is below FIT_BELOW_BPR *and* whose median best IoU with a
+#: box is below FIT_BELOW_MEDIAN_IOU by fitted ones, when those cover at least FIT_MIN_GAIN more of the training
+#: boxes. The median gate: when most boxes already have an anchor overlapping them at IoU 0.5, the RPN learns them
+#: from there, and refitting (which concentrates sizes and ratios on the dominant shape) cost AP on BCCD (median
+#: 0.64: SimCLR Faster R-CNN AP 0.132 -> 0.095, STUDY.md); on photos the BCCD-sized anchors barely touch (raccoons:
+#: median 0.39) refitting took AP50 at 60 steps from 0.025 to 1.0 (BENCHMARKS.md).
+FIT_BELOW_BPR, FIT_BELOW_MEDIAN_IOU, FIT_MIN_GAIN = 0.9, 0.5, 0.05
 
 
 @dataclass
@@ -124,3 +135,58 @@ def size_range_report(wh: np.ndarray, size_ranges: Sequence[Sequence[float]], st
         n = int(((half >= lo) & (half < hi)).sum())
         parts.append(f"stride {s} [{lo:g}, {hi:g}) px: {n} boxes ({n / max(1, len(half)):.0%})")
     return "; ".join(parts)
+
+
+@dataclass
+class AnchorDecision:
+    """The anchors the RPN trains with (``sizes``, ``aspect_ratios``), whether they were fitted, and the coverage
+    of the configured (and, unless ``fit=never``, the fitted) anchors."""
+
+    sizes: list[list[float]]
+    aspect_ratios: list[list[float]]
+    fitted: bool
+    configured: Coverage
+    candidate: Coverage | None
+    policy: str
+
+    def report(self, configured_sizes: Sequence[Sequence[float]], configured_ratios: Sequence[Sequence[float]]
+               ) -> dict:
+        """The ``run.json`` entry: configured anchors and their coverage, the fitted ones (``None`` if kept)."""
+        return {"configured": {"sizes": [list(s) for s in configured_sizes],
+                               "aspect_ratios": [list(r) for r in configured_ratios]},
+                "coverage": self.configured.to_json(),
+                "fitted": {"sizes": self.sizes, "aspect_ratios": self.aspect_ratios,
+                           "coverage": self.candidate.to_json()} if self.fitted and self.candidate else None}
+
+    def __str__(self) -> str:
+        if self.fitted:
+            return (f"anchors fitted to the training boxes (fit={self.policy}): sizes {self.sizes}, aspect ratios "
+                    f"{self.aspect_ratios}: {self.candidate}")
+        if self.candidate is None:
+            return "configured anchors kept (fit=never)"
+        return (f"fitted anchors would give {self.candidate}: configured anchors kept (fit=auto refits below "
+                f"{FIT_BELOW_BPR:.0%} best possible recall and {FIT_BELOW_MEDIAN_IOU:.2f} median best IoU when "
+                f"fitting gains >= {100 * FIT_MIN_GAIN:.0f} points; fit=always forces it)")
+
+
+def decide_anchors(generator: AnchorGenerator, boxes_per_image: Sequence[np.ndarray], wh: np.ndarray,
+                   strides: Sequence[int], image_size: int, fg_iou: float = 0.7, seed: int = 0) -> AnchorDecision:
+    """Apply ``generator.fit`` to the training boxes (letterboxed to ``image_size``: ``boxes_per_image`` xyxy and
+    their shapes ``wh``) on feature maps at ``strides`` (the backbone's ``strides``): ``never`` keeps the
+    configured anchors, ``always`` replaces them by :func:`fit_anchors`, ``auto`` replaces them when the
+    ``FIT_*`` thresholds say the configured ones miss most boxes and the fitted ones cover clearly more."""
+    before = anchor_coverage(boxes_per_image, grid_anchors(generator, strides, image_size), fg_iou)
+    keep = AnchorDecision([list(s) for s in generator.sizes], [list(r) for r in generator.aspect_ratios], False,
+                          before, None, generator.fit)
+    if generator.fit == "never":
+        return keep
+    sizes, ratios = fit_anchors(wh, [len(s) for s in generator.sizes], [len(r) for r in generator.aspect_ratios],
+                                seed=seed)
+    after = anchor_coverage(boxes_per_image, grid_anchors(AnchorGenerator(sizes, ratios), strides, image_size),
+                            fg_iou)
+    better = before.bpr < FIT_BELOW_BPR and before.median_best_iou < FIT_BELOW_MEDIAN_IOU \
+        and after.bpr >= before.bpr + FIT_MIN_GAIN
+    if generator.fit == "always" or better:
+        return AnchorDecision(sizes, ratios, True, before, after, generator.fit)
+    keep.candidate = after
+    return keep

@@ -22,16 +22,17 @@ class AnchorGenerator(nn.Module):
     Args:
         sizes: per level, the anchor sizes (sqrt of area, in input pixels).
         aspect_ratios: per level, the height/width ratios.
-        fit: what ``detkit-train`` does with these before training (the generator itself never looks at data):
-            ``"auto"`` measures their coverage of the training boxes and replaces them by anchors fitted to the
-            boxes when those cover clearly more (:mod:`detkit.models.detection.anchor_fit`), ``"always"``
+        fit: the fit policy :func:`detkit.models.detection.anchor_fit.decide_anchors` applies to these before
+            training (``detkit-train`` calls it and records the anchors trained with in the run's config; the
+            generator itself never looks at data): ``"auto"`` replaces them by anchors fitted to the training
+            boxes when the configured ones miss most boxes and the fitted ones cover clearly more, ``"always"``
             replaces them, ``"never"`` keeps them (the coverage is reported either way).
     """
 
     FIT_MODES = ("auto", "always", "never")
 
     def __init__(self, sizes: Sequence[Sequence[float]] = ((32, 64, 128),),
-                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),), fit: str = "never") -> None:
+                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),), fit: str = "auto") -> None:
         super().__init__()
         if fit not in self.FIT_MODES:
             raise ValueError(f"anchor fit must be one of {self.FIT_MODES}, got {fit!r}")
