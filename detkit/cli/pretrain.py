@@ -1,4 +1,5 @@
-"""``detkit-pretrain data.images=DIR [trainer.max_epochs=N] [hydra.run.dir=OUT]``: SimCLR pretraining.
+"""``detkit-pretrain data.images=DIR [pretrain_job=densecl] [trainer.max_epochs=N] [hydra.run.dir=OUT]``: SimCLR
+(default) or DenseCL pretraining.
 
 Writes ``OUT/encoder.pt`` (the encoder file ``model.detector.backbone.init`` takes), ``OUT/checkpoints/last.ckpt`` and
 ``OUT/pretrain_metrics.json`` (final loss, kNN accuracy when a monitor set is configured, wall time, images/s, and
@@ -39,7 +40,8 @@ class _StartEpoch(L.Callback):
 
 
 def pretrain(cfg: DictConfig, out: Path) -> Path:
-    """Run SimCLR from a pretraining config node; return the path of the written encoder file."""
+    """Run the pretraining config node (SimCLR or DenseCL, as ``cfg.model`` says); return the path of the written
+    encoder file (the same format for both; ``meta["method"]`` names the method)."""
     out.mkdir(parents=True, exist_ok=True)
     check_torchvision_ops(cfg.trainer.get("accelerator", "cpu"))
     L.seed_everything(cfg.get("seed", 0), workers=True)
@@ -65,8 +67,8 @@ def pretrain(cfg: DictConfig, out: Path) -> Path:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(epochs=trainer.current_epoch, epochs_this_run=ran, wall_time_s=round(wall, 1),
                    images_per_s=round(len(datamodule.dataset) * ran / max(wall, 1e-9), 1))
-    encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": "simclr", "init": cfg.model.get("init"),
-                                                                     **metrics})
+    encoder = save_encoder(module.encoder, out / "encoder.pt", meta={"method": getattr(module, "method", "simclr"),
+                                                                     "init": cfg.model.get("init"), **metrics})
     checked = {"input_check": datamodule.dataset, "knn_train_check": getattr(datamodule, "knn_bank", None),
                "knn_val_check": getattr(datamodule, "knn_query", None)}  # unreadable files skipped, by name
     extra = {key: ds.check.summary() for key, ds in checked.items() if getattr(ds, "check", None) is not None}

@@ -1,4 +1,4 @@
-"""LightningModule for SimCLR pretraining of the shared ResNet encoder."""
+"""LightningModules for self-supervised pretraining of the shared encoder: SimCLR and DenseCL."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import get_class
 
 from detkit.data.device_views import device_view_seed
@@ -13,6 +14,7 @@ from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
 from detkit.models.backbones import build_encoder, load_resnet_init
+from detkit.models.ssl.densecl import DenseCLLoss, DenseProjector
 from detkit.models.ssl.simclr import NTXentLoss, Projector
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ class SimCLRModule(L.LightningModule):
             ``detkit-pretrain``, to adapt an encoder to new images), ``"imagenet"``, or a torchvision ResNet (or
             timm) state dict, as the detectors' ``backbone.init`` takes them. The projector starts fresh.
     """
+
+    #: recorded as ``meta["method"]`` in the encoder file ``detkit-pretrain`` writes
+    method = "simclr"
 
     def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
                  temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
@@ -108,3 +113,48 @@ class SimCLRModule(L.LightningModule):
         acc = knn_accuracy(*bank, *query, k=self.hparams.knn_k, temperature=self.hparams.knn_temperature)
         self.log("pretrain/knn_acc", acc, prog_bar=True, rank_zero_only=True)
         log.info("epoch %d: kNN accuracy %.4f", self.current_epoch, acc)
+
+
+class DenseCLModule(SimCLRModule):
+    """DenseCL (:mod:`detkit.models.ssl.densecl`): SimCLR's encoder, global projector, views, optimiser and kNN
+    monitor, plus a dense projector on the encoder's last feature map and the dense contrastive loss between the
+    two views' grid cells; ``loss = (1 - dense_weight) * global + dense_weight * dense``.
+
+    Args (besides :class:`SimCLRModule`'s):
+        dense_weight: the paper's lambda (0.5).
+        dense_hidden, dense_dim: dense projector sizes (``null``: ``proj_hidden``, ``proj_dim``).
+    """
+
+    method = "densecl"
+
+    def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
+                 temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
+                 scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07,
+                 timm: str | None = None, init: str | None = None, dense_weight: float = 0.5,
+                 dense_hidden: int | None = None, dense_dim: int | None = None) -> None:
+        # spelled out, not **kwargs: the config check (detkit.config_check) names a misspelled key
+        super().__init__(depth=depth, small_stem=small_stem, proj_hidden=proj_hidden, proj_dim=proj_dim,
+                         temperature=temperature, optimizer=optimizer, warmup=warmup, scale_lr=scale_lr,
+                         knn_k=knn_k, knn_temperature=knn_temperature, timm=timm, init=init)
+        dense_hidden = dense_hidden or self.hparams.proj_hidden
+        dense_dim = dense_dim or self.hparams.proj_dim
+        self.save_hyperparameters({**self.hparams, "dense_weight": dense_weight, "dense_hidden": dense_hidden,
+                                   "dense_dim": dense_dim})
+        self.dense_projector = DenseProjector(self.encoder.out_dim, dense_hidden, dense_dim)
+        self.criterion = DenseCLLoss(self.hparams.temperature, dense_weight)
+
+    def forward_views(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both views through the encoder once -> the loss and its parts (``loss``, ``loss_global``,
+        ``loss_dense``)."""
+        c5 = self.encoder.features(self.encoder.normalize(torch.cat([v1, v2])))["c5"]  # what encoder() pools
+        z = self.projector(torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1))
+        d = self.dense_projector(c5)
+        return self.criterion(*z.chunk(2), *d.chunk(2), *c5.chunk(2))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        v1, v2 = batch
+        out = self.forward_views(v1, v2)
+        self.log("pretrain/loss", out["loss"], prog_bar=True, batch_size=len(v1), sync_dist=True)
+        self.log("pretrain/loss_global", out["loss_global"], batch_size=len(v1), sync_dist=True)
+        self.log("pretrain/loss_dense", out["loss_dense"], batch_size=len(v1), sync_dist=True)
+        return out["loss"]
