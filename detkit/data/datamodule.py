@@ -51,7 +51,7 @@ class DetectionDataModule(L.LightningDataModule):
         test_images: str | None = None,
         train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
-        image_size: int = 320,
+        image_size: int | None = None,
         batch_size: int = 4,
         num_workers: int = 2,
         skip_invalid: bool = False,
@@ -66,6 +66,9 @@ class DetectionDataModule(L.LightningDataModule):
         self.mosaic, self.seed, self._pin_memory = mosaic, seed, pin_memory
         self.paths = {"train": (train_ann, train_images), "val": (val_ann, val_images),
                       "test": (test_ann, test_images)}
+        if image_size is None and (train_transform is None or eval_transform is None):
+            raise ValueError("DetectionDataModule needs image_size to build its transforms (data.image_size: null is "
+                             "chosen from the training boxes by detkit-train before the data module is built)")
         self.train_transform = train_transform or DetectionTransform(image_size, train=True)
         self.eval_transform = eval_transform or DetectionTransform(image_size, train=False)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -156,8 +159,8 @@ class PretrainDataModule(L.LightningDataModule):
             :mod:`detkit.data.image_files`).
     """
 
-    def __init__(self, images: str, ann_file: str | None = None, image_size: int = 64,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float | None = None, batch_size: int = 128,
+    def __init__(self, images: str, ann_file: str | None = None, image_size: int = 96,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float | None = None, batch_size: int = 64,
                  num_workers: int = 2, knn_train: str | None = None, knn_val: str | None = None,
                  knn_per_class: int | None = 100, seed: int = 0, augment_on: str = "cpu",
                  source_size: int | None = None, solarize_p: float = 0.0, skip_invalid: bool = True) -> None:

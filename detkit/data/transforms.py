@@ -89,7 +89,7 @@ class DetectionTransform:
         train: bool = False,
         hflip: float = 0.5,
         vflip: float = 0.0,
-        scale_range: Sequence[float] = (0.75, 1.25),
+        scale_range: Sequence[float] = (0.8, 1.2),
         color_jitter: float = 0.2,
         min_visibility: float = 0.3,
     ) -> None:

@@ -88,7 +88,7 @@ class WarmupSchedule:
     KINDS = ("constant", "step", "multistep", "exponential", "inverse_time", "inverse_sqrt", "cosine", "one_cycle")
 
     def __init__(self, kind: str = "cosine", warmup: float = 0.05, warmup_factor: float = 0.001,
-                 min_ratio: float = 0.0, milestones: tuple[float, ...] = (0.67, 0.89), gamma: float = 0.1,
+                 min_ratio: float = 0.05, milestones: tuple[float, ...] = (0.67, 0.89), gamma: float = 0.1,
                  period: float = 0.25, decay_rate: float = 1.0) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"schedule kind must be one of {self.KINDS}, got {kind!r}")

@@ -47,7 +47,7 @@ class SimCLRModule(L.LightningModule):
                  scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07,
                  timm: str | None = None, init: str | None = None) -> None:
         super().__init__()
-        optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.3, "momentum": 0.9,
+        optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.6, "momentum": 0.9,
                                        "weight_decay": 1e-4})
         self.save_hyperparameters({"depth": depth, "small_stem": small_stem, "proj_hidden": proj_hidden,
                                    "proj_dim": proj_dim, "temperature": temperature, "optimizer": optimizer,
@@ -100,7 +100,7 @@ class SimCLRModule(L.LightningModule):
             batch = self.trainer.datamodule.batch_size * self.trainer.world_size
             lr = lr * batch / 256
         optimizer = cls(param_groups(self.named_parameters(), wd, lr), lr=lr, **cfg)
-        scheduler = WarmupSchedule("cosine", warmup=self.hparams.warmup).build(
+        scheduler = WarmupSchedule("cosine", warmup=self.hparams.warmup, min_ratio=0.0).build(
             optimizer, total_training_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

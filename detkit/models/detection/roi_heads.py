@@ -8,7 +8,6 @@ positives first), so the box head always sees ``B x batch_size_per_image`` RoIs;
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -113,7 +112,7 @@ class TwoMLPHead(nn.Module):
     """Flatten the pooled features, then two fully connected layers with ReLU (Faster R-CNN with FPN), each
     followed by dropout when ``dropout > 0``."""
 
-    def __init__(self, in_features: int, hidden: int = 1024, dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int, hidden: int = 512, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc6 = nn.Linear(in_features, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
@@ -148,7 +147,7 @@ class RoIHeads(nn.Module):
         in_channels: feature channels; strides: strides of the pooled levels; num_classes: foreground classes
             (the three are filled in by :class:`~detkit.models.detection.faster_rcnn.FasterRCNN`).
         pooler: ``(strides) -> RoIPooler`` (default RoIAlign 7x7, sampling ratio 2, aligned).
-        box_head: ``(in_features) -> nn.Module`` with ``out_features`` (default :class:`TwoMLPHead`, 1024 wide).
+        box_head: ``(in_features) -> nn.Module`` with ``out_features`` (default :class:`TwoMLPHead`, 512 wide).
         sampler: RoI sampling (default 512 per image, 25% positives).
         fg_iou_thresh: proposals with IoU >= this are foreground (0.5), the rest background.
         bbox_weights: box coder weights (10, 10, 5, 5).
@@ -172,7 +171,7 @@ class RoIHeads(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.pooler = (pooler or RoIPooler)(strides=strides)
-        self.box_head = (box_head or partial(TwoMLPHead, hidden=1024))(
+        self.box_head = (box_head or TwoMLPHead)(
             in_features=in_channels * self.pooler.output_size ** 2)
         self.box_predictor = BoxPredictor(self.box_head.out_features, num_classes)
         self.box_coder = BoxCoder(bbox_weights)

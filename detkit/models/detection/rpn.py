@@ -78,8 +78,8 @@ class RegionProposalNetwork(nn.Module):
         in_channels: int,
         anchor_generator: AnchorGenerator,
         sampler: BalancedSampler | None = None,
-        pre_nms_top_n: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006 (read-only)
-        post_nms_top_n: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006
+        pre_nms_top_n: Mapping[str, int] = {"train": 1000, "test": 500},  # noqa: B006 (read-only)
+        post_nms_top_n: Mapping[str, int] = {"train": 1000, "test": 500},  # noqa: B006
         nms_thresh: float = 0.7,
         nms: str = "auto",
         nms_iterations: int | None = 4,
