@@ -105,7 +105,7 @@ def run_lightly(args, images: Path, out: Path) -> dict:
         [(f"head.{n}", p) for n, p in head.named_parameters()]
     lr = args.lr * args.batch_size / 256
     optimizer = torch.optim.SGD(param_groups(params, 1e-4, lr), lr=lr, momentum=0.9)
-    scheduler = WarmupSchedule("cosine", warmup=0.1).build(optimizer, len(loader) * args.epochs)
+    scheduler = WarmupSchedule("cosine", warmup=0.1, min_ratio=0.0).build(optimizer, len(loader) * args.epochs)
     amp = args.precision.startswith(("16", "bf16")) and args.device == "cuda"
     start = time.perf_counter()
     loss = torch.zeros(())
