@@ -49,6 +49,7 @@ class MissingSettingError(UserError, ValueError):
 SETTING_HINTS = {
     "data.": "Give your COCO dataset, e.g. data.train_ann=train.json data.train_images=IMAGES_DIR "
              "data.val_ann=val.json data.val_images=IMAGES_DIR (or data=bccd for the embedded demo dataset)",
+    "semi.": "Give the folder of unlabeled images for self-training: semi.unlabeled_images=DIR",
 }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from detkit.cli.common import check_torchvision_ops, clean_errors, instantiate_dict, output_dir
 from detkit.data.box_stats import box_sizes, choose_image_size, letterboxed_boxes
 from detkit.data.validate import load_coco_json
+from detkit.errors import USER_ERRORS
 from detkit.eval.outputs import write_evaluation
 from detkit.lit.optim import plot_lr_schedule, total_training_steps
 from detkit.models.backbones import EncoderLoadError
@@ -111,6 +113,21 @@ def stop_reason(trainer) -> dict:
     return {"by": "schedule", "epoch": int(trainer.current_epoch), "reason": "reached trainer.max_epochs / max_steps"}
 
 
+def add_unlabeled_images(cfg: DictConfig, datamodule) -> dict:
+    """``semi=teacher``: check the unlabeled images and add them to the training loader; returns what the model's
+    instantiation needs (its self-training class and settings; nothing without ``semi``)."""
+    if not cfg.get("semi"):
+        return {}
+    from detkit.data.weak_strong import UnlabeledPairs, unlabeled_collate
+    from detkit.lit.semi import SelfTraining
+
+    settings = SelfTraining.from_config(cfg.semi)
+    pairs = UnlabeledPairs(settings.unlabeled_images, instantiate(cfg.semi.views), settings.unlabeled_ann,
+                           datamodule.categories, settings.skip_invalid)
+    datamodule.add_unlabeled(pairs, unlabeled_collate, settings.batch_size)
+    return {"_target_": "detkit.lit.semi.SelfTrainingModule", "semi": OmegaConf.to_container(cfg.semi, resolve=True)}
+
+
 def train(cfg: DictConfig, out: Path | None = None) -> dict:
     """Run one training job from a composed config; return the metrics written to ``out/metrics.json``
     (``out`` defaults to the Hydra run directory)."""
@@ -135,15 +152,24 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
         OmegaConf.save(cfg, saved_config)
     if cfg.get("plot_lr"):
         return plot_lr_only(cfg, datamodule, out)
-    model = instantiate(cfg.model, categories=datamodule.categories.to_list(), image_size=cfg.data.image_size,
-                        seed=cfg.seed, _recursive_=False)
+    semi = add_unlabeled_images(cfg, datamodule)
+    try:
+        model = instantiate(cfg.model, categories=datamodule.categories.to_list(), image_size=cfg.data.image_size,
+                            seed=cfg.seed, _recursive_=False, **semi)
+    except InstantiationException as e:  # Hydra wraps what the module raised: report a user error in its own words
+        if isinstance(e.__cause__, USER_ERRORS):
+            raise e.__cause__ from None
+        raise
     trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")),
                           callbacks=instantiate_dict(cfg.get("callbacks")))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), out))
+    self_training = model.summary() if semi else None  # before validate() loads the best checkpoint's weights
     best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor), "")
     trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     result, val_results = model.last_eval, model.last_results
     extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
+    if self_training is not None:
+        extra["self_training"] = self_training
     if cfg.get("test") and datamodule.paths["test"][0]:
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detkit.data.coco import CategoryMap, CocoDetection
@@ -17,6 +18,10 @@ from detkit.data.shuffle import epoch_shuffled_loader
 from detkit.data.transforms import DetectionTransform
 
 log = logging.getLogger(__name__)
+
+#: The unlabeled loader's order and augmentation seeds derive from ``seed + UNLABELED_SEED_OFFSET``, so they are not
+#: the labeled loader's draws (the same base seed would give labeled item i and unlabeled item i the same flips).
+UNLABELED_SEED_OFFSET = 7_919
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -75,6 +80,19 @@ class DetectionDataModule(L.LightningDataModule):
         self.skip_invalid, self.check_images = skip_invalid, check_images
         self.train_fraction, self.subset_seed = train_fraction, subset_seed
         self.datasets: dict[str, CocoDetection] = {}
+        self.unlabeled: Dataset | None = None
+        self.unlabeled_collate: Callable | None = None
+        self.unlabeled_batch_size = batch_size
+
+    def add_unlabeled(self, dataset: Dataset, collate_fn: Callable, batch_size: int | None = None) -> None:
+        """Self-training: the training loader yields ``{"labeled": (images, Targets), "unlabeled": batch}``
+        (Lightning combines the two loaders), the unlabeled batches (``batch_size``, default the labeled one)
+        drawn from ``dataset`` and batched by ``collate_fn`` (:func:`detkit.data.weak_strong.unlabeled_collate`).
+        An epoch is still one pass over the labeled images: the unlabeled loader gives exactly as many batches per
+        process, drawn from a stream of shuffled passes over the unlabeled images (:class:`EpochStream`), so
+        schedules, validation and checkpoints keep their meaning whatever the two sets' sizes."""
+        self.unlabeled, self.unlabeled_collate = dataset, collate_fn
+        self.unlabeled_batch_size = int(batch_size or self.batch_size)
 
     def _build(self, split: str) -> CocoDetection | None:
         if split in self.datasets:
@@ -119,12 +137,24 @@ class DetectionDataModule(L.LightningDataModule):
         accelerator = getattr(self.trainer, "accelerator", None) if self.trainer is not None else None
         return type(accelerator).__name__ == "CUDAAccelerator"
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> StatefulDataLoader | dict[str, StatefulDataLoader]:
         dataset = self.datasets["train"]
         if self.mosaic > 0:
             dataset = Mosaic(dataset, self.mosaic)
-        return epoch_shuffled_loader(dataset, self.seed, self.trainer, self.batch_size, num_workers=self.num_workers,
-                                     collate_fn=detection_collate, pin_memory=self.pin_memory)
+        labeled = epoch_shuffled_loader(dataset, self.seed, self.trainer, self.batch_size,
+                                        num_workers=self.num_workers, collate_fn=detection_collate,
+                                        pin_memory=self.pin_memory)
+        if self.unlabeled is None:
+            return labeled
+        # as many unlabeled batches per process as labeled ones (the labeled loader's count under DDP's sharding)
+        world = max(1, getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        per_rank = math.ceil(len(dataset) / world)
+        batches = per_rank // self.batch_size if labeled.drop_last else math.ceil(per_rank / self.batch_size)
+        unlabeled = epoch_shuffled_loader(
+            self.unlabeled, UNLABELED_SEED_OFFSET + self.seed, self.trainer, self.unlabeled_batch_size,
+            per_epoch=max(1, batches) * self.unlabeled_batch_size * world, num_workers=self.num_workers,
+            collate_fn=self.unlabeled_collate, pin_memory=self.pin_memory)
+        return {"labeled": labeled, "unlabeled": unlabeled}
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,

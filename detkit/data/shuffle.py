@@ -50,6 +50,39 @@ class EpochShuffle(Sampler[int]):
         yield from torch.randperm(self.num_items, generator=order).tolist()
 
 
+class EpochStream(EpochShuffle):
+    """``per_epoch`` items per epoch from an endless stream of shuffled passes over ``range(num_items)``: the
+    stream is the concatenation of permutations seeded by ``(seed, pass)``, and epoch ``e`` takes its items
+    ``[e * per_epoch, (e + 1) * per_epoch)``. So a dataset larger than ``per_epoch`` is seen across epochs (not the
+    same head every epoch), a smaller one is cycled, and, as with :class:`EpochShuffle`, what an epoch draws (and
+    the loader generator's reseed, hence the augmentations) depends only on ``(seed, epoch)``. Used for the
+    unlabeled images of self-training, whose epoch follows the labeled loader's length.
+    """
+
+    def __init__(self, num_items: int, per_epoch: int, seed: int, generator: torch.Generator, epoch: int = 0) -> None:
+        if num_items < 1:
+            raise ValueError("EpochStream needs at least one item")
+        self.per_epoch = int(per_epoch)
+        super().__init__(num_items, seed, generator, epoch)
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def _pass(self, index: int) -> list[int]:
+        order = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63 ^ 0x57AEA)
+        return torch.randperm(self.num_items, generator=order).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.epoch * self.per_epoch
+        first, offset = divmod(start, self.num_items)
+        items: list[int] = []
+        index = first
+        while len(items) < offset + self.per_epoch:
+            items += self._pass(index)
+            index += 1
+        yield from items[offset: offset + self.per_epoch]
+
+
 def starting_epoch(trainer) -> int:
     """The epoch a Lightning ``trainer`` is about to train (after restoring a checkpoint), or 0 outside ``fit``.
 
@@ -62,11 +95,17 @@ def starting_epoch(trainer) -> int:
         return 0
 
 
-def epoch_shuffled_loader(dataset, seed: int, trainer, batch_size: int, **kwargs: Any) -> StatefulDataLoader:
+def epoch_shuffled_loader(dataset, seed: int, trainer, batch_size: int, per_epoch: int | None = None,
+                          **kwargs: Any) -> StatefulDataLoader:
     """The training loader of both data modules: :class:`EpochShuffle` order, its generator as the loader's, and
-    non-persistent workers (each epoch draws a new base seed for :func:`detkit.data.transforms.item_seed`)."""
+    non-persistent workers (each epoch draws a new base seed for :func:`detkit.data.transforms.item_seed`).
+    ``per_epoch``: draw that many items per epoch from an :class:`EpochStream` instead (no batch dropped)."""
     generator = torch.Generator()
-    return StatefulDataLoader(dataset, batch_size=batch_size,
-                              sampler=EpochShuffle(len(dataset), seed, generator, starting_epoch(trainer)),
-                              drop_last=len(dataset) > batch_size, persistent_workers=False, generator=generator,
-                              **kwargs)
+    epoch = starting_epoch(trainer)
+    if per_epoch is not None:
+        sampler: EpochShuffle = EpochStream(len(dataset), per_epoch, seed, generator, epoch)
+        drop_last = False
+    else:
+        sampler, drop_last = EpochShuffle(len(dataset), seed, generator, epoch), len(dataset) > batch_size
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                              persistent_workers=False, generator=generator, **kwargs)

@@ -158,6 +158,7 @@ class DetectionModule(L.LightningModule):
         """Rebuild a trained model from a Lightning checkpoint (loaded with ``weights_only=True``)."""
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         hp = dict(ckpt["hyper_parameters"])
+        hp.pop("semi", None)  # self-training's settings: inference needs only the teacher, saved as the EMA
         if "detector" not in hp or "backbone" not in hp["detector"]:
             raise ValueError(f"{path} is not a checkpoint of this detkit version's DetectionModule (no "
                              "detector.backbone in its hyper-parameters)")
@@ -207,7 +208,9 @@ class DetectionModule(L.LightningModule):
             f"(trainer.gradient_clip_val, now {self.trainer.gradient_clip_val}; e.g. 1), a longer warm-up (model.scheduler.warmup=500, in steps). The last "
             "checkpoint saved before this step is unaffected.")
 
-    def training_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> torch.Tensor:
+    def training_losses(self, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """The named loss terms of one training batch (their sum is minimised) and its batch size. Subclasses add
+        terms (:class:`detkit.lit.semi.SelfTrainingModule`: the unsupervised ones)."""
         images, targets = batch
         # Compiled, the samplers draw from torch's global RNG (seeded by seed_everything): a torch.Generator
         # argument cannot be traced and would split the graph at every sampler (8 breaks in Faster R-CNN),
@@ -219,8 +222,11 @@ class DetectionModule(L.LightningModule):
         losses = self.loss_fn(self._images(images), targets, generator=generator)
         if graphs:  # the outputs live in the CUDA graph's memory, overwritten by the next step's replay
             losses = {k: v.clone() for k, v in losses.items()}
+        return losses, images.shape[0]
+
+    def training_step(self, batch: tuple[torch.Tensor, Targets], batch_idx: int) -> torch.Tensor:
+        losses, bs = self.training_losses(batch)
         total = sum(losses.values())
-        bs = images.shape[0]
         if self.hparams.l1_penalty:
             l1 = self.hparams.l1_penalty * self.l1_norm()
             self.log("train/l1_penalty", l1.detach(), batch_size=bs)

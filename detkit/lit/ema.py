@@ -44,9 +44,10 @@ class ModelEMA(nn.Module):
         return self._pairs
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """One update; ``decay`` replaces the ramped decay for this update (0 copies the weights)."""
         self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / self.ramp))
+        d = self.decay * (1 - math.exp(-self.updates / self.ramp)) if decay is None else float(decay)
         ema_f, model_f, ema_o, model_o = self._tensor_lists(model)
         torch._foreach_lerp_(ema_f, model_f, 1.0 - d)  # ema + (1 - d) * (w - ema) = d * ema + (1 - d) * w
         if ema_o:

@@ -42,6 +42,8 @@ def total_training_steps(trainer, datamodule=None) -> int:
         return max_steps
     datamodule = datamodule if datamodule is not None else trainer.datamodule
     loader = datamodule.train_dataloader()
+    if isinstance(loader, dict):  # self-training: the unlabeled loader follows the labeled one's length
+        loader = loader["labeled"]
     world = max(1, trainer.world_size)
     if loader.batch_size is not None and world > 1:
         per_rank = math.ceil(len(loader.sampler) / world)

@@ -1,0 +1,318 @@
+"""Teacher-student self-training on unlabeled images (Unbiased Teacher, Liu et al. 2021), for both detectors.
+
+``detkit-train semi=teacher semi.unlabeled_images=DIR`` trains :class:`SelfTrainingModule`. Every training step
+takes a labeled batch and an unlabeled one (:class:`detkit.data.weak_strong.UnlabeledBatch`: a weak and a strong
+view of each image, same geometry). For the first ``burn_in`` optimiser steps only the supervised loss is
+minimised. After that:
+
+1. the **teacher** (the exponential moving average of the student, :class:`detkit.lit.ema.ModelEMA`; the module's
+   EMA, so evaluation, prediction and export use it, as Unbiased Teacher reports its teacher) predicts on the
+   weak views, in eval mode and without gradients;
+2. its detections scoring above ``score_threshold`` (0.7, Unbiased Teacher's) become **pseudo-labels**: the
+   ``max_pseudo_labels`` best per image, padded into :class:`~detkit.structures.Targets` with a valid mask
+   (:mod:`detkit.models.detection.pseudo_labels`);
+3. the student's own ``loss`` on the strong views against those targets gives the **unsupervised terms**, and the
+   step minimises ``supervised + unsup_weight * unsupervised``.
+
+**Which unsupervised terms.** Faster R-CNN: RPN objectness and RoI classification, not box regression (as Unbiased
+Teacher). A detection's score says how sure the teacher is of the *class*, not how well the box is placed: a
+0.9-scoring box can be off by a third of its size, and regressing to it teaches the student the teacher's
+localisation errors, while the classification terms only need the box to overlap the object (an RoI is positive
+from IoU 0.5). ``semi.unsup_losses`` adds ``loss_rpn_box_reg``/``loss_box_reg`` for those who want them. YOLO: the
+dense head's classification and box terms (``loss_cls``, ``loss_box``), which are computed only at the cells
+assigned to a pseudo-box. Its objectness term (``loss_obj``) is left out by default: it is a dense
+foreground/background target over *every* cell normalised by the number of positive cells, so on an unlabeled
+image each object the teacher missed (scored below the threshold) becomes a negative at all its cells, and a batch
+with few pseudo-boxes would weigh those negatives by up to a thousand times; ``semi.unsup_losses`` can add it.
+
+**Teacher updates.** During burn-in the teacher copies the student after every step, so at the end of burn-in it
+*is* the burned-in student (Unbiased Teacher initialises it so) and any evaluation during burn-in sees the student.
+Afterwards ``teacher = d * teacher + (1 - d) * student`` after every optimiser step with a fixed ``d =
+teacher_decay`` (no ramp). Unbiased Teacher uses 0.9996 over 180,000 steps; detkit's default 0.999 (a time
+constant of 1,000 steps) suits runs of a few thousand steps on small datasets. The update runs inside
+``optimizer_step``, i.e. before any callback sees the step, so a mid-epoch checkpoint holds the teacher of that
+step and a resumed run continues exactly (the module's EMA otherwise updates in ``on_train_batch_end``, which runs
+after the checkpoint callback's).
+
+**Fixed shapes, no host synchronisation.** The teacher's NMS runs a fixed number of Cluster-NMS iterations
+(``teacher_nms_iterations``, on the device path; the RPN does the same), pseudo-labels are a top-k with a mask,
+and the statistics (pseudo-labels used, and their precision and recall at IoU ``precision_iou`` against the
+unlabeled images' own labels when ``semi.unlabeled_ann`` gives them) accumulate on the device and are read once
+per epoch. The burn-in test is on the host's step counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.data.weak_strong import UnlabeledBatch
+from detkit.errors import UserError
+from detkit.lit.detection_module import CUDA_GRAPH_MODES, DetectionModule, plain_config
+from detkit.lit.optim import total_training_steps
+from detkit.models.detection.postprocess import PostProcess
+from detkit.models.detection.pseudo_labels import match_pseudo_labels, pseudo_label_targets, score_thresholds
+
+log = logging.getLogger(__name__)
+
+#: Every loss term each detector returns, and the default unsupervised ones (see the module docstring).
+LOSS_TERMS = {"FasterRCNN": ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"),
+              "YOLO": ("loss_box", "loss_obj", "loss_cls")}
+DEFAULT_UNSUP_LOSSES = {"FasterRCNN": ("loss_objectness", "loss_classifier"), "YOLO": ("loss_cls", "loss_box")}
+
+
+class SelfTrainingError(UserError, ValueError):
+    """A ``semi`` setting that cannot work (reported as one line by the entry points)."""
+
+
+@dataclass(frozen=True)
+class SelfTraining:
+    """The settings of ``semi=teacher`` (``conf/semi/teacher.yaml``; the config node's ``_target_``, so a
+    misspelled key is named).
+
+    Args:
+        unlabeled_images: folder of unlabeled images (checked before training; unreadable files skipped), or the
+            image root of ``unlabeled_ann``.
+        unlabeled_ann: optional COCO json of those images: its images are used, and their labels only measure the
+            pseudo-labels (precision and recall in ``metrics.json``), never train.
+        batch_size: unlabeled images per step (``null``: the labeled batch size).
+        burn_in: supervised-only optimiser steps before self-training starts: a count (>= 1) or a fraction of the
+            run (< 1), as the learning-rate warm-up.
+        score_threshold: a teacher detection above this becomes a pseudo-label: one value, or one per class.
+        max_pseudo_labels: pseudo-labels per image at most (the highest-scoring; the fixed padded size).
+        unsup_weight: weight of the unsupervised terms (Unbiased Teacher: 4).
+        unsup_losses: the detector's loss terms trained on pseudo-labels (``null``: Faster R-CNN
+            ``[loss_objectness, loss_classifier]``, YOLO ``[loss_cls, loss_box]``).
+        teacher_decay: the teacher's EMA decay after burn-in.
+        teacher_nms_iterations: Cluster-NMS iterations of the teacher's post-processing (no host read-back).
+        precision_iou: IoU at which a pseudo-label counts as correct (class-aware, one-to-one).
+        skip_invalid: skip unreadable unlabeled images (named once) instead of refusing the folder.
+        views: the weak/strong views (:class:`detkit.data.weak_strong.WeakStrongViews`).
+    """
+
+    unlabeled_images: str
+    unlabeled_ann: str | None = None
+    batch_size: int | None = None
+    burn_in: float = 0.3
+    score_threshold: float | Sequence[float] = 0.7
+    max_pseudo_labels: int = 32
+    unsup_weight: float = 4.0
+    unsup_losses: Sequence[str] | None = None
+    teacher_decay: float = 0.999
+    teacher_nms_iterations: int = 4
+    precision_iou: float = 0.5
+    skip_invalid: bool = True
+    views: Any = None
+
+    def __post_init__(self) -> None:
+        if self.burn_in < 0:
+            raise SelfTrainingError(f"semi.burn_in must be >= 0 (steps, or a fraction of the run below 1), got "
+                                    f"{self.burn_in}")
+        if not 0.0 <= self.teacher_decay < 1.0:
+            raise SelfTrainingError(f"semi.teacher_decay must lie in [0, 1), got {self.teacher_decay}")
+        if self.max_pseudo_labels < 1:
+            raise SelfTrainingError(f"semi.max_pseudo_labels must be >= 1, got {self.max_pseudo_labels}")
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> "SelfTraining":
+        """From the ``semi`` config node (resolved; ``_target_`` and other ``_`` keys ignored)."""
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in plain if not k.startswith("_") and k not in names)
+        if unknown:
+            raise SelfTrainingError(f"unknown semi settings {unknown}; valid: {sorted(names)}")
+        return cls(**{k: v for k, v in plain.items() if k in names})
+
+
+@contextlib.contextmanager
+def fixed_nms_iterations(model: torch.nn.Module, iterations: int) -> Iterator[None]:
+    """Run every :class:`PostProcess` of ``model`` (its ``inference`` nodes) with ``iterations`` fixed Cluster-NMS
+    iterations (nothing read back to the host) while inside; restored after."""
+    posts = [m.inference for m in model.modules() if isinstance(getattr(m, "inference", None), PostProcess)]
+    before = [p.fixed_iterations for p in posts]
+    for p in posts:
+        p.fixed_iterations = iterations
+    try:
+        yield
+    finally:
+        for p, value in zip(posts, before):
+            p.fixed_iterations = value
+
+
+class SelfTrainingModule(DetectionModule):
+    """:class:`~detkit.lit.detection_module.DetectionModule` plus teacher-student self-training (see the module
+    docstring). Takes the module's arguments and ``semi`` (the ``semi`` config node as a dict); the teacher is the
+    module's EMA with ``ema_decay = semi.teacher_decay``, so its checkpoints load as plain detector checkpoints
+    (``DetectionModule.from_checkpoint`` evaluates, predicts and exports the teacher)."""
+
+    def __init__(self, *args: Any, semi: dict, **kwargs: Any) -> None:
+        semi = plain_config(semi)
+        self.settings = SelfTraining.from_config(semi)
+        if kwargs.get("ema_decay") not in (None, self.settings.teacher_decay):
+            log.info("semi=teacher: the EMA is the teacher; its decay is semi.teacher_decay=%g (model.ema_decay=%g "
+                     "is not used)", self.settings.teacher_decay, kwargs["ema_decay"])
+        kwargs["ema_decay"] = self.settings.teacher_decay
+        if kwargs.get("compile") in CUDA_GRAPH_MODES:
+            raise SelfTrainingError(f"semi=teacher runs the loss twice per step, which model.compile="
+                                    f"{kwargs['compile']} (CUDA graphs) does not support: use model.compile=true")
+        super().__init__(*args, **kwargs)
+        self.hparams["semi"] = semi
+        kind = type(self.detector).__name__
+        terms = self.settings.unsup_losses
+        self.unsup_losses = tuple(terms) if terms is not None else DEFAULT_UNSUP_LOSSES.get(kind, ())
+        known = LOSS_TERMS.get(kind)
+        if not self.unsup_losses or (known is not None and not set(self.unsup_losses) <= set(known)):
+            raise SelfTrainingError(f"semi.unsup_losses={list(self.unsup_losses)}: {kind}'s loss terms are "
+                                    f"{list(known or [])}; give a non-empty subset")
+        threshold = self.settings.score_threshold
+        self.thresholds = threshold if isinstance(threshold, (int, float)) else \
+            score_thresholds(threshold, len(self.categories))
+        self.measure = self.settings.unlabeled_ann is not None
+        self._burn_in: int | None = int(self.settings.burn_in) if self.settings.burn_in >= 1 or \
+            self.settings.burn_in == 0 else None
+        self._stats: torch.Tensor | None = None  # [pseudo-labels, true positives, ground-truth boxes], on device
+        self._stats_images = 0  # unlabeled images pseudo-labelled since the last record (host)
+        self._stats_epoch: int | None = None
+        self._pseudo_count: torch.Tensor | None = None  # this step's pseudo-labels (logged)
+        self.history: list[dict[str, Any]] = []  # one record per epoch (metrics.json "self_training")
+
+    # ---- schedule ---------------------------------------------------------------------------------------------
+    @property
+    def burn_in_steps(self) -> int:
+        """Supervised-only optimiser steps (a fraction of the run is resolved when fitting starts)."""
+        if self._burn_in is None:
+            if self._trainer is None:
+                raise RuntimeError("semi.burn_in as a fraction of the run needs the trainer (or give steps)")
+            self._burn_in = int(round(self.settings.burn_in * total_training_steps(self.trainer)))
+        return self._burn_in
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        log.info("self-training: %d supervised burn-in steps, then pseudo-labels above %s (at most %d per image) "
+                 "train %s with weight %g; teacher decay %g", self.burn_in_steps, self.settings.score_threshold,
+                 self.settings.max_pseudo_labels, list(self.unsup_losses), self.settings.unsup_weight,
+                 self.settings.teacher_decay)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def training_losses(self, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        if not isinstance(batch, dict) or set(batch) != {"labeled", "unlabeled"}:
+            raise TypeError("SelfTrainingModule trains on {'labeled': ..., 'unlabeled': ...} batches (the data "
+                            "module's loader after add_unlabeled)")
+        losses, bs = super().training_losses(batch["labeled"])
+        self._pseudo_count = None
+        if self.global_step >= self.burn_in_steps:
+            losses.update(self.unsupervised_losses(batch["unlabeled"]))
+        return losses, bs
+
+    def pseudo_labels(self, unlabeled: UnlabeledBatch):
+        """The teacher's pseudo-labels for the weak views (:class:`~detkit.structures.Targets`, fixed shape)."""
+        teacher = self.ema.module
+        if teacher.training:  # never trained; a LightningModule.train() call must not change how it predicts
+            teacher.eval()
+        with torch.no_grad(), fixed_nms_iterations(teacher, self.settings.teacher_nms_iterations):
+            dets = teacher.predict(self._images(unlabeled.weak))
+        return pseudo_label_targets(dets, self.thresholds, self.settings.max_pseudo_labels, like=unlabeled.targets)
+
+    def unsupervised_losses(self, unlabeled: UnlabeledBatch) -> dict[str, torch.Tensor]:
+        """``{"unsup_<term>": unsup_weight * term}`` for the student on the strong views against the teacher's
+        pseudo-labels from the weak views; records the pseudo-labels' statistics."""
+        pseudo = self.pseudo_labels(unlabeled)
+        generator = None if self.hparams.compile else self._generators.get(str(unlabeled.strong.device))
+        raw = self.loss_fn(self._images(unlabeled.strong), pseudo, generator=generator)
+        self._record(pseudo, unlabeled)
+        w = float(self.settings.unsup_weight)
+        return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
+
+    def _record(self, pseudo, unlabeled: UnlabeledBatch) -> None:
+        if self._stats_epoch is not None and self._stats_epoch != self.current_epoch:
+            self.flush_statistics()  # an epoch whose end was not seen by this process (resumed)
+        self._stats_epoch = self.current_epoch
+        count = pseudo.valid.sum()
+        truth = unlabeled.targets
+        if self.measure:
+            tp = match_pseudo_labels(pseudo, truth, self.settings.precision_iou).sum()
+        else:
+            tp = torch.zeros_like(count)
+        step = torch.stack([count, tp, truth.valid.sum()])
+        self._stats = step if self._stats is None else self._stats.to(step.device) + step
+        self._stats_images += int(unlabeled.weak.shape[0])
+        self._pseudo_count = count
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        total = super().training_step(batch, batch_idx)
+        if self._pseudo_count is not None:
+            b = batch["unlabeled"].weak.shape[0]
+            self.log("train/pseudo_labels_per_image", self._pseudo_count.float() / b, batch_size=b)
+        return total
+
+    # ---- the teacher ------------------------------------------------------------------------------------------
+    def update_teacher(self, step: int) -> None:
+        """After optimiser step ``step``: the teacher copies the student during burn-in (so it is the burned-in
+        student when self-training starts), then moves toward it with ``teacher_decay``."""
+        decay = 0.0 if step < self.burn_in_steps else self.settings.teacher_decay
+        self.ema.update(self.detector, decay=decay)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_teacher(self.global_step)  # the step just taken (the counter moves after this hook)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass  # the teacher (the EMA) is updated in optimizer_step
+
+    # ---- statistics -------------------------------------------------------------------------------------------
+    def flush_statistics(self, log_metrics: bool = False) -> None:
+        """Close the statistics of the epoch they were gathered in: one record in :attr:`history` (summed over
+        processes under DDP; one read-back per epoch)."""
+        epoch = self._stats_epoch if self._stats_epoch is not None else self.current_epoch
+        stats = self._stats if self._stats is not None else torch.zeros(3, dtype=torch.int64, device=self.device)
+        both = torch.cat([stats.to(self.device).double(),
+                          torch.tensor([float(self._stats_images)], dtype=torch.float64, device=self.device)])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            both = self.trainer.strategy.reduce(both, reduce_op="sum")
+        count, tp, truth, images = (int(v) for v in both.tolist())
+        record: dict[str, Any] = {"epoch": int(epoch), "unlabeled_images": images, "pseudo_labels": count,
+                                  "pseudo_labels_per_image": round(count / images, 4) if images else 0.0}
+        if self.measure:
+            record["precision"] = round(tp / count, 4) if count else None
+            record["recall"] = round(tp / truth, 4) if truth else None
+            record["ground_truth_boxes"] = truth
+        if images or not any(r["epoch"] == record["epoch"] for r in self.history):
+            self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
+        self._stats, self._stats_images, self._stats_epoch = None, 0, None
+        if log_metrics and self._trainer is not None:
+            metrics = {"semi/pseudo_labels_per_image": float(record["pseudo_labels_per_image"])}
+            if self.measure and count:
+                metrics["semi/precision"] = float(record["precision"])
+            self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
+
+    def on_train_epoch_end(self) -> None:
+        self.flush_statistics(log_metrics=True)
+
+    def summary(self) -> dict[str, Any]:
+        """``metrics.json``'s ``self_training``: the settings in short and one record per epoch (unlabeled images
+        pseudo-labelled, pseudo-labels used, and with ``unlabeled_ann`` their precision and recall)."""
+        s = self.settings
+        return {"burn_in_steps": self.burn_in_steps, "score_threshold": s.score_threshold,
+                "max_pseudo_labels": s.max_pseudo_labels, "unsup_weight": s.unsup_weight,
+                "unsup_losses": list(self.unsup_losses), "teacher_decay": s.teacher_decay,
+                "precision_iou": s.precision_iou if self.measure else None, "epochs": list(self.history)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["self_training"] = {
+            "history": list(self.history), "images": self._stats_images, "epoch": self._stats_epoch,
+            "stats": self._stats.detach().cpu() if self._stats is not None else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("self_training")
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"  # not the weights validate() loads
+        if state and fitting:
+            self.history = list(state["history"])
+            self._stats_images, self._stats_epoch, self._stats = state["images"], state["epoch"], state["stats"]

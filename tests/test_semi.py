@@ -1,0 +1,286 @@
+"""Teacher-student self-training (semi=teacher): pseudo-label filtering and matching by hand, weak/strong views
+with one geometry, the unlabeled stream, burn-in, the teacher as the student's EMA, short real runs of both
+detectors, and a resumed run equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from detkit.cli.train import train
+from detkit.data.coco import CategoryMap, CategoryMismatchError
+from detkit.data.shuffle import EpochStream
+from detkit.data.synthetic import make_synthetic_coco
+from detkit.data.weak_strong import UnlabeledBatch, UnlabeledPairs, WeakStrongViews, unlabeled_collate
+from detkit.lit.detection_module import DetectionModule
+from detkit.lit.semi import SelfTraining, SelfTrainingModule
+from detkit.models.detection.pseudo_labels import match_pseudo_labels, pseudo_label_targets, score_thresholds
+from detkit.paths import config_dir
+from detkit.structures import Detections, Targets
+from tests.test_cli import FAST, data_args
+
+CATEGORIES = [{"id": i, "name": f"class{i}"} for i in range(3)]
+
+
+def detections(scores, labels, boxes=None) -> Detections:
+    scores = torch.tensor(scores, dtype=torch.float32)
+    b, k = scores.shape
+    if boxes is None:
+        xy = torch.arange(b * k, dtype=torch.float32).view(b, k, 1) * 10
+        boxes = torch.cat([xy, xy, xy + 5, xy + 5], -1)
+    return Detections(torch.as_tensor(boxes, dtype=torch.float32), scores, torch.tensor(labels),
+                      scores > 0)  # score 0: a padding slot
+
+
+# ---- pseudo-labels -----------------------------------------------------------------------------------------------
+def test_pseudo_labels_keep_confident_detections_top_k_padded_with_their_class():
+    dets = detections([[0.95, 0.9, 0.8, 0.7, 0.3], [0.5, 0.0, 0.0, 0.0, 0.0]], [[2, 0, 1, 1, 0], [1, 0, 0, 0, 0]])
+    out = pseudo_label_targets(dets, 0.7, max_labels=2)
+    assert out.boxes.shape == (2, 2, 4) and out.labels.shape == out.valid.shape == (2, 2)
+    assert out.valid.tolist() == [[True, True], [False, False]]  # top-2 of image 0 (3 above 0.7); none in image 1
+    assert out.labels.tolist() == [[2, 0], [0, 0]]  # classes kept; padding rows are label 0 ...
+    assert torch.equal(out.boxes[0], dets.boxes[0, :2]) and not out.boxes[1].any()  # ... and zero boxes
+    wide = pseudo_label_targets(dets, 0.7, max_labels=8)  # more slots than detections: padded to the fixed size
+    assert wide.valid.shape == (2, 8) and wide.valid.sum() == 3  # 0.7 itself is not above the threshold
+    assert wide.labels[0, :3].tolist() == [2, 0, 1]
+    per_class = pseudo_label_targets(dets, score_thresholds([0.2, 0.99, 0.85], 3), max_labels=8)
+    assert per_class.valid.sum(1).tolist() == [3, 0]  # 0.95 (class 2 > 0.85), 0.9 and 0.3 (class 0 > 0.2);
+    assert per_class.labels[0, :3].tolist() == [2, 0, 0]  # class 1 needs 0.99
+    like = Targets.from_list([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 7, "scale": 0.5},
+                              {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 9}])
+    assert pseudo_label_targets(dets, 0.7, 2, like=like).image_ids.tolist() == [7, 9]
+    with pytest.raises(ValueError, match="one per class"):
+        score_thresholds([0.5, 0.5], 3)
+
+
+def test_pseudo_labels_are_matched_class_aware_one_to_one_at_iou_half():
+    box = [0.0, 0.0, 10.0, 10.0]
+    truth = Targets.from_list([{"boxes": torch.tensor([box, [20.0, 20, 30, 30]]), "labels": torch.tensor([0, 1])}])
+    pseudo = Targets.from_list([{"boxes": torch.tensor([box, [0.0, 0, 10, 9], [20.0, 20, 30, 30], [50.0, 50, 60, 60],
+                                                        [0.0, 0, 10, 4]]),
+                                 "labels": torch.tensor([0, 0, 0, 1, 0])}])
+    tp = match_pseudo_labels(pseudo, truth, 0.5)
+    # the first takes box 0; the second (IoU 0.9) finds it taken; the third has the wrong class; the fourth
+    # overlaps nothing; the fifth (IoU 0.4) is too loose; padding rows never count
+    assert tp[0].tolist() == [True, False, False, False, False, False, False, False]
+    assert tp.sum() / pseudo.valid.sum() == pytest.approx(0.2)
+
+
+# ---- the unlabeled views and their stream ------------------------------------------------------------------------
+def known_image() -> tuple[np.ndarray, np.ndarray]:
+    """A 100 x 200 dark image with one bright box at x 20-60, y 30-70."""
+    image = np.full((100, 200, 3), 20, np.uint8)
+    image[30:70, 20:60] = 230
+    return image, np.array([[20.0, 30, 60, 70]], np.float32)
+
+
+def test_weak_and_strong_views_share_their_geometry():
+    image, box = known_image()
+    views = WeakStrongViews(size=100, hflip=0.5, erasing=False, blur_p=0.0)
+    flipped = 0
+    for seed in range(16):
+        weak, strong, boxes, labels, scale = views(image, box, np.array([1]), seed=seed)
+        assert weak.shape == strong.shape == (3, 100, 100) and scale == 0.5 and labels.tolist() == [1]
+        x0, y0, x1, y1 = boxes[0].round().astype(int)
+        expect = [10, 15, 30, 35] if x0 == 10 else [70, 15, 90, 35]  # letterboxed, then flipped or not
+        assert [x0, y0, x1, y1] == expect
+        flipped += x0 == 70
+        outside = torch.ones(50, 100, dtype=torch.bool)  # the image part of the canvas, less the box
+        outside[y0:y1, x0:x1] = False
+        for view in (weak, strong):  # the box lies on the bright object in both views; outside it, the background
+            gray = view.float().mean(0)
+            assert gray[y0 + 2: y1 - 2, x0 + 2: x1 - 2].mean() > 2 * gray[:50][outside].mean()
+        assert (weak[:, 50:] == 114).all() and (strong[:, 50:] == 114).all()  # padding bottom, untouched
+    assert 3 <= flipped <= 13
+    assert not torch.equal(weak, strong)  # the strong view is photometrically changed
+
+
+def test_strong_views_erase_rectangles_only_inside_the_image():
+    image, box = known_image()
+    views = WeakStrongViews(size=100, jitter_p=0.0, gray_p=0.0, blur_p=0.0, hflip=0.0)
+    changed = 0
+    for seed in range(8):
+        weak, strong, *_ = views(image, box, np.array([0]), seed=seed)
+        changed += int((weak != strong).any())
+        assert torch.equal(weak[:, 50:], strong[:, 50:])  # erasing never moves or covers the padding
+    assert changed >= 4  # erasing with p 0.7, 0.5, 0.3: most images lose a rectangle
+
+
+def test_unlabeled_pairs_from_a_folder_and_from_labels(tmp_path):
+    ann, root = make_synthetic_coco(tmp_path / "u", num_images=4, seed=1)
+    (root / "notes.txt").write_text("not an image")
+    (root / "broken.png").write_bytes(b"\x89PNG broken")
+    views = WeakStrongViews(size=64)
+    folder = UnlabeledPairs(root, views)
+    assert len(folder) == 4 and folder.check.skipped  # the broken file is named and skipped
+    batch = unlabeled_collate([folder[i] for i in range(2)])
+    assert isinstance(batch, UnlabeledBatch) and batch.weak.shape == batch.strong.shape == (2, 3, 64, 64)
+    assert batch.weak.dtype == torch.uint8 and not batch.targets.valid.any()
+    labeled = UnlabeledPairs(root, views, ann_file=ann, categories=CategoryMap(CATEGORIES))
+    data = json.loads(Path(ann).read_text())
+    first = labeled[0][2]
+    assert len(first["boxes"]) == sum(a["image_id"] == data["images"][0]["id"] for a in data["annotations"])
+    with pytest.raises(CategoryMismatchError, match="differ"):
+        UnlabeledPairs(root, views, ann_file=ann, categories=CategoryMap(CATEGORIES[:2]))
+
+
+def test_the_unlabeled_stream_gives_a_fixed_count_per_epoch_and_visits_every_image():
+    g = torch.Generator()
+    stream = EpochStream(10, 4, seed=3, generator=g)
+    epochs = []
+    for epoch in range(5):
+        stream.set_epoch(epoch)
+        epochs.append(list(stream))
+    assert all(len(e) == 4 == len(stream) for e in epochs)
+    flat = sum(epochs, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # passes, no repeats
+    again = EpochStream(10, 4, seed=3, generator=torch.Generator(), epoch=3)  # a resumed run draws the same
+    assert list(again) == epochs[3]
+
+
+# ---- the module --------------------------------------------------------------------------------------------------
+def compose_semi(model: str, *overrides: str):
+    fast = FAST if model == "faster_rcnn" else [o for o in FAST if "model.detector" not in o]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=[f"model={model}", *fast, "semi=teacher", "semi.unlabeled_images=unused",
+                                           "model.detector.backbone.neck_channels=32", "data.image_size=64",
+                                           "paths.output_dir=/tmp/x", *overrides])
+
+
+def build(model: str, *overrides: str) -> SelfTrainingModule:
+    cfg = compose_semi(model, *overrides)
+    torch.manual_seed(0)
+    return instantiate(cfg.model, categories=CATEGORIES, _recursive_=False,
+                       _target_="detkit.lit.semi.SelfTrainingModule", semi=cfg.semi)
+
+
+def semi_batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
+    targets = Targets.from_list([{"boxes": torch.tensor([[5.0, 5, 30, 40]]), "labels": torch.tensor([1])},
+                                 {"boxes": torch.tensor([[20.0, 10, 60, 50]]), "labels": torch.tensor([2])}])
+    return {"labeled": (images, targets), "unlabeled": UnlabeledBatch(images.flip(-1), images.flip(-1), targets)}
+
+
+def test_burn_in_trains_on_labels_only_then_adds_the_unsupervised_terms():
+    before = build("faster_rcnn", "semi.burn_in=1")  # global step 0 < 1: burn-in
+    losses, _ = before.training_losses(semi_batch())
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    after = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0")
+    losses, _ = after.training_losses(semi_batch())
+    assert {k for k in losses if k.startswith("unsup_")} == {"unsup_loss_objectness", "unsup_loss_classifier"}
+    regress = build("faster_rcnn", "semi.burn_in=0", "semi.unsup_losses=[loss_objectness,loss_box_reg]")
+    assert "unsup_loss_box_reg" in regress.training_losses(semi_batch())[0]
+    yolo = build("yolo", "semi.burn_in=0")
+    assert {k for k in yolo.training_losses(semi_batch())[0] if k.startswith("unsup_")} == \
+        {"unsup_loss_cls", "unsup_loss_box"}
+    with pytest.raises(Exception, match="unsup_losses"):  # (wrapped by Hydra; detkit-train shows it alone)
+        build("yolo", "semi.unsup_losses=[loss_classifier]")
+
+
+def test_the_teacher_is_the_students_ema_and_receives_no_gradient():
+    module = build("faster_rcnn", "semi.burn_in=1", "semi.teacher_decay=0.9", "semi.score_threshold=0.0")
+    teacher, student = module.ema.module, module.detector
+    assert module.inference_model is teacher and module.hparams.ema_decay == 0.9
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+
+    def step(n: int) -> None:
+        module._burn_in = 0 if n else 1  # the second step is past burn-in
+        losses, _ = module.training_losses(semi_batch())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+        module._burn_in = 1
+        module.update_teacher(n)
+
+    step(0)  # burn-in: the teacher copies the student exactly
+    assert all(torch.equal(t, s) for t, s in zip(teacher.state_dict().values(), student.state_dict().values()))
+    old = {k: v.clone() for k, v in teacher.state_dict().items()}
+    step(1)  # after: teacher = 0.9 teacher + 0.1 student
+    name = "roi_heads.box_predictor.cls_score.weight"
+    expect = 0.9 * old[name] + 0.1 * student.state_dict()[name]
+    assert torch.allclose(teacher.state_dict()[name], expect, atol=1e-7)
+    assert not torch.equal(teacher.state_dict()[name], student.state_dict()[name])
+    assert not teacher.training
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown semi settings"):
+        SelfTraining.from_config({"unlabeled_images": "x", "burn_inn": 3})
+    with pytest.raises(ValueError, match="teacher_decay"):
+        SelfTraining(unlabeled_images="x", teacher_decay=1.0)
+
+
+# ---- real runs ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def semi_data(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("semi")
+    ann, root = make_synthetic_coco(tmp / "labeled", num_images=12, seed=3)
+    uann, uroot = make_synthetic_coco(tmp / "unlabeled", num_images=10, seed=4)
+    return {"ann": ann, "root": root, "uann": uann, "uroot": uroot}
+
+
+def run_semi(model: str, data: dict, out: Path, *overrides: str) -> dict:
+    cfg = compose_semi(model, *data_args(data["ann"], data["root"]), f"semi.unlabeled_images={data['uroot']}",
+                       f"semi.unlabeled_ann={data['uann']}", "data.batch_size=2", "trainer.max_epochs=2",
+                       "trainer.check_val_every_n_epoch=2", "trainer.log_every_n_steps=1", "report=false",
+                       f"paths.output_dir={out}", *overrides)
+    return train(cfg, out)
+
+
+def check_records(metrics: dict, out: Path, model: str, burn_in: int) -> None:
+    """Two epochs of 6 steps of 2 images: epoch 0 self-trains after burn-in, epoch 1 throughout; nothing
+    unsupervised is logged before burn-in ends, and the checkpoint loads as a plain detector's."""
+    st = metrics["self_training"]
+    assert st["burn_in_steps"] == burn_in and st["precision_iou"] == 0.5
+    assert [e["epoch"] for e in st["epochs"]] == [0, 1]
+    assert [e["unlabeled_images"] for e in st["epochs"]] == [2 * (6 - burn_in), 12]
+    assert st["epochs"][1]["pseudo_labels"] > 0
+    assert all(set(e) >= {"pseudo_labels", "pseudo_labels_per_image", "precision", "recall"} for e in st["epochs"])
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    unsup = "train/unsup_loss_classifier" if model == "faster_rcnn" else "train/unsup_loss_cls"
+    steps = {int(r["step"]) for r in rows if r.get(unsup)}
+    assert steps and min(steps) == burn_in  # nothing unsupervised during burn-in, present after
+    assert any(r.get("semi/pseudo_labels_per_image") for r in rows)
+    inference = DetectionModule.from_checkpoint(out / "checkpoints" / "last.ckpt")  # a plain checkpoint: the teacher
+    assert inference.ema is not None
+
+
+def test_a_short_yolo_self_training_run_records_its_pseudo_labels(semi_data, tmp_path):
+    # threshold 0: the barely trained teacher's detections are pseudo-labels (YOLO's scores start near 1e-4,
+    # sigmoid priors of 0.01 for objectness and class, below even its inference threshold)
+    metrics = run_semi("yolo", semi_data, tmp_path, "semi.burn_in=4", "semi.score_threshold=0.0",
+                       "model.detector.inference.score_thresh=0.0")
+    check_records(metrics, tmp_path, "yolo", 4)
+
+
+def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_path):
+    """Faster R-CNN, burn-in 3 steps, a checkpoint at step 4 (mid-epoch, teacher already moving by its EMA) resumed
+    in a new run: the same weights, teacher and pseudo-label records as the run that went on (both loaders'
+    positions and seeds restored; the teacher's update is in the checkpoint of its step)."""
+    every = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+             f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=4",
+             "+callbacks.steps.save_top_k=-1", "+callbacks.steps.filename='s{step}'", "data.num_workers=1",
+             "semi.burn_in=3", "semi.score_threshold=0.05"]  # 0.05: the barely trained teacher's detections count
+    full = run_semi("faster_rcnn", semi_data, tmp_path / "full", *every)
+    check_records(full, tmp_path / "full", "faster_rcnn", 3)
+    (saved,) = (tmp_path / "steps").glob("*step=4*.ckpt")
+    ckpt = tmp_path / "step4.ckpt"  # ('=' in a path does not parse as an override value)
+    ckpt.write_bytes(saved.read_bytes())
+    resumed = run_semi("faster_rcnn", semi_data, tmp_path / "resumed", *every, f"ckpt_path={ckpt}")
+    a = torch.load(tmp_path / "full/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("ema.module.") for k in a["state_dict"])  # the teacher is in the checkpoint
+    same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731 (EMA counter)
+    different = [k for k in a["state_dict"] if not same(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, different[:5]
+    assert full["self_training"] == resumed["self_training"]
+    assert full["AP"] == resumed["AP"]
