@@ -24,7 +24,7 @@ def build(model: str, *overrides: str, **kwargs):
         cfg = compose("train", overrides=[f"model={model}", *GPU_PATH[model],
                                           "model.detector.backbone.neck_channels=32", *overrides])
     torch.manual_seed(0)
-    if cfg.get("semi"):
+    if cfg.semi.enabled:
         kwargs.update(_target_="detkit.lit.semi.SelfTrainingModule", semi=cfg.semi)
     return instantiate(cfg.model, categories=[{"id": i, "name": str(i)} for i in range(3)], _recursive_=False,
                        **kwargs)

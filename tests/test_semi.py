@@ -223,7 +223,7 @@ def test_settings_are_checked():
 @pytest.fixture(scope="module")
 def semi_data(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("semi")
-    ann, root = make_synthetic_coco(tmp / "labeled", num_images=12, seed=3)
+    ann, root = make_synthetic_coco(tmp / "labeled", num_images=8, seed=3)
     uann, uroot = make_synthetic_coco(tmp / "unlabeled", num_images=10, seed=4)
     return {"ann": ann, "root": root, "uann": uann, "uroot": uroot}
 
@@ -232,17 +232,17 @@ def run_semi(model: str, data: dict, out: Path, *overrides: str) -> dict:
     cfg = compose_semi(model, *data_args(data["ann"], data["root"]), f"semi.unlabeled_images={data['uroot']}",
                        f"semi.unlabeled_ann={data['uann']}", "data.batch_size=2", "trainer.max_epochs=2",
                        "trainer.check_val_every_n_epoch=2", "trainer.log_every_n_steps=1", "report=false",
-                       f"paths.output_dir={out}", *overrides)
+                       f"paths.output_dir={out}", *overrides)  # (a later report=true wins)
     return train(cfg, out)
 
 
 def check_records(metrics: dict, out: Path, model: str, burn_in: int) -> None:
-    """Two epochs of 6 steps of 2 images: epoch 0 self-trains after burn-in, epoch 1 throughout; nothing
+    """Two epochs of 4 steps of 2 images: epoch 0 self-trains after burn-in, epoch 1 throughout; nothing
     unsupervised is logged before burn-in ends, and the checkpoint loads as a plain detector's."""
     st = metrics["self_training"]
     assert st["burn_in_steps"] == burn_in and st["precision_iou"] == 0.5
     assert [e["epoch"] for e in st["epochs"]] == [0, 1]
-    assert [e["unlabeled_images"] for e in st["epochs"]] == [2 * (6 - burn_in), 12]
+    assert [e["unlabeled_images"] for e in st["epochs"]] == [2 * (4 - burn_in), 8]
     assert st["epochs"][1]["pseudo_labels"] > 0
     assert all(set(e) >= {"pseudo_labels", "pseudo_labels_per_image", "precision", "recall"} for e in st["epochs"])
     rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
@@ -257,23 +257,25 @@ def check_records(metrics: dict, out: Path, model: str, burn_in: int) -> None:
 def test_a_short_yolo_self_training_run_records_its_pseudo_labels(semi_data, tmp_path):
     # threshold 0: the barely trained teacher's detections are pseudo-labels (YOLO's scores start near 1e-4,
     # sigmoid priors of 0.01 for objectness and class, below even its inference threshold)
-    metrics = run_semi("yolo", semi_data, tmp_path, "semi.burn_in=4", "semi.score_threshold=0.0",
-                       "model.detector.inference.score_thresh=0.0")
-    check_records(metrics, tmp_path, "yolo", 4)
+    metrics = run_semi("yolo", semi_data, tmp_path, "semi.burn_in=2", "semi.score_threshold=0.0",
+                       "model.detector.inference.score_thresh=0.0", "report=true")
+    check_records(metrics, tmp_path, "yolo", 2)
+    page = (tmp_path / "report.html").read_text()  # the results browser shows the same records
+    assert "Self-training: pseudo-labels per epoch" in page and "burn-in 2 steps" in page
 
 
 def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_path):
-    """Faster R-CNN, burn-in 3 steps, a checkpoint at step 4 (mid-epoch, teacher already moving by its EMA) resumed
+    """Faster R-CNN, burn-in 1 step, a checkpoint at step 2 (mid-epoch, teacher already moving by its EMA) resumed
     in a new run: the same weights, teacher and pseudo-label records as the run that went on (both loaders'
     positions and seeds restored; the teacher's update is in the checkpoint of its step)."""
     every = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-             f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=4",
+             f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=2",
              "+callbacks.steps.save_top_k=-1", "+callbacks.steps.filename='s{step}'", "data.num_workers=1",
-             "semi.burn_in=3", "semi.score_threshold=0.05"]  # 0.05: the barely trained teacher's detections count
+             "semi.burn_in=1", "semi.score_threshold=0.05"]  # 0.05: the barely trained teacher's detections count
     full = run_semi("faster_rcnn", semi_data, tmp_path / "full", *every)
-    check_records(full, tmp_path / "full", "faster_rcnn", 3)
-    (saved,) = (tmp_path / "steps").glob("*step=4*.ckpt")
-    ckpt = tmp_path / "step4.ckpt"  # ('=' in a path does not parse as an override value)
+    check_records(full, tmp_path / "full", "faster_rcnn", 1)
+    (saved,) = (tmp_path / "steps").glob("*step=2.ckpt")
+    ckpt = tmp_path / "step2.ckpt"  # ('=' in a path does not parse as an override value)
     ckpt.write_bytes(saved.read_bytes())
     resumed = run_semi("faster_rcnn", semi_data, tmp_path / "resumed", *every, f"ckpt_path={ckpt}")
     a = torch.load(tmp_path / "full/checkpoints/last.ckpt", map_location="cpu", weights_only=True)

@@ -116,7 +116,7 @@ def stop_reason(trainer) -> dict:
 def add_unlabeled_images(cfg: DictConfig, datamodule) -> dict:
     """``semi=teacher``: check the unlabeled images and add them to the training loader; returns what the model's
     instantiation needs (its self-training class and settings; nothing without ``semi``)."""
-    if not cfg.get("semi"):
+    if not cfg.get("semi") or not cfg.semi.get("enabled", True):
         return {}
     from detkit.data.weak_strong import UnlabeledPairs, unlabeled_collate
     from detkit.lit.semi import SelfTraining

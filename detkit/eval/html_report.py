@@ -93,6 +93,7 @@ def build_report(out_dir: Path, gt: dict, results: Sequence[dict], image_root: P
     plots = [p for p in ("pr_curves.png", "f1_curves.png", "confusion_matrix.png") if (out_dir / p).is_file()]
     page = _page({"CSP": CSP, "TITLE": html.escape(title), "STYLE": _STYLE, "SCRIPT": _SCRIPT,
                   "STATS": _stats_table(stats), "PER_CLASS": _per_class_table(metrics.get("per_class", [])),
+                  "SELF_TRAINING": _self_training_table(metrics.get("self_training")),
                   "PLOTS": "".join(f'<a href="{p}"><img class="plot" src="{p}" alt="{p}"></a>' for p in plots),
                   "DATA": _json_for_html(data)})
     path = out_dir / "report.html"
@@ -117,6 +118,21 @@ def _per_class_table(rows: list[dict]) -> str:
     body = "".join("<tr><td>" + html.escape(str(r.get("name", r.get("id")))) + "</td>"
                    + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
     return "<table><tr><th>class</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + body + "</table>"
+
+
+def _self_training_table(info: dict | None) -> str:
+    """Self-training's record per epoch (``metrics.json`` ``self_training``): pseudo-labels used, and their
+    precision and recall when the unlabeled images had labels; nothing for a run without self-training."""
+    if not info:
+        return ""
+    cols = ["unlabeled_images", "pseudo_labels", "pseudo_labels_per_image", "precision", "recall"]
+    body = "".join("<tr><td>" + html.escape(str(e.get("epoch"))) + "</td>"
+                   + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in cols) + "</tr>" for e in info.get("epochs", []))
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {info.get('score_threshold')}, "
+            f"precision at IoU {info.get('precision_iou')}")
+    return (f"<h2>Self-training: pseudo-labels per epoch</h2><p>{html.escape(note)}</p>"
+            f"<table><tr><th>epoch</th>{head}</tr>{body}</table>")
 
 
 def _json_for_html(value: object) -> str:
@@ -258,6 +274,7 @@ _PAGE = r"""<!DOCTYPE html>
 <h1>__TITLE__</h1>
 <h2>COCO metrics</h2>__STATS__
 <h2>Per class (precision, recall, F1 at the best-F1 confidence)</h2>__PER_CLASS__
+__SELF_TRAINING__
 <h2>Curves</h2><div>__PLOTS__</div>
 <h2>Images</h2>
 <div id="controls">

@@ -94,9 +94,10 @@ class SelfTraining:
         precision_iou: IoU at which a pseudo-label counts as correct (class-aware, one-to-one).
         skip_invalid: skip unreadable unlabeled images (named once) instead of refusing the folder.
         views: the weak/strong views (:class:`detkit.data.weak_strong.WeakStrongViews`).
+        enabled: ``semi=teacher`` sets it; ``semi=none`` (the default) holds the same settings switched off.
     """
 
-    unlabeled_images: str
+    unlabeled_images: str | None
     unlabeled_ann: str | None = None
     batch_size: int | None = None
     burn_in: float = 0.3
@@ -109,8 +110,11 @@ class SelfTraining:
     precision_iou: float = 0.5
     skip_invalid: bool = True
     views: Any = None
+    enabled: bool = True
 
     def __post_init__(self) -> None:
+        if self.enabled and not self.unlabeled_images:
+            raise SelfTrainingError("semi=teacher needs the unlabeled images: semi.unlabeled_images=DIR")
         if self.burn_in < 0:
             raise SelfTrainingError(f"semi.burn_in must be >= 0 (steps, or a fraction of the run below 1), got "
                                     f"{self.burn_in}")
