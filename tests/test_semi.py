@@ -286,3 +286,21 @@ def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_
     assert not different, different[:5]
     assert full["self_training"] == resumed["self_training"]
     assert full["AP"] == resumed["AP"]
+
+
+@pytest.mark.slow
+def test_self_training_under_two_process_ddp_sums_its_records_over_processes(semi_data, tmp_path):
+    """``trainer=ddp`` on 2 CPU processes (gloo; Lightning's launcher re-runs the command per rank): each process
+    gets half the labeled batches and as many unlabeled ones, and the per-epoch records are summed over both.
+    8 labeled images, batch 2: 2 steps per process and epoch; burn-in 1 step."""
+    from tests.test_cli import run
+
+    r = run(["detkit-train", *data_args(semi_data["ann"], semi_data["root"]), *FAST, "data.image_size=64",
+             "data.batch_size=2", "trainer.max_epochs=2", "trainer=ddp_cpu", "trainer.strategy=ddp", "semi=teacher",
+             f"semi.unlabeled_images={semi_data['uroot']}", f"semi.unlabeled_ann={semi_data['uann']}",
+             "semi.burn_in=1", "semi.score_threshold=0.05", "report=false", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["global_step"] == 4
+    # epoch 0: step 1 self-trains on 2 processes x 2 images; epoch 1: 2 steps x 2 processes x 2 images
+    assert [e["unlabeled_images"] for e in metrics["self_training"]["epochs"]] == [4, 8]
