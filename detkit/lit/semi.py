@@ -94,7 +94,8 @@ class SelfTraining:
         precision_iou: IoU at which a pseudo-label counts as correct (class-aware, one-to-one).
         skip_invalid: skip unreadable unlabeled images (named once) instead of refusing the folder.
         views: the weak/strong views (:class:`detkit.data.weak_strong.WeakStrongViews`).
-        enabled: ``semi=teacher`` sets it; ``semi=none`` (the default) holds the same settings switched off.
+        enabled: ``semi=teacher`` sets it; ``semi=none`` (the default) holds the same settings switched off. (The
+            module trains with these settings whatever this says: the switch is read by ``detkit-train``.)
     """
 
     unlabeled_images: str | None
@@ -110,7 +111,7 @@ class SelfTraining:
     precision_iou: float = 0.5
     skip_invalid: bool = True
     views: Any = None
-    enabled: bool = True
+    enabled: bool = False
 
     def __post_init__(self) -> None:
         if self.enabled and not self.unlabeled_images:
