@@ -1,27 +1,15 @@
-"""Shared fixtures: synthetic COCO data, the embedded BCCD split, the developer's ../shared datasets."""
+"""Shared fixtures: synthetic COCO data, the image-check cache, and one trained run for the whole session (helpers
+that are not fixtures are in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from detkit.data.synthetic import make_synthetic_coco
-
-ROOT = Path(__file__).resolve().parents[1]
-BCCD = ROOT / "data" / "bccd"
-SHARED = ROOT.parent / "shared" / "datasets"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/datasets (developer checkouts and CI)")
-
-
-def env_with_path(*paths: str | Path, base: dict | None = None) -> dict:
-    """The environment for a subprocess with ``paths`` put in front of ``PYTHONPATH`` (the caller's entries are kept:
-    where detkit's dependencies are installed on ``PYTHONPATH``, a subprocess must still find them)."""
-    env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
+from tests.helpers import BCCD, ROOT, SHARED, TINY_FRCNN, cli, data_args, dump, env_with_path, load, needs_shared  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -37,10 +25,20 @@ def synthetic(tmp_path: Path) -> tuple[Path, Path]:
     return make_synthetic_coco(tmp_path / "syn", num_images=8, first_id=0, empty_every=4)
 
 
-def load(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory) -> tuple[Path, Path]:
+    """The same 8 synthetic images, made once for the session (read-only: copy before changing them)."""
+    return make_synthetic_coco(tmp_path_factory.mktemp("syn"), num_images=8, first_id=0, empty_every=4)
 
 
-def dump(data: dict, path: Path) -> Path:
-    path.write_text(json.dumps(data))
-    return path
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic_set) -> Path:
+    """One ``detkit-train`` run (Faster R-CNN, debug=tiny_frcnn, 2 epochs) on :func:`synthetic_set`, run in-process
+    once per session and shared by the CLI, report and export tests: its directory holds what a user's run holds
+    (``.hydra/config.yaml``, ``checkpoints/{best,last}.ckpt``, ``metrics.json``, ``run.json``, ``report.html``,
+    ``predictions.json``, curves). Tests that change files in it work on a copy (:func:`copy_run`)."""
+    ann, root = synthetic_set
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "trainer.max_epochs=2", f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.output[-3000:]
+    return out

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.paths import config_dir
-from tests.test_cli import data_args, run
+from tests.helpers import data_args, run
 
 
 def composed(*overrides: str):

@@ -20,8 +20,8 @@ from torchvision.ops import roi_align
 from detkit.host_sync import HostSyncCounter
 from detkit.models.detection.postprocess import batched_multiclass_nms
 from detkit.models.detection.roi_align import roi_align_gather
-from tests.test_cli import FAST_DATA, run
-from tests.test_detection_parts import _nms_case, _random_rois, _reference_loop
+from tests.helpers import TINY, run
+from tests.models.detection.test_parts import _nms_case, _random_rois, _reference_loop
 from tests.test_host_sync import batch, build
 
 DEVICE = torch.device(os.environ.get("DETKIT_TEST_DEVICE", "cuda"))
@@ -106,7 +106,7 @@ def test_a_cuda_graph_compiled_training_run_trains_and_evaluates(tmp_path):
     """``model.compile=reduce-overhead`` through Lightning: the step is captured as CUDA graphs, replayed each
     step with new batches (varying box counts), logged, checkpointed and evaluated."""
     trainer = ["trainer=gpu"] if DEVICE.type == "cuda" else ["trainer=cpu"]
-    r = run(["detkit-train", "data=bccd", "model=yolo", "model.compile=reduce-overhead", *trainer, *FAST_DATA,
+    r = run(["detkit-train", "data=bccd", "model=yolo", "model.compile=reduce-overhead", *trainer, *TINY,
              "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())

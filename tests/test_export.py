@@ -15,9 +15,9 @@ pytest.importorskip("onnxscript", reason="the export extra is not installed: pip
 
 from detkit.data.coco import read_rgb  # noqa: E402
 from detkit.data.transforms import LetterboxImage  # noqa: E402
-from tests.conftest import BCCD  # noqa: E402
-from tests.test_cli import FAST, FAST_DATA, run  # noqa: E402
-from tests.test_recipes import compose_train, fit_steps  # noqa: E402
+from tests.helpers import BCCD  # noqa: E402
+from tests.helpers import TINY as TINY_RUN, TINY_FRCNN, run  # noqa: E402
+from tests.helpers import compose_train, fit_steps  # noqa: E402
 
 SIZE = 160
 
@@ -49,7 +49,7 @@ def assert_same_detections(ours, theirs) -> int:
 def test_onnxruntime_matches_predict_on_real_images(synthetic, tmp_path, model):
     cfg = compose_train(synthetic, f"model={model}", f"data.image_size={SIZE}",
                         *([] if model == "faster_rcnn" else ["model.ema_decay=null", "model.optimizer.lr=0.002"]),
-                        fast=FAST if model == "faster_rcnn" else FAST_DATA)
+                        fast=TINY_FRCNN if model == "faster_rcnn" else TINY_RUN)
     module, trainer = fit_steps(cfg, steps=4)  # a few steps: scores spread out from their initial values
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -9,7 +9,7 @@ import tomllib
 import pytest
 
 from detkit.paths import config_dir
-from tests.conftest import ROOT, env_with_path
+from tests.helpers import ROOT, env_with_path
 
 
 def test_every_detkit_package_is_listed_in_pyproject():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +12,7 @@ from omegaconf import OmegaConf
 
 from detkit.eval.coco_eval import STAT_KEYS
 from detkit.paths import config_dir
-from tests.conftest import dump, load
-
-BIN = Path(sys.executable).parent
-FAST_DATA = ["data.image_size=128", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1"]
-FAST = [*FAST_DATA, "model.detector.rpn.pre_nms_top_n={train:200,test:200}", "model.detector.rpn.post_nms_top_n={train:100,test:100}",
-        "model.detector.roi_heads.box_head.hidden=64", "model.detector.roi_heads.sampler.batch_size_per_image=64"]
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=600, **kw)
-
-
-def data_args(ann: Path, root: Path) -> list[str]:
-    return [f"data.train_ann={ann}", f"data.train_images={root}", f"data.val_ann={ann}", f"data.val_images={root}",
-            "data.test_ann=null"]
-
+from tests.helpers import TINY_FRCNN, data_args, dump, load, run
 
 @pytest.mark.parametrize("overrides", [
     [], ["model=faster_rcnn", "backbone@model.detector.backbone=resnet18_c4",
@@ -81,7 +64,7 @@ def test_scale_up_trainer_configs_compose(name):
 def test_train_writes_config_checkpoints_and_metrics(synthetic, tmp_path):
     ann, root = synthetic
     out = tmp_path / "run"
-    r = run(["detkit-train", *data_args(ann, root), *FAST, f"hydra.run.dir={out}"])
+    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stdout + r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(isinstance(metrics[k], float) for k in STAT_KEYS)
@@ -151,7 +134,7 @@ def test_train_refuses_a_broken_dataset_before_training(synthetic, tmp_path):
     data = load(ann)
     data["annotations"][3]["bbox"] = [1, 1, 0, 5]
     broken = dump(data, tmp_path / "broken.json")
-    r = run(["detkit-train", *data_args(broken, root), *FAST, f"hydra.run.dir={tmp_path / 'run'}"])
+    r = run(["detkit-train", *data_args(broken, root), *TINY_FRCNN, f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 1
     text = r.stdout + r.stderr
     assert f"annotation id {data['annotations'][3]['id']}" in text and "bbox_nonpositive" in text
@@ -165,7 +148,7 @@ def test_pretrain_writes_an_encoder_the_detector_loads(synthetic, tmp_path):
              "data.num_workers=0", "trainer.max_epochs=1", f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stderr
     assert (out / "encoder.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
-    r = run(["detkit-train", *data_args(ann, root), *FAST, f"model.detector.backbone.init={out / 'encoder.pt'}",
+    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, f"model.detector.backbone.init={out / 'encoder.pt'}",
              f"hydra.run.dir={tmp_path / 'ft'}"])
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "ft" / "run.json")["encoder_init"] == str(out / "encoder.pt")

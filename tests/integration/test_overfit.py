@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from detkit.cli.train import train
 from detkit.paths import config_dir
-from tests.conftest import BCCD, load
+from tests.helpers import BCCD, RACCOON, load
 
 # Images from BCCD's train split with all three classes present.
 IMAGES = 4
@@ -56,7 +56,6 @@ def test_yolo_overfits_four_bccd_images(tmp_path):
     assert metrics["AP50"] >= 0.9, metrics
 
 
-RACCOON = Path(__file__).parent / "data" / "raccoon"
 #: torchvision's FasterRCNN (resnet_fpn_backbone resnet18 defaults) on the same 6 photos, 90 steps, batch 2:
 #: scripts/bench_convergence.py, BENCHMARKS.md "Convergence at the defaults" (detkit: 1.000 there).
 TORCHVISION_AP50_AT_90 = 0.546

@@ -11,7 +11,7 @@ import pytest
 from detkit.cli.data_check import main as data_check
 from detkit.data.coco import CocoDetection
 from detkit.data.validate import DatasetError, validate_coco
-from tests.conftest import dump, load
+from tests.helpers import dump, load
 
 
 def _broken(synthetic, tmp_path: Path, edit) -> tuple[Path, Path]:
@@ -124,7 +124,7 @@ def test_skip_invalid_drops_and_says_how_many(synthetic, tmp_path, caplog):
 
 
 def test_embedded_bccd_splits_are_clean():
-    from tests.conftest import BCCD
+    from tests.helpers import BCCD
 
     for split in ("train", "val", "test"):
         report = validate_coco(BCCD / "annotations" / f"{split}.json", BCCD / "images")

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from detkit.paths import config_dir
-from tests.test_cli import FAST, FAST_DATA, data_args, run
+from tests.helpers import TINY, TINY_FRCNN, data_args, run
 
 
 def read_summary(sweep_dir):
@@ -20,7 +20,7 @@ def read_summary(sweep_dir):
 def test_two_by_two_multirun_writes_one_table(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "sweep"
-    r = run(["detkit-train", "-m", *data_args(ann, root), *FAST_DATA, "model=faster_rcnn,yolo", "seed=0,1",
+    r = run(["detkit-train", "-m", *data_args(ann, root), *TINY, "model=faster_rcnn,yolo", "seed=0,1",
              f"hydra.sweep.dir={sweep}"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = read_summary(sweep)
@@ -35,7 +35,7 @@ def test_two_by_two_multirun_writes_one_table(synthetic, tmp_path):
 def test_a_failing_job_is_recorded_and_the_others_complete(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "sweep"
-    r = run(["detkit-train", "-m", *data_args(ann, root), *FAST, "data.train_fraction=1.0,7.0,0.5",
+    r = run(["detkit-train", "-m", *data_args(ann, root), *TINY_FRCNN, "data.train_fraction=1.0,7.0,0.5",
              f"hydra.sweep.dir={sweep}"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["overrides"]: row for row in read_summary(sweep)}
@@ -60,6 +60,6 @@ def test_optuna_sweep_runs_two_trials(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "optuna"
     r = run(["detkit-train", "-m", "hparams_search=optuna_lr_wd", "hydra.sweeper.n_trials=2", *data_args(ann, root),
-             *FAST, f"hydra.sweep.dir={sweep}"])
+             *TINY_FRCNN, f"hydra.sweep.dir={sweep}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_summary(sweep)) == 2 and (sweep / "optimization_results.yaml").is_file()

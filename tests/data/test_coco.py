@@ -17,7 +17,7 @@ from detkit.data.validate import validate_coco
 from detkit.eval.coco_eval import detections_to_results, evaluate_coco
 from detkit.lit.detection_module import to_original_pixels
 from detkit.structures import Detections
-from tests.conftest import BCCD, SHARED, dump, load, needs_shared
+from tests.helpers import BCCD, SHARED, dump, load, needs_shared
 
 
 def test_ids_from_zero_round_trip_through_loading_and_evaluation(synthetic):

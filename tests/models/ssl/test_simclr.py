@@ -185,7 +185,7 @@ def test_lars_scales_each_step_by_the_trust_ratio_and_skips_no_decay_groups():
 
 
 def test_pretraining_runs_with_lars_from_the_config(synthetic, tmp_path: Path):
-    from tests.test_cli import run
+    from tests.helpers import run
 
     ann, root = synthetic
     out = tmp_path / "pre"
@@ -202,8 +202,8 @@ def test_pretraining_killed_and_resumed_from_last_checkpoint_equals_an_uninterru
     weights of the uninterrupted run (same seed: same shuffles, views and learning-rate schedule)."""
     import signal
 
-    from tests.conftest import ROOT, env_with_path
-    from tests.test_cli import run
+    from tests.helpers import ROOT, env_with_path
+    from tests.helpers import run
 
     ann, root = synthetic  # 8 images, batch 4: 2 steps per epoch; views are reproducible per item in workers only
 

@@ -9,7 +9,7 @@ import pytest
 
 from detkit.cli.evaluate import main as eval_main  # noqa: F401  (import check of the entry point)
 from detkit.eval.coco_eval import STAT_KEYS, PredictionError, evaluate_coco
-from tests.conftest import SHARED, needs_shared
+from tests.helpers import SHARED, needs_shared
 
 OFFICIAL = SHARED / "cocoapi_val2014_100"
 

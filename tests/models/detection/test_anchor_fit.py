@@ -12,8 +12,9 @@ import torch
 from detkit.data.box_stats import box_sizes, choose_image_size, letterboxed_boxes
 from detkit.models.detection.anchor_fit import anchor_coverage, fit_anchors, grid_anchors, kmeans_iou
 from detkit.models.detection.anchors import AnchorGenerator
+from tests.helpers import RACCOON as RACCOON_DIR
 
-RACCOON = Path(__file__).parent / "data" / "raccoon" / "annotations.json"
+RACCOON = RACCOON_DIR / "annotations.json"
 
 
 def coco(boxes_per_image: list[list[list[float]]], size: tuple[int, int] = (320, 320)) -> dict:

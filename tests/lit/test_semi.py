@@ -24,7 +24,7 @@ from detkit.lit.semi import SelfTraining, SelfTrainingModule
 from detkit.models.detection.pseudo_labels import match_pseudo_labels, pseudo_label_targets, score_thresholds
 from detkit.paths import config_dir
 from detkit.structures import Detections, Targets
-from tests.test_cli import FAST, data_args
+from tests.helpers import TINY, TINY_FRCNN, data_args
 
 CATEGORIES = [{"id": i, "name": f"class{i}"} for i in range(3)]
 
@@ -147,7 +147,7 @@ def test_the_unlabeled_stream_gives_a_fixed_count_per_epoch_and_visits_every_ima
 
 # ---- the module --------------------------------------------------------------------------------------------------
 def compose_semi(model: str, *overrides: str):
-    fast = FAST if model == "faster_rcnn" else [o for o in FAST if "model.detector" not in o]
+    fast = TINY_FRCNN if model == "faster_rcnn" else TINY
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("train", overrides=[f"model={model}", *fast, "semi=teacher", "semi.unlabeled_images=unused",
                                            "model.detector.backbone.neck_channels=32", "data.image_size=64",
@@ -293,9 +293,9 @@ def test_self_training_under_two_process_ddp_sums_its_records_over_processes(sem
     """``trainer=ddp`` on 2 CPU processes (gloo; Lightning's launcher re-runs the command per rank): each process
     gets half the labeled batches and as many unlabeled ones, and the per-epoch records are summed over both.
     8 labeled images, batch 2: 2 steps per process and epoch; burn-in 1 step."""
-    from tests.test_cli import run
+    from tests.helpers import run
 
-    r = run(["detkit-train", *data_args(semi_data["ann"], semi_data["root"]), *FAST, "data.image_size=64",
+    r = run(["detkit-train", *data_args(semi_data["ann"], semi_data["root"]), *TINY_FRCNN, "data.image_size=64",
              "data.batch_size=2", "trainer.max_epochs=2", "trainer=ddp_cpu", "trainer.strategy=ddp", "semi=teacher",
              f"semi.unlabeled_images={semi_data['uroot']}", f"semi.unlabeled_ann={semi_data['uann']}",
              "semi.burn_in=1", "semi.score_threshold=0.05", "report=false", f"hydra.run.dir={tmp_path}"])

@@ -11,7 +11,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 STAGES = ["eager", "nms", "simclr", "tests", "compiled-8", "compiled-32"]
 
 

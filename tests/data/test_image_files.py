@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from detkit.data.image_files import ImageFolderError, check_image_folder, read_rgb
-from tests.conftest import load
+from tests.helpers import load
 
 SIZE = (60, 40)  # (width, height) of the generated photos
 
@@ -326,7 +326,7 @@ def test_pretraining_trains_on_the_readable_images_and_records_the_skipped_ones(
 
 
 def test_pretrain_on_a_folder_where_nothing_decodes_is_one_line_naming_it(tmp_path):
-    from tests.test_cli import run
+    from tests.helpers import run
 
     root = tmp_path / "scraped"
     root.mkdir()
@@ -381,7 +381,7 @@ def compose_predict(*overrides: str):
 
 def test_predict_writes_the_good_images_and_names_the_broken_ones(checkpoint, tmp_path):
     """The issue's scenario, as a user runs it (a loader worker, the console script)."""
-    from tests.test_cli import run
+    from tests.helpers import run
 
     root = messy_folder(tmp_path / "in", good=1)
     out = tmp_path / "pred"

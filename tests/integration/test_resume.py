@@ -9,11 +9,11 @@ import subprocess
 import torch
 
 from detkit.data.synthetic import make_synthetic_coco
-from tests.conftest import ROOT, env_with_path
-from tests.test_cli import BIN, FAST, data_args
+from tests.helpers import ROOT, env_with_path
+from tests.helpers import BIN, TINY_FRCNN, data_args
 
 # 12 images, batch 2: 6 steps per epoch; a checkpoint every 4 steps lands mid-epoch (steps 4 and 8).
-RUN = [*FAST, "data.batch_size=2", "data.num_workers=1", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
+RUN = [*TINY_FRCNN, "data.batch_size=2", "data.num_workers=1", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
        "callbacks.last_checkpoint.every_n_train_steps=4", "data.mosaic=0.5"]
 
 

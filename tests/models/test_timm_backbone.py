@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from detkit.models.backbones import IMAGENET_WEIGHTS, Backbone, EncoderLoadError, ResNetEncoder, save_encoder
 from detkit.paths import config_dir
-from tests.test_cli import data_args
+from tests.helpers import data_args
 
 
 def _torchvision_cache(tmp_path: Path, monkeypatch, depth: int = 18) -> tuple[Path, dict]:
@@ -120,7 +120,7 @@ def _compose(synthetic, model: str, name: str, *overrides: str):
 def test_a_timm_family_pretrains_hands_off_trains_both_detectors_predicts_and_exports(synthetic, tmp_path, name):
     pytest.importorskip("timm")
     from detkit.lit.pretrain_module import SimCLRModule
-    from tests.test_recipes import fit_steps
+    from tests.helpers import fit_steps
 
     # SimCLR: one optimiser step of the timm encoder + projector
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def test_timm_init_imagenet_offline_is_one_clear_error(monkeypatch):
 
 def test_the_study_and_sweep_accept_an_imagenet_arm(tmp_path):
     from detkit.cli.study import aggregate, finetune_command, table
-    from tests.test_study import _fake_sweep
+    from tests.cli.test_study import _fake_sweep
 
     cmd = finetune_command(tmp_path, tmp_path / "encoder.pt", 1, ["trainer=gpu"], imagenet=True)
     assert "init=scratch,simclr,imagenet" in cmd and "trainer=gpu" in cmd

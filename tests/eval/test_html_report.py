@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, load
-from tests.test_cli import FAST, FAST_DATA, data_args, run
+from tests.helpers import ROOT, load
+from tests.helpers import TINY, TINY_FRCNN, data_args, run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
@@ -32,7 +32,7 @@ def evaluated_run(tmp_path_factory) -> Path:
     from detkit.data.synthetic import make_synthetic_coco
     ann, root = make_synthetic_coco(tmp_path_factory.mktemp("syn"), num_images=8, first_id=0, empty_every=4)
     out = tmp_path_factory.mktemp("run")
-    r = run(["detkit-train", *data_args(ann, root), *FAST, "trainer.max_epochs=2", f"hydra.run.dir={out}"])
+    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, "trainer.max_epochs=2", f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -192,7 +192,7 @@ def default_run(tmp_path_factory) -> Path:
     """``detkit-train data=bccd`` with the defaults otherwise (the embedded BCCD data, whose paths the saved config
     holds as ``${detkit_data:}``), cut to a few batches."""
     out = tmp_path_factory.mktemp("default")
-    r = run(["detkit-train", "data=bccd", *FAST_DATA, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+    r = run(["detkit-train", "data=bccd", *TINY, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
              f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "${detkit_data:}" in (out / ".hydra" / "config.yaml").read_text()

@@ -16,31 +16,10 @@ from detkit.cli.train import stop_reason
 from detkit.lit.detection_module import DetectionModule, freeze_parameters
 from detkit.lit.optim import WarmupSchedule
 from detkit.paths import config_dir
-from tests.test_cli import FAST, data_args, run
+from tests.helpers import TINY_FRCNN, compose_train, data_args, fit_steps, run
 
 OPTIMIZERS = sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (config_dir() / "scheduler").glob("*.yaml"))
-
-
-def compose_train(synthetic, *overrides: str, fast: list[str] = FAST):
-    ann, root = synthetic
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=[*data_args(ann, root), *fast, "data.image_size=64", "data.batch_size=2",
-                                           "paths.output_dir=/tmp/x", *overrides])
-
-
-def fit_steps(cfg, steps: int = 3, callbacks=(), model: DetectionModule | None = None,
-              **trainer_kw) -> tuple[DetectionModule, L.Trainer]:
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    model = model or instantiate(cfg.model, categories=dm.categories.to_list(), image_size=cfg.data.image_size,
-                                 _recursive_=False)
-    kw = dict(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
-    kw.update(trainer_kw)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=list(callbacks), **kw)
-    trainer.fit(model, datamodule=dm)
-    return model, trainer
 
 
 def test_the_groups_hold_the_course_toolbox():
@@ -135,7 +114,7 @@ def test_early_stopping_stops_on_val_ap_and_says_why(synthetic):
 def test_plot_lr_writes_the_curve_and_trains_nothing(synthetic, tmp_path):
     ann, root = synthetic
     out = tmp_path / "lr"
-    r = run(["detkit-train", *data_args(ann, root), *FAST, "scheduler=one_cycle", "plot_lr=true",
+    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, "scheduler=one_cycle", "plot_lr=true",
              f"hydra.run.dir={out}"])
     assert r.returncode == 0, r.stdout + r.stderr
     rows = (out / "lr_schedule.csv").read_text().splitlines()

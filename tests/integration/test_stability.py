@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from detkit.cli.train import _choose_image_size
 from detkit.paths import config_dir
+from tests.helpers import RACCOON
 
-RACCOON = Path(__file__).parent / "data" / "raccoon"
 
 
 class LossRecorder(L.Callback):
