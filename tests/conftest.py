@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from detkit.data.synthetic import make_synthetic_coco
-from tests.helpers import BCCD, ROOT, SHARED, TINY_FRCNN, cli, data_args, dump, env_with_path, load, needs_shared  # noqa: F401
+from tests.helpers import TINY_FRCNN, cli, data_args
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -64,7 +64,8 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 @dataclass
 class Result:
     """What an in-process command left: its exit status (0, or ``SystemExit``'s code), its return value, and
-    everything it printed or logged (stdout, stderr and the ``detkit`` log records)."""
+    everything it printed or logged (stdout, stderr, and the log records of a command that does not set up
+    logging itself)."""
 
     returncode: int
     value: Any
@@ -104,7 +105,8 @@ def cli(command: str, *args: str) -> Result:
     out, err, collect = io.StringIO(), io.StringIO(), _Collect()
     argv = sys.argv
     sys.argv = [command, *args]
-    loggers = [logging.getLogger(), logging.getLogger("detkit")]
+    # Hydra commands configure logging to the console (this stdout) themselves; the others' records are collected
+    loggers = [] if command in HYDRA_COMMANDS else [logging.getLogger()]
     for lg in loggers:
         lg.addHandler(collect)
     try:

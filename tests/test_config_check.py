@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from detkit.config_check import ConfigKeyError, check_config_keys
 from detkit.paths import config_dir
-from tests.helpers import data_args, run
+from tests.helpers import cli, data_args
 
 
 def composed(*overrides: str):
@@ -35,8 +35,8 @@ def test_a_misspelled_key_names_itself_and_the_closest_valid_key(key, suggestion
 
 def test_the_command_line_stops_on_a_misspelled_key_before_training(synthetic, tmp_path):
     ann, root = synthetic
-    r = run(["detkit-train", *data_args(ann, root), "+model.backbone_lr_mul=0.1", f"hydra.run.dir={tmp_path / 'r'}"])
-    text = r.stdout + r.stderr
+    r = cli("detkit-train", *data_args(ann, root), "+model.backbone_lr_mul=0.1", f"hydra.run.dir={tmp_path / 'r'}")
+    text = r.output
     assert r.returncode == 1, text
     assert "model.backbone_lr_mul" in text and "did you mean model.backbone_lr_mult?" in text
     assert "Traceback" not in text and not (tmp_path / "r" / "checkpoints").exists()

@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript", reason="the export extra is not installed: pip
 from detkit.data.coco import read_rgb  # noqa: E402
 from detkit.data.transforms import LetterboxImage  # noqa: E402
 from tests.helpers import BCCD  # noqa: E402
-from tests.helpers import TINY as TINY_RUN, TINY_FRCNN, run  # noqa: E402
+from tests.helpers import TINY as TINY_RUN, TINY_FRCNN, cli, run  # noqa: E402
 from tests.helpers import compose_train, fit_steps  # noqa: E402
 
 SIZE = 160
@@ -71,8 +71,8 @@ def test_onnxruntime_matches_predict_on_real_images(synthetic, tmp_path, model):
 def test_a_file_that_is_not_a_detector_checkpoint_is_refused(tmp_path):
     bogus = tmp_path / "encoder.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, bogus)
-    r = run(["detkit-export", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'x'}"])
-    text = r.stdout + r.stderr
+    r = cli("detkit-export", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'x'}")
+    text = r.output
     assert r.returncode == 1 and "Traceback" not in text, text
     assert "is not a detkit detector checkpoint" in text
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from detkit.cli.study import aggregate, report, table
 from detkit.paths import config_dir
-from tests.helpers import TINY, TINY_FRCNN, data_args, run
+from tests.helpers import TINY, TINY_FRCNN, cli, data_args
 
 
 def compose_train(overrides: list[str]):
@@ -33,10 +33,10 @@ def test_study_experiment_sweeps_every_arm_on_one_schedule():
 
 def test_init_simclr_without_an_encoder_is_a_clear_error(synthetic, tmp_path):
     ann, root = synthetic
-    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, "init=simclr", f"hydra.run.dir={tmp_path / 'x'}"])
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "init=simclr", f"hydra.run.dir={tmp_path / 'x'}")
     assert r.returncode == 1
-    assert "init=simclr needs the encoder file: add encoder=PATH/encoder.pt" in r.stderr + r.stdout
-    assert "Traceback" not in r.stderr
+    assert "init=simclr needs the encoder file: add encoder=PATH/encoder.pt" in r.output
+    assert "Traceback" not in r.output
 
 
 def _fake_sweep(tmp_path, results: dict[tuple[str, str, str, int], float | None]):
@@ -93,11 +93,11 @@ def test_report_writes_table_json_and_plot(tmp_path):
 def test_detkit_study_runs_end_to_end_on_a_tiny_dataset(synthetic, tmp_path):
     ann, root = synthetic
     out = tmp_path / "study"
-    r = run(["detkit-study", "--out", str(out), "--pretrain-epochs", "1", "--pretrain-size", "32",
-             "--pretrain-batch", "4", "--pretrain-override", "data.num_workers=0",
-             "--arm", "tau05 model.temperature=0.5 data.crop_scale=[0.2,0.6]", "--",
-             *data_args(ann, root), *TINY, "study.steps=2", "model=yolo", "seed=0", "data.train_fraction=1.0"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = cli("detkit-study", "--out", str(out), "--pretrain-epochs", "1", "--pretrain-size", "32",
+            "--pretrain-batch", "4", "--pretrain-override", "data.num_workers=0",
+            "--arm", "tau05 model.temperature=0.5 data.crop_scale=[0.2,0.6]", "--",
+            *data_args(ann, root), *TINY, "study.steps=2", "model=yolo", "seed=0", "data.train_fraction=1.0")
+    assert r.returncode == 0, r.output[-3000:]
     arms = json.loads((out / "study.json").read_text())["arms"]
     assert [(a["model"], a["init"], a["n"]) for a in arms] == [("yolo", "scratch", 1), ("yolo", "simclr", 1),
                                                                 ("yolo", "simclr:tau05", 1)]

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from detkit.paths import config_dir
-from tests.helpers import TINY, TINY_FRCNN, data_args, run
+from tests.helpers import TINY, TINY_FRCNN, cli, data_args
 
 
 def read_summary(sweep_dir):
@@ -20,9 +20,9 @@ def read_summary(sweep_dir):
 def test_two_by_two_multirun_writes_one_table(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "sweep"
-    r = run(["detkit-train", "-m", *data_args(ann, root), *TINY, "model=faster_rcnn,yolo", "seed=0,1",
-             f"hydra.sweep.dir={sweep}"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = cli("detkit-train", "-m", *data_args(ann, root), *TINY, "model=faster_rcnn,yolo", "seed=0,1",
+            f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.output[-3000:]
     rows = read_summary(sweep)
     assert [row["overrides"] for row in rows] == ["model=faster_rcnn seed=0", "model=faster_rcnn seed=1",
                                                   "model=yolo seed=0", "model=yolo seed=1"]
@@ -35,9 +35,9 @@ def test_two_by_two_multirun_writes_one_table(synthetic, tmp_path):
 def test_a_failing_job_is_recorded_and_the_others_complete(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "sweep"
-    r = run(["detkit-train", "-m", *data_args(ann, root), *TINY_FRCNN, "data.train_fraction=1.0,7.0,0.5",
-             f"hydra.sweep.dir={sweep}"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("detkit-train", "-m", *data_args(ann, root), *TINY_FRCNN, "data.train_fraction=1.0,7.0,0.5",
+            f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.output[-3000:]
     rows = {row["overrides"]: row for row in read_summary(sweep)}
     assert rows["data.train_fraction=7.0"]["status"] == "failed"
     assert "subset_fraction must be in (0, 1]" in rows["data.train_fraction=7.0"]["error"]
@@ -59,7 +59,7 @@ def test_optuna_sweeper_and_slurm_launcher_configs_compose():
 def test_optuna_sweep_runs_two_trials(synthetic, tmp_path):
     ann, root = synthetic
     sweep = tmp_path / "optuna"
-    r = run(["detkit-train", "-m", "hparams_search=optuna_lr_wd", "hydra.sweeper.n_trials=2", *data_args(ann, root),
-             *TINY_FRCNN, f"hydra.sweep.dir={sweep}"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("detkit-train", "-m", "hparams_search=optuna_lr_wd", "hydra.sweeper.n_trials=2", *data_args(ann, root),
+            *TINY_FRCNN, f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.output[-3000:]
     assert len(read_summary(sweep)) == 2 and (sweep / "optimization_results.yaml").is_file()

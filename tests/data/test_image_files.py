@@ -326,14 +326,14 @@ def test_pretraining_trains_on_the_readable_images_and_records_the_skipped_ones(
 
 
 def test_pretrain_on_a_folder_where_nothing_decodes_is_one_line_naming_it(tmp_path):
-    from tests.helpers import run
+    from tests.helpers import cli
 
     root = tmp_path / "scraped"
     root.mkdir()
     (root / "a.jpg").write_bytes(b"not an image")
     truncated_jpeg(root / "b.jpg")
-    r = run(["detkit-pretrain", f"data.images={root}", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'out'}"])
-    text = r.stdout + r.stderr
+    r = cli("detkit-pretrain", f"data.images={root}", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'out'}")
+    text = r.output
     assert r.returncode == 1 and "Traceback" not in text, text
     errors = [line for line in text.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and str(root) in errors[0] and "none of the 2 image files" in errors[0], text
@@ -380,14 +380,14 @@ def compose_predict(*overrides: str):
 
 
 def test_predict_writes_the_good_images_and_names_the_broken_ones(checkpoint, tmp_path):
-    """The issue's scenario, as a user runs it (a loader worker, the console script)."""
-    from tests.helpers import run
+    """The issue's scenario, as a user runs it (a loader worker, the entry point on a command line)."""
+    from tests.helpers import cli
 
     root = messy_folder(tmp_path / "in", good=1)
     out = tmp_path / "pred"
-    r = run(["detkit-predict", f"checkpoint={checkpoint}", f"input={root}", "device=cpu", "num_workers=1",
-             "score_threshold=0.0", f"hydra.run.dir={out}"])
-    text = r.stdout + r.stderr
+    r = cli("detkit-predict", f"checkpoint={checkpoint}", f"input={root}", "device=cpu", "num_workers=1",
+            "score_threshold=0.0", f"hydra.run.dir={out}")
+    text = r.output
     assert r.returncode == 0 and "Traceback" not in text, text
     assert "'broken.jpg'" in text and "'truncated.jpg'" in text
     preds = load(out / "predictions.json")

@@ -4,8 +4,6 @@ Faster R-CNN once blew up at batch 2 where torchvision's did not)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from detkit.lit.divergence import DivergenceMonitor, TrainingDivergedError
-from tests.helpers import ROOT, env_with_path
-from tests.helpers import TINY_FRCNN, data_args, run
+from tests.helpers import TINY_FRCNN, cli, data_args
 
 
 def test_monitor_names_the_step_and_every_term():
@@ -33,10 +32,10 @@ def test_monitor_reads_every_nth_step_and_names_the_first_bad_one():
 def test_a_diverging_training_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(synthetic, tmp_path):
     ann, root = synthetic
     out = tmp_path / "run"
-    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, "data.batch_size=2", "trainer.max_epochs=3",
-             "callbacks.last_checkpoint.every_n_train_steps=1", "+callbacks.poison._target_=tests.helpers.PoisonAtStep",
-             "+callbacks.poison.step=3", f"hydra.run.dir={out}"], env=env_with_path(ROOT), cwd=ROOT)
-    text = r.stdout + r.stderr
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "data.batch_size=2", "trainer.max_epochs=3",
+            "callbacks.last_checkpoint.every_n_train_steps=1", "+callbacks.poison._target_=tests.helpers.PoisonAtStep",
+            "+callbacks.poison.step=3", f"hydra.run.dir={out}")
+    text = r.output
     assert r.returncode == 1, text[-3000:]
     assert "training diverged at step 3" in text and "loss_rpn_box_reg=" in text and "Traceback" not in text
     assert "model.optimizer.lr" in text and "trainer.gradient_clip_val" in text

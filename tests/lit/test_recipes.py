@@ -3,20 +3,17 @@ L1 penalty, freezing, early stopping and the learning-rate plot."""
 
 from __future__ import annotations
 
-import json
 import math
 
-import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from detkit.cli.train import stop_reason
-from detkit.lit.detection_module import DetectionModule, freeze_parameters
+from detkit.lit.detection_module import freeze_parameters
 from detkit.lit.optim import WarmupSchedule
 from detkit.paths import config_dir
-from tests.helpers import TINY_FRCNN, compose_train, data_args, fit_steps, run
+from tests.helpers import TINY_FRCNN, cli, compose_train, data_args, fit_steps
 
 OPTIMIZERS = sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (config_dir() / "scheduler").glob("*.yaml"))
@@ -114,9 +111,9 @@ def test_early_stopping_stops_on_val_ap_and_says_why(synthetic):
 def test_plot_lr_writes_the_curve_and_trains_nothing(synthetic, tmp_path):
     ann, root = synthetic
     out = tmp_path / "lr"
-    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, "scheduler=one_cycle", "plot_lr=true",
-             f"hydra.run.dir={out}"])
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "scheduler=one_cycle", "plot_lr=true",
+            f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.output
     rows = (out / "lr_schedule.csv").read_text().splitlines()
     assert rows[0] == "step,lr" and len(rows) == 1 + 2  # 8 images / batch 4 = 2 steps, 1 epoch
     assert (out / "lr_schedule.png").is_file() and not (out / "checkpoints").exists()

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 from tests.helpers import ROOT
 

@@ -185,14 +185,14 @@ def test_lars_scales_each_step_by_the_trust_ratio_and_skips_no_decay_groups():
 
 
 def test_pretraining_runs_with_lars_from_the_config(synthetic, tmp_path: Path):
-    from tests.helpers import run
+    from tests.helpers import cli
 
     ann, root = synthetic
     out = tmp_path / "pre"
-    r = run(["detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
-             "data.num_workers=0", "trainer.max_epochs=1", "model.optimizer._target_=detkit.lit.lars.LARS",
-             "+model.optimizer.trust_coefficient=0.001", f"hydra.run.dir={out}"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
+            "data.num_workers=0", "trainer.max_epochs=1", "model.optimizer._target_=detkit.lit.lars.LARS",
+            "+model.optimizer.trust_coefficient=0.001", f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.output[-3000:]
     loss = json.loads((out / "pretrain_metrics.json").read_text())["pretrain/loss"]
     assert math.isfinite(loss) and (out / "encoder.pt").is_file()
 
