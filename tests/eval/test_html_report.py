@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, load
-from tests.helpers import TINY, TINY_FRCNN, data_args, run
+from tests.helpers import ROOT, TINY, cli, load
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
@@ -26,39 +25,37 @@ def headless(url: str, *flags: str) -> str:
     return r.stdout
 
 
-@pytest.fixture(scope="module")
-def evaluated_run(tmp_path_factory) -> Path:
-    """A short real run on the synthetic set, evaluated, with report.html written by detkit-train."""
-    from detkit.data.synthetic import make_synthetic_coco
-    ann, root = make_synthetic_coco(tmp_path_factory.mktemp("syn"), num_images=8, first_id=0, empty_every=4)
-    out = tmp_path_factory.mktemp("run")
-    r = run(["detkit-train", *data_args(ann, root), *TINY_FRCNN, "trainer.max_epochs=2", f"hydra.run.dir={out}"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
+@pytest.fixture
+def evaluated_run(trained_run, tmp_path) -> Path:
+    """The session's short real run (conftest.trained_run: 2 epochs on the synthetic set, evaluated, report.html
+    written by detkit-train), copied without its checkpoints so a test may change it."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    return copy
 
 
-def test_train_writes_a_report_that_embeds_every_image(evaluated_run):
-    page = (evaluated_run / "report.html").read_text()
+def test_train_writes_a_report_that_embeds_every_image(trained_run):
+    page = (trained_run / "report.html").read_text()
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1))
-    assert len(data["images"]) == 8 and all((evaluated_run / im["thumb"]).is_file() for im in data["images"])
-    assert all((evaluated_run / im["full"]).resolve().is_file() for im in data["images"])  # referenced, not copied
+    assert len(data["images"]) == 8 and all((trained_run / im["thumb"]).is_file() for im in data["images"])
+    assert all((trained_run / im["full"]).resolve().is_file() for im in data["images"])  # referenced, not copied
     assert "http://" not in page and "https://" not in page  # nothing from the network
-    assert len(load(evaluated_run / "predictions.json")) >= sum(len(im["dt"]) for im in data["images"])
+    assert len(load(trained_run / "predictions.json")) >= sum(len(im["dt"]) for im in data["images"])
 
 
 def test_detkit_report_rewrites_it_from_the_run(evaluated_run):
     (evaluated_run / "report.html").unlink()
-    r = run(["detkit-report", str(evaluated_run)])
-    assert r.returncode == 0, r.stderr
+    r = cli("detkit-report", str(evaluated_run))
+    assert r.returncode == 0, r.output
     assert (evaluated_run / "report.html").is_file()
-    r = run(["detkit-report", str(evaluated_run / "nope")])
-    assert r.returncode == 1 and "is an evaluated detkit run" not in r.stdout and "does not exist" in r.stderr
+    r = cli("detkit-report", str(evaluated_run / "nope"))
+    assert r.returncode == 1 and "is an evaluated detkit run" not in r.output and "does not exist" in r.output
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium; "
                                              "`make browser` does it)")
-def test_the_gallery_renders_and_the_class_filter_narrows_it(evaluated_run):
-    url = (evaluated_run / "report.html").resolve().as_uri()
+def test_the_gallery_renders_and_the_class_filter_narrows_it(trained_run):
+    url = (trained_run / "report.html").resolve().as_uri()
     dom = headless(url, "--dump-dom")
     tiles = re.findall(r'class="tile" data-image-id="(\d+)"', dom)
     assert len(tiles) == 8, dom[-2000:]
@@ -192,30 +189,30 @@ def default_run(tmp_path_factory) -> Path:
     """``detkit-train data=bccd`` with the defaults otherwise (the embedded BCCD data, whose paths the saved config
     holds as ``${detkit_data:}``), cut to a few batches."""
     out = tmp_path_factory.mktemp("default")
-    r = run(["detkit-train", "data=bccd", *TINY, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
-             f"hydra.run.dir={out}"])
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("detkit-train", "data=bccd", *TINY, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+            f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.output[-3000:]
     assert "${detkit_data:}" in (out / ".hydra" / "config.yaml").read_text()
     return out
 
 
 def test_detkit_report_works_on_a_run_trained_with_the_defaults(default_run):
     (default_run / "report.html").unlink()
-    r = run(["detkit-report", str(default_run)])
-    assert r.returncode == 0, r.stderr
+    r = cli("detkit-report", str(default_run))
+    assert r.returncode == 0, r.output
     page = (default_run / "report.html").read_text()
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1))
     assert len(data["images"]) == len(load(ROOT / "data" / "bccd" / "annotations" / "val.json")["images"])
 
 
-@pytest.mark.parametrize("module", ["detkit.cli.report", "detkit.cli.evaluate", "detkit.cli.predict",
-                                    "detkit.cli.export", "detkit.cli.sweep", "detkit.cli.study"])
-def test_a_saved_run_config_loads_in_a_fresh_process_of_any_command(default_run, module):
-    """The loader registers detkit's resolvers itself: a process that imported only one command's module resolves
-    the whole saved config (``${detkit_data:}``, and ``${hydra:runtime.output_dir}`` as the run directory)."""
-    code = (f"import importlib, sys; importlib.import_module({module!r}); from omegaconf import OmegaConf; "
+def test_a_saved_run_config_loads_in_a_fresh_process_that_imported_no_command(default_run):
+    """The loader registers detkit's resolvers itself: a fresh process that imported no command module (nothing
+    that could register them as a side effect) resolves the whole saved config (``${detkit_data:}``, and
+    ``${hydra:runtime.output_dir}`` as the run directory)."""
+    code = ("import sys; from omegaconf import OmegaConf; "
             "from detkit.run_config import load_run_config; cfg = load_run_config(sys.argv[1]); "
             "plain = OmegaConf.to_container(cfg, resolve=True); "
+            "assert not [m for m in sys.modules if m.startswith('detkit.cli')], sorted(sys.modules); "
             "print(plain['data']['val_images']); print(plain['paths']['output_dir'])")
     r = subprocess.run([sys.executable, "-c", code, str(default_run)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

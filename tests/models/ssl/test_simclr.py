@@ -189,9 +189,9 @@ def test_pretraining_runs_with_lars_from_the_config(synthetic, tmp_path: Path):
 
     ann, root = synthetic
     out = tmp_path / "pre"
-    r = cli("detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
-            "data.num_workers=0", "trainer.max_epochs=1", "model.optimizer._target_=detkit.lit.lars.LARS",
-            "+model.optimizer.trust_coefficient=0.001", f"hydra.run.dir={out}")
+    r = cli("detkit-pretrain", f"data.images={root}", "debug=tiny_pretrain",
+            "model.optimizer._target_=detkit.lit.lars.LARS", "+model.optimizer.trust_coefficient=0.001",
+            f"hydra.run.dir={out}")
     assert r.returncode == 0, r.output[-3000:]
     loss = json.loads((out / "pretrain_metrics.json").read_text())["pretrain/loss"]
     assert math.isfinite(loss) and (out / "encoder.pt").is_file()
@@ -199,27 +199,26 @@ def test_pretraining_runs_with_lars_from_the_config(synthetic, tmp_path: Path):
 
 def test_pretraining_killed_and_resumed_from_last_checkpoint_equals_an_uninterrupted_run(synthetic, tmp_path: Path):
     """A run killed after its first epoch and restarted with ``+ckpt_path=OUT/checkpoints/last.ckpt`` ends with the
-    weights of the uninterrupted run (same seed: same shuffles, views and learning-rate schedule)."""
+    weights of the uninterrupted run (same seed: same shuffles, views and learning-rate schedule). The run that dies
+    by SIGKILL is a process of its own; the others run in-process."""
     import signal
+    import subprocess
 
-    from tests.helpers import ROOT, env_with_path
-    from tests.helpers import run
+    from tests.helpers import BIN, ROOT, cli, env_with_path
 
     ann, root = synthetic  # 8 images, batch 4: 2 steps per epoch; views are reproducible per item in workers only
+    args = [f"data.images={root}", "debug=tiny_pretrain", "data.num_workers=1", "trainer.max_epochs=2"]
 
-    def pretrain(out: Path, *extra: str, **kw):
-        return run(["detkit-pretrain", f"data.images={root}", "data.image_size=32", "data.batch_size=4",
-                    "data.num_workers=1", "trainer.max_epochs=2", f"hydra.run.dir={out}", *extra], **kw)
-
-    r = pretrain(tmp_path / "full")
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("detkit-pretrain", *args, f"hydra.run.dir={tmp_path / 'full'}")
+    assert r.returncode == 0, r.output[-3000:]
     cut = tmp_path / "cut"  # SIGKILL at the start of step 2 (epoch 1), after epoch 0's last.ckpt
-    r = pretrain(cut, "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=2",
-                 env=env_with_path(ROOT))
+    r = subprocess.run([str(BIN / "detkit-pretrain"), *args, f"hydra.run.dir={cut}",
+                        "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=2"],
+                       capture_output=True, text=True, env=env_with_path(ROOT), timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert not (cut / "encoder.pt").exists()
-    r = pretrain(cut, f"+ckpt_path={cut / 'checkpoints' / 'last.ckpt'}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("detkit-pretrain", *args, f"hydra.run.dir={cut}", f"+ckpt_path={cut / 'checkpoints' / 'last.ckpt'}")
+    assert r.returncode == 0, r.output[-3000:]
     full = torch.load(tmp_path / "full/encoder.pt", map_location="cpu", weights_only=True)["state_dict"]
     resumed = torch.load(cut / "encoder.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert not [k for k in full if not torch.equal(full[k], resumed[k])]
