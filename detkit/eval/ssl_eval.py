@@ -48,13 +48,16 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  seed: int = 0) -> float:
     """Accuracy of a linear classifier (multinomial logistic regression) on frozen, standardised features.
 
-    Only the linear layer trains: the features are computed once, so the encoder cannot change.
+    Only the linear layer trains: the features are computed once, so the encoder cannot change. The result is a
+    function of ``seed`` (the layer's initialisation and the batch order), not of the global random state.
     """
     g = torch.Generator().manual_seed(seed)
     mean, std = train_feats.mean(0), train_feats.std(0).clamp(min=1e-6)
     xtr, xte = (train_feats - mean) / std, (test_feats - mean) / std
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    layer = nn.Linear(xtr.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # the initialisation from the seed, the caller's generator untouched
+        torch.manual_seed(seed)
+        layer = nn.Linear(xtr.shape[1], num_classes)
     opt = torch.optim.AdamW(layer.parameters(), lr=lr * 0.01, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):
