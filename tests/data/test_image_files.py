@@ -354,9 +354,9 @@ def test_knn_monitor_folders_are_checked_too(tmp_path):
 
 # ---- prediction ------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    """An untrained YOLO detector's checkpoint (what DetectionModule.from_checkpoint reads)."""
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained YOLO detector's checkpoint (what DetectionModule.from_checkpoint reads), made once per module."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -365,7 +365,7 @@ def checkpoint(tmp_path) -> Path:
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["model=yolo", "paths.output_dir=/tmp/x"])
     module = instantiate(cfg.model, categories=[{"id": 1, "name": "thing"}], image_size=64, _recursive_=False)
-    path = tmp_path / "model.ckpt"
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     return path
 
