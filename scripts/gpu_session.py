@@ -1,5 +1,5 @@
 """The outstanding GPU figures in one device call (issue 33), run by ``bash scripts/gpu_session.sh all`` on the GPU
-machine, or with ``--dry-run`` anywhere on tiny CPU inputs (``tests/test_gpu_session.py`` runs that in the default
+machine, or with ``--dry-run`` anywhere on tiny CPU inputs (``tests/scripts/test_gpu_session.py`` runs that in the default
 suite, so this script cannot rot).
 
     python scripts/gpu_session.py [--dry-run] [--out OUT] [--stages eager,nms,...] [--limits tests=200,...]

@@ -13,7 +13,7 @@
 #                                         # compiled at batch 32; prints one markdown block for BENCHMARKS.md, also
 #                                         # $OUT/BENCHMARKS_block.md (+ results.json, logs.tar.gz, device.txt)
 #   bash scripts/gpu_session.sh all --dry-run   # (or DRY_RUN=1) every stage on tiny CPU inputs, no install
-#                                               # (tests/test_gpu_session.py, in the default suite)
+#                                               # (tests/scripts/test_gpu_session.py, in the default suite)
 #   bash scripts/gpu_session.sh all --stages compiled-32 --budget 240   # a second, shorter call (any stages)
 #
 # Single stages, one device call each (each well inside 10 minutes):

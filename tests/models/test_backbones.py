@@ -119,3 +119,12 @@ def test_frozen_norms_survive_the_sync_batchnorm_conversion_of_ddp(options):
     frozen_keys = [k for k in before if k.rsplit(".", 1)[0] in frozen_before]
     assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)
     assert all(not torch.equal(before[k], after[k]) for k in before if k not in frozen_keys)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"levels": ["c4"], "neck": "none"}, {"extra_pool": True},
+                                    {"neck": "pan", "small_stem": True}, {"levels": ["c2", "c3"], "neck": "fpn"}])
+def test_backbone_strides_are_known_before_it_is_built(kwargs):
+    """The anchor fit reads the strides from Backbone.strides_for, which must equal what the built backbone has."""
+    from detkit.models.backbones import Backbone
+
+    assert Backbone.strides_for(**kwargs, depth=18, init=None) == Backbone(**kwargs).strides

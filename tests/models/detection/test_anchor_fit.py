@@ -92,15 +92,6 @@ def test_decide_anchors_applies_the_generators_fit_policy():
     assert forced.fitted and forced.report(sizes, ratios)["fitted"]["coverage"]["bpr"] == forced.candidate.bpr
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"levels": ["c4"], "neck": "none"}, {"extra_pool": True},
-                                    {"neck": "pan", "small_stem": True}, {"levels": ["c2", "c3"], "neck": "fpn"}])
-def test_backbone_strides_are_known_before_it_is_built(kwargs):
-    """The anchor fit reads the strides from Backbone.strides_for, which must equal what the built backbone has."""
-    from detkit.models.backbones import Backbone
-
-    assert Backbone.strides_for(**kwargs, depth=18, init=None) == Backbone(**kwargs).strides
-
-
 def test_anchor_fit_mode_is_checked():
     with pytest.raises(ValueError, match="anchor fit"):
         AnchorGenerator([[32]], [[1.0]], fit="sometimes")
