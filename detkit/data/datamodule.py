@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -210,6 +211,7 @@ class PretrainDataModule(L.LightningDataModule):
             if solarize_p:
                 raise ValueError("data.solarize_p needs data.augment_on=device")
             transform = SimCLRViews(image_size, tuple(crop_scale), blur_p=blur_p)
+        self._generators: dict[str, torch.Generator] = {}  # device views: one generator per device
         self.dataset = UnlabeledImages(images, transform, ann_file=ann_file, skip_invalid=skip_invalid)
         self.knn_bank = self.knn_query = None
         if knn_train and knn_val:
@@ -221,3 +223,24 @@ class PretrainDataModule(L.LightningDataModule):
         # every epoch sees new views: item_seed() depends on the epoch's base seed
         return epoch_shuffled_loader(self.dataset, self.seed, self.trainer, self.batch_size,
                                      num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``augment_on="device"`` the training batch arrives as ``(letterboxed uint8 images, valid sizes)``
+        on the device: both views of every image are made here, from a generator seeded by (``seed``, batch number,
+        rank) (:func:`detkit.data.device_views.device_view_seed`), and the module receives ``(view1, view2)`` as
+        from the CPU path. Lightning calls this hook after moving the batch (the module defines none)."""
+        if self.device_views is None or self.trainer is None or not self.trainer.training:
+            return batch
+        from detkit.data.device_views import device_view_seed
+
+        images, sizes = batch
+        key = str(images.device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=images.device)
+        # The batch's number in the run: Lightning counts a batch "ready" after this hook, so the running count is
+        # this batch's 0-based index over all epochs (restored from a checkpoint on resume).
+        batch_number = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        generator = self._generators[key].manual_seed(device_view_seed(self.seed, batch_number,
+                                                                       self.trainer.global_rank))
+        both = self.device_views(images, sizes, generator)
+        return both[: len(images)], both[len(images):]

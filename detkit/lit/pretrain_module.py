@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import get_class
 
-from detkit.data.device_views import device_view_seed
 from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
 from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
@@ -63,27 +62,6 @@ class SimCLRModule(L.LightningModule):
                 load_resnet_init(self.encoder, init)
         self.projector = Projector(self.encoder.out_dim, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """With ``data.augment_on=device`` the batch is ``(letterboxed uint8 images, valid sizes)``: both views of
-        every image are made here, on the device, from a generator seeded by (data seed, batch number, rank): see
-        :func:`detkit.data.device_views.device_view_seed`."""
-        views = getattr(self.trainer.datamodule, "device_views", None) if self._trainer is not None else None
-        if views is None or not self.trainer.training:
-            return batch
-        images, sizes = batch
-        key = str(images.device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=images.device)
-        # The batch's number in the run: Lightning counts a batch "ready" after this hook, so the running count is
-        # this batch's 0-based index over all epochs (restored from a checkpoint on resume).
-        batch_number = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        seed = device_view_seed(int(getattr(self.trainer.datamodule, "seed", 0)), batch_number,
-                                self.trainer.global_rank)
-        generator = self._generators[key].manual_seed(seed)
-        both = views(images, sizes, generator)
-        return both[: len(images)], both[len(images):]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         v1, v2 = batch
