@@ -242,9 +242,19 @@ class DetectionModule(L.LightningModule):
             self._l1_params = [p for p in self.detector.parameters() if p.requires_grad and p.ndim > 1]
         return torch.stack(torch._foreach_norm(self._l1_params, 1)).sum()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimiser step, then the EMA's update (:meth:`update_ema`). Here, not in ``on_train_batch_end``:
+        Lightning calls that hook after the callbacks' (the checkpoint callback saves in its own), so a mid-epoch
+        checkpoint would hold an EMA one update behind that a resumed run never makes up; and under gradient
+        accumulation it would count micro-batches, not optimiser steps."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:
-            self.ema.update(self.detector)
+            self.update_ema(self.global_step)  # the step just taken (the counter moves after this hook)
+
+    def update_ema(self, step: int) -> None:
+        """After optimiser step ``step`` (0-based): one update of the EMA, with its ramped decay. Subclasses change
+        the rule (:class:`detkit.lit.semi.SelfTrainingModule`: the teacher's)."""
+        self.ema.update(self.detector)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.divergence.flush()  # never write weights that a non-finite loss has already updated

@@ -30,9 +30,8 @@ with few pseudo-boxes would weigh those negatives by up to a thousand times; ``s
 Afterwards ``teacher = d * teacher + (1 - d) * student`` after every optimiser step with a fixed ``d =
 teacher_decay`` (no ramp). Unbiased Teacher uses 0.9996 over 180,000 steps; detkit's default 0.999 (a time
 constant of 1,000 steps) suits runs of a few thousand steps on small datasets. The update runs inside
-``optimizer_step``, i.e. before any callback sees the step, so a mid-epoch checkpoint holds the teacher of that
-step and a resumed run continues exactly (the module's EMA otherwise updates in ``on_train_batch_end``, which runs
-after the checkpoint callback's).
+``optimizer_step`` (:meth:`DetectionModule.update_ema`, as every EMA), i.e. before any callback sees the step, so a
+mid-epoch checkpoint holds the teacher of that step and a resumed run continues exactly.
 
 **Fixed shapes, no host synchronisation.** The teacher's NMS runs a fixed number of Cluster-NMS iterations
 (``teacher_nms_iterations``, on the device path; the RPN does the same), pseudo-labels are a top-k with a mask,
@@ -263,12 +262,8 @@ class SelfTrainingModule(DetectionModule):
         decay = 0.0 if step < self.burn_in_steps else self.settings.teacher_decay
         self.ema.update(self.detector, decay=decay)
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.update_teacher(self.global_step)  # the step just taken (the counter moves after this hook)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        pass  # the teacher (the EMA) is updated in optimizer_step
+    def update_ema(self, step: int) -> None:
+        self.update_teacher(step)  # DetectionModule.optimizer_step calls this after every optimiser step
 
     # ---- statistics -------------------------------------------------------------------------------------------
     def flush_statistics(self, log_metrics: bool = False) -> None:
