@@ -17,9 +17,11 @@ model's own inference settings otherwise):
 * ``torchvision``: ``FasterRCNN`` on ``resnet_fpn_backbone("resnet18", weights=None)`` with that function's
   defaults (FrozenBatchNorm, layer2-4 trainable; the set-up of issue 19's report; with trainable BatchNorm at
   batch 2 it found nothing in 90 steps: AP50 0.000), its anchors, ``min_size=max_size=320``,
-  SGD 0.02 (``--tv-lr``: the reference's rate, set for 16 images per step), momentum 0.9, weight decay 1e-4, the
-  reference's linear warm-up (``min(1000, epoch length - 1)`` steps) then constant (its step decays come after 16
-  epochs). A non-finite loss is reported as "diverged (step N)" instead of an AP.
+  SGD at two rates, one row each (``--tv-lr``, default ``0.02,0.0025``: the reference's rate, set for 16 images
+  per step, and that rate scaled linearly to batch 2), momentum 0.9, weight decay 1e-4, the reference's linear
+  warm-up (``min(1000, epoch length - 1)`` steps) then constant (its step decays come after 16 epochs), gradients
+  clipped at global norm 10 as detkit-train's trainer does (``--tv-clip 0``: off; then lr 0.02 diverges at batch
+  2). A non-finite loss is reported as "diverged (step N)" instead of an AP.
 * ``ultralytics``: ``YOLO("yolov8n.yaml")`` trained by Ultralytics' own trainer with its defaults except:
   augmentation off (mosaic, HSV, flips, scale, translate), ``nbs`` = batch size (one optimiser step per batch, as
   the others; Ultralytics otherwise accumulates to 64 images), ``amp=False`` (its AMP check downloads weights),
@@ -159,6 +161,8 @@ def run_torchvision(args, ann: Path) -> dict:
             loss = sum(losses.values())
             opt.zero_grad()
             loss.backward()
+            if args.tv_clip:  # detkit-train's trainer clips at the same global norm
+                torch.nn.utils.clip_grad_norm_(params, args.tv_clip)
             opt.step()
             sched.step()
             t_train += time.perf_counter() - t0
@@ -182,7 +186,8 @@ def run_torchvision(args, ann: Path) -> dict:
                 print(f"[torchvision] step {step}: {len(results)} detections, loss {loss.item():.3f}", file=sys.stderr)
             if step >= max(steps):
                 break
-    return {"impl": f"torchvision FasterRCNN (resnet18 FPN, lr {args.tv_lr:g})", "points": points,
+    clip = f", clip {args.tv_clip:g}" if args.tv_clip else ""
+    return {"impl": f"torchvision FasterRCNN (resnet18 FPN, lr {args.tv_lr:g}{clip})", "points": points,
             "train_img_s": n_train / t_train, "diverged_at": diverged_at}
 
 
@@ -260,9 +265,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tv-score-thresh", type=float, default=0.05,
                    help="torchvision's box_score_thresh (its default 0.05; 0.001 = the others' evaluation setting)")
-    p.add_argument("--tv-lr", type=float, default=0.02,
-                   help="torchvision's SGD learning rate (its reference's 0.02 is for 16 images per step; 0.0025 "
-                        "is that scaled linearly to batch 2)")
+    p.add_argument("--tv-lr", default="0.02,0.0025",
+                   help="torchvision's SGD learning rates, one row each (its reference's 0.02 is for 16 images per "
+                        "step; 0.0025 is that scaled linearly to batch 2)")
+    p.add_argument("--tv-clip", type=float, default=10.0,
+                   help="torchvision's gradient clipping (global norm), as detkit-train's trainer; 0: off (at lr "
+                        "0.02 and batch 2 it then diverges within 30 steps on every dataset tried)")
     p.add_argument("--impls", default="detkit_frcnn,torchvision,detkit_yolo,ultralytics")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -270,11 +278,12 @@ def main() -> None:
     args.peer_size = args.image_size or 320
     torch.set_num_threads(args.threads)
     if args.impl:
+        args.tv_lr = float(args.tv_lr)
         work = Path(args.work)
         ann = work / "subset.json"
         run = {"detkit_frcnn": lambda: run_detkit(args, ann, "faster_rcnn"),
                "detkit_yolo": lambda: run_detkit(args, ann, "yolo"),
-               "torchvision": lambda: run_torchvision(args, ann),
+               "torchvision": lambda: run_torchvision(args, ann),  # one --tv-lr per process
                "ultralytics": lambda: run_ultralytics(args, ann, work)}[args.impl]
         row = run()
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -283,9 +292,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     subset_ann(args.ann, args.max_images, work)
     rows = []
+    jobs = []
     for impl in args.impls.split(","):
-        cmd = [sys.executable, __file__, "--impl", impl, "--work", str(work)] + \
-            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "impls", "work", "peer_size")]
+        lrs = args.tv_lr.split(",") if impl == "torchvision" else [args.tv_lr]
+        jobs += [(impl, lr) for lr in lrs]
+    for impl, lr in jobs:
+        cmd = [sys.executable, __file__, "--impl", impl, "--work", str(work), f"--tv-lr={lr}"] + \
+            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k not in ("impl", "impls", "work", "peer_size", "tv_lr")]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if r.returncode:
             print(f"{impl} failed:\n{r.stderr[-2500:]}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """detkit's SimCLR against lightly's on the same images, encoder, schedule and view recipe, probed the same way.
 
     python scripts/bench_simclr_peer.py [--per-class 100] [--epochs 3] [--batch-size 128] [--augment-on cpu|device]
-                                        [--device cpu|cuda] [--impls detkit,lightly,random] [--stem small|standard]
+                                        [--device cpu|cuda] [--impls detkit,lightly,random,lightly_detkit_views]
+                                        [--stem small|standard]
                                         [--no-probe]   # throughput only: no test images needed
 
 Both train detkit's ResNet-18 encoder (3x3 stem for 32 px, or ``--stem standard``: torchvision's 7x7/2 stem and
@@ -14,7 +15,8 @@ own ``SimCLRModule`` under Lightning (views on the CPU workers or on the device,
 its ``SimCLRTransform``, ``SimCLRProjectionHead`` and ``NTXentLoss`` in a plain PyTorch loop (as its tutorials
 do) with the same loader settings. Each runs in its own process; then ``detkit-probe`` measures both encoders
 (kNN k=20 and k=1, linear probe) on cifar10/train -> cifar10/test; the ``random`` arm probes the same encoder
-untrained (the floor both must clear). lightly is a benchmark-only dependency (``pip install lightly``), never one
+untrained (the floor both must clear); the ``lightly_detkit_views`` arm is lightly's loop, head and loss fed by
+detkit's ``SimCLRViews`` (the view swap: it lands near lightly when the views are not the cause). lightly is a benchmark-only dependency (``pip install lightly``), never one
 of detkit's.
 """
 
@@ -81,7 +83,9 @@ def run_detkit(args, images: Path, out: Path) -> dict:
             "final_loss": float(trainer.callback_metrics["pretrain/loss"]), "encoder": str(out / "detkit_encoder.pt")}
 
 
-def run_lightly(args, images: Path, out: Path) -> dict:
+def run_lightly(args, images: Path, out: Path, views: str = "lightly") -> dict:
+    """lightly's loop, head and loss; ``views="detkit"`` swaps its ``SimCLRTransform`` for detkit's ``SimCLRViews``
+    (the view-swap arm: which side of the gap the views are on)."""
     import torchvision
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -94,10 +98,20 @@ def run_lightly(args, images: Path, out: Path) -> dict:
     dev = torch.device(args.device)
     transform = SimCLRTransform(input_size=args.size, cj_prob=0.8, cj_strength=0.5, min_scale=0.08,
                                 random_gray_scale=0.2, gaussian_blur=0.0, normalize=None)
-    dataset = torchvision.datasets.ImageFolder(str(images), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         pin_memory=args.device == "cuda")
+    if views == "detkit":
+        from detkit.data.unlabeled import SimCLRViews, UnlabeledImages
+
+        # detkit's item seeds come from each epoch's worker base seed: workers must not persist across epochs
+        dataset = UnlabeledImages(images, SimCLRViews(args.size, (0.08, 1.0), blur_p=0.0))
+        generator = torch.Generator().manual_seed(args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, persistent_workers=False,
+                                             pin_memory=args.device == "cuda", generator=generator)
+    else:
+        dataset = torchvision.datasets.ImageFolder(str(images), transform=transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0,
+                                             pin_memory=args.device == "cuda")
     encoder = ResNetEncoder(depth=18, small_stem=args.stem == "small").to(dev)
     head = SimCLRProjectionHead(encoder.out_dim, 512, 128).to(dev)
     criterion = NTXentLoss(temperature=args.temperature)
@@ -110,8 +124,11 @@ def run_lightly(args, images: Path, out: Path) -> dict:
     start = time.perf_counter()
     loss = torch.zeros(())
     for _ in range(args.epochs):
-        for (x0, x1), _ in loader:
-            x = torch.cat([x0, x1]).to(dev, non_blocking=True) * 255.0  # detkit's encoder normalises 0..255 input
+        for batch in loader:
+            if views == "detkit":  # uint8 views
+                x = torch.cat(batch).to(dev, non_blocking=True).float()
+            else:  # (views in 0..1, labels); detkit's encoder normalises 0..255 input
+                x = torch.cat(batch[0]).to(dev, non_blocking=True) * 255.0
             with torch.autocast(dev.type, dtype=torch.bfloat16 if "bf16" in args.precision else torch.float16,
                                 enabled=amp):
                 z = head(encoder(x))
@@ -123,10 +140,11 @@ def run_lightly(args, images: Path, out: Path) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    save_encoder(encoder, out / "lightly_encoder.pt", {"method": "simclr", "impl": "lightly"})
-    return {"impl": "lightly", "wall_s": wall, "img_s": len(loader) * args.batch_size * args.epochs / wall,
+    name = "lightly" if views == "lightly" else "lightly_detkit_views"
+    save_encoder(encoder, out / f"{name}_encoder.pt", {"method": "simclr", "impl": name})
+    return {"impl": "lightly" if views == "lightly" else "lightly loop + detkit views", "wall_s": wall, "img_s": len(loader) * args.batch_size * args.epochs / wall,
             "peak_mb": peak_memory_mb(args.device), "final_loss": float(loss),
-            "encoder": str(out / "lightly_encoder.pt")}
+            "encoder": str(out / f"{name}_encoder.pt")}
 
 
 def run_random(args, images: Path, out: Path) -> dict:
@@ -145,6 +163,10 @@ def probe(encoder: str, cifar: Path, per_class: int, workers: int) -> dict:
                         "--per-class", str(per_class), "--workers", str(workers)],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+IMPLS = {"detkit": run_detkit, "lightly": run_lightly, "random": run_random,
+         "lightly_detkit_views": lambda args, images, out: run_lightly(args, images, out, views="detkit")}
 
 
 def main() -> None:
@@ -173,12 +195,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.impl:  # child process: train one implementation
-        fn = {"detkit": run_detkit, "lightly": run_lightly, "random": run_random}[args.impl]
+        fn = {**IMPLS}[args.impl]
         print(json.dumps(fn(args, Path(args.images), out)))
         return
     images = subset(Path(args.cifar) / "train", args.per_class, Path(tempfile.mkdtemp()) / "train")
     rows = []
-    fns = {"detkit": run_detkit, "lightly": run_lightly, "random": run_random}
+    fns = IMPLS
     for impl in args.impls.split(","):
         if args.in_process:
             row = json.loads(json.dumps(fns[impl](args, images, out)))
