@@ -174,6 +174,8 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         extra["test"] = model.last_eval.to_json()
+    if trainer.global_rank != 0:  # under DDP every process has evaluated the gathered results; one writes the files
+        return result.to_json()
     val_images = Path(datamodule.paths["val"][1]) if cfg.get("report") else None
     paths = write_evaluation(out, result, datamodule.datasets["val"].coco_data, val_results, extra,
                              **cfg.analysis, html_images=val_images, title=f"detkit-train {out}")
