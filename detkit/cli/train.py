@@ -46,11 +46,13 @@ def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
 
 
 def _check_init_choice(cfg: DictConfig) -> None:
-    """``init=simclr`` without an encoder file would silently train from random weights: refuse it."""
+    """``init=simclr`` or ``init=densecl`` without an encoder file would silently train from random weights: refuse
+    it."""
     choice = HydraConfig.get().runtime.choices.get("init") if HydraConfig.initialized() else None
-    if choice == "simclr" and not cfg.model.detector.backbone.get("init"):
-        raise EncoderLoadError("init=simclr needs the encoder file: add encoder=PATH/encoder.pt "
-                               "(written by detkit-pretrain)")
+    if choice in ("simclr", "densecl") and not cfg.model.detector.backbone.get("init"):
+        job = "" if choice == "simclr" else " pretrain_job=densecl"
+        raise EncoderLoadError(f"init={choice} needs the encoder file: add encoder=PATH/encoder.pt "
+                               f"(written by detkit-pretrain{job})")
 
 
 def _choose_image_size(cfg: DictConfig) -> None:

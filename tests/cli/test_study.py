@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from detkit.cli.study import aggregate, report, table
@@ -31,11 +32,12 @@ def test_study_experiment_sweeps_every_arm_on_one_schedule():
     assert scratch.model.detector.backbone.init is None and scratch.trainer.max_steps == 60
 
 
-def test_init_simclr_without_an_encoder_is_a_clear_error(synthetic, tmp_path):
+@pytest.mark.parametrize("init", ["simclr", "densecl"])
+def test_init_from_an_encoder_without_one_is_a_clear_error(synthetic, tmp_path, init):
     ann, root = synthetic
-    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "init=simclr", f"hydra.run.dir={tmp_path / 'x'}")
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, f"init={init}", f"hydra.run.dir={tmp_path / 'x'}")
     assert r.returncode == 1
-    assert "init=simclr needs the encoder file: add encoder=PATH/encoder.pt" in r.output
+    assert f"init={init} needs the encoder file: add encoder=PATH/encoder.pt" in r.output
     assert "Traceback" not in r.output
 
 
