@@ -294,7 +294,7 @@ def main() -> None:
     rows = []
     jobs = []
     for impl in args.impls.split(","):
-        lrs = args.tv_lr.split(",") if impl == "torchvision" else [args.tv_lr]
+        lrs = args.tv_lr.split(",") if impl == "torchvision" else args.tv_lr.split(",")[:1]
         jobs += [(impl, lr) for lr in lrs]
     for impl, lr in jobs:
         cmd = [sys.executable, __file__, "--impl", impl, "--work", str(work), f"--tv-lr={lr}"] + \
