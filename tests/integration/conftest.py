@@ -1,5 +1,5 @@
 """End-to-end trainings: every test under tests/integration/ carries the ``integration`` marker (``make test`` runs
-them; ``pytest -m 'not integration'`` leaves them out for a quick unit run)."""
+them; ``pytest -m 'not slow and not integration'`` leaves them out for a quicker run)."""
 
 from __future__ import annotations
 
