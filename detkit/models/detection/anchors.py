@@ -31,8 +31,8 @@ class AnchorGenerator(nn.Module):
 
     FIT_MODES = ("auto", "always", "never")
 
-    def __init__(self, sizes: Sequence[Sequence[float]] = ((16, 24), (48, 64), (96, 128)),
-                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),) * 3, fit: str = "auto") -> None:
+    def __init__(self, sizes: Sequence[Sequence[float]] = ((16, 24), (32, 48), (64, 96), (128, 192)),
+                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),) * 4, fit: str = "auto") -> None:
         super().__init__()
         if fit not in self.FIT_MODES:
             raise ValueError(f"anchor fit must be one of {self.FIT_MODES}, got {fit!r}")
