@@ -70,7 +70,7 @@ def run_detkit(args, images: Path, out: Path) -> dict:
                             seed=args.seed)
     model = SimCLRModule(depth=18, small_stem=args.stem == "small", proj_hidden=512, proj_dim=128, temperature=args.temperature,
                          optimizer={"_target_": "torch.optim.SGD", "lr": args.lr, "momentum": 0.9,
-                                    "weight_decay": 1e-4}, warmup=0.1, scale_lr=True)
+                                    "weight_decay": 1e-4}, scale_lr=True)  # schedule: 10% warm-up, cosine to 0
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=args.epochs,
                         precision=args.precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

@@ -73,12 +73,15 @@ def test_code_defaults_agree_with_the_yaml():
     assert not disagree, "code defaults that disagree with conf/:\n" + "\n".join(disagree)
 
 
-def test_simclr_optimizer_default_is_the_yamls():
-    """SimCLRModule's optimizer default is built in its body (a dict), where the signature check cannot see it."""
+def test_simclr_optimizer_and_schedule_defaults_are_the_yamls():
+    """SimCLRModule's optimizer and scheduler defaults are built in its body (dicts), where the signature check
+    cannot see them; the YAML takes them from the optimizer/scheduler groups detection uses."""
     from detkit.lit.pretrain_module import SimCLRModule
 
-    yaml = OmegaConf.to_container(_compose("pretrain", []).model.optimizer)
-    assert SimCLRModule(proj_hidden=8, proj_dim=4).hparams.optimizer == yaml
+    model = _compose("pretrain", []).model
+    hparams = SimCLRModule(proj_hidden=8, proj_dim=4).hparams
+    assert hparams.optimizer == OmegaConf.to_container(model.optimizer)
+    assert hparams.scheduler == OmegaConf.to_container(model.scheduler)
 
 
 def _group_options(group: str) -> list[str]:

@@ -7,7 +7,7 @@ import logging
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 
 from detkit.lit.detection_module import plain_config
 from detkit.eval.ssl_eval import extract_features, knn_accuracy
@@ -29,9 +29,11 @@ class SimCLRModule(L.LightningModule):
             the ResNet, and its encoder file loads into ``backbone@model.detector.backbone=timm`` with the same name.
         proj_hidden, proj_dim: projector sizes.
         temperature: NT-Xent temperature.
-        optimizer: ``{"_target_": "torch.optim.SGD", "lr": ..., "weight_decay": ..., ...}``; ``lr`` is scaled
-            by ``batch_size / 256`` (linear scaling rule) when ``scale_lr`` is true.
-        warmup: warm-up fraction (or steps) before cosine decay.
+        optimizer: a node of the ``optimizer`` group detection uses (``{"_target_": "torch.optim.SGD", "lr": ...,
+            "weight_decay": ..., ...}``; conf/pretrain_job/simclr.yaml takes conf/optimizer/sgd.yaml with SimCLR's
+            learning rate); ``lr`` is scaled by ``batch_size / 256`` (linear scaling rule) when ``scale_lr`` is true.
+        scheduler: a node of the ``scheduler`` group (a :class:`detkit.lit.optim.WarmupSchedule`): warm-up, then
+            cosine to zero by default.
         knn_k, knn_temperature: kNN monitor settings (run when the data module has a labeled monitor set).
         init: start the encoder from weights instead of random: an encoder file (``encoder.pt`` of an earlier
             ``detkit-pretrain``, to adapt an encoder to new images), ``"imagenet"``, or a torchvision ResNet (or
@@ -42,15 +44,18 @@ class SimCLRModule(L.LightningModule):
     method = "simclr"
 
     def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
-                 temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
+                 temperature: float = 0.2, optimizer: dict | None = None, scheduler: dict | None = None,
                  scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07,
                  timm: str | None = None, init: str | None = None) -> None:
         super().__init__()
-        optimizer = plain_config(optimizer) or dict({"_target_": "torch.optim.SGD", "lr": 0.6, "momentum": 0.9,
-                                       "weight_decay": 1e-4})
+        # the defaults are conf/pretrain_job/simclr.yaml's (tests/test_conf.py compares them)
+        optimizer = plain_config(optimizer) or {"_target_": "torch.optim.SGD", "lr": 0.6, "momentum": 0.9,
+                                                "nesterov": False, "weight_decay": 1e-4}
+        scheduler = plain_config(scheduler) or {"_target_": "detkit.lit.optim.WarmupSchedule", "kind": "cosine",
+                                                "warmup": 0.1, "warmup_factor": 0.001, "min_ratio": 0.0}
         self.save_hyperparameters({"depth": depth, "small_stem": small_stem, "proj_hidden": proj_hidden,
                                    "proj_dim": proj_dim, "temperature": temperature, "optimizer": optimizer,
-                                   "warmup": warmup, "scale_lr": scale_lr, "knn_k": knn_k,
+                                   "scheduler": scheduler, "scale_lr": scale_lr, "knn_k": knn_k,
                                    "knn_temperature": knn_temperature, "timm": timm, "init": init})
         if timm:
             from detkit.models.timm_backbone import build_timm_encoder
@@ -78,8 +83,9 @@ class SimCLRModule(L.LightningModule):
             batch = self.trainer.datamodule.batch_size * self.trainer.world_size
             lr = lr * batch / 256
         optimizer = cls(param_groups(self.named_parameters(), wd, lr), lr=lr, **cfg)
-        scheduler = WarmupSchedule("cosine", warmup=self.hparams.warmup, min_ratio=0.0).build(
-            optimizer, total_training_steps(self.trainer))
+        schedule = instantiate(self.hparams.scheduler)
+        assert isinstance(schedule, WarmupSchedule), schedule
+        scheduler = schedule.build(optimizer, total_training_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_end(self) -> None:
@@ -106,13 +112,13 @@ class DenseCLModule(SimCLRModule):
     method = "densecl"
 
     def __init__(self, depth: int = 18, small_stem: bool = False, proj_hidden: int = 512, proj_dim: int = 128,
-                 temperature: float = 0.2, optimizer: dict | None = None, warmup: float = 0.1,
+                 temperature: float = 0.2, optimizer: dict | None = None, scheduler: dict | None = None,
                  scale_lr: bool = True, knn_k: int = 20, knn_temperature: float = 0.07,
                  timm: str | None = None, init: str | None = None, dense_weight: float = 0.5,
                  dense_hidden: int | None = None, dense_dim: int | None = None) -> None:
         # spelled out, not **kwargs: the config check (detkit.config_check) names a misspelled key
         super().__init__(depth=depth, small_stem=small_stem, proj_hidden=proj_hidden, proj_dim=proj_dim,
-                         temperature=temperature, optimizer=optimizer, warmup=warmup, scale_lr=scale_lr,
+                         temperature=temperature, optimizer=optimizer, scheduler=scheduler, scale_lr=scale_lr,
                          knn_k=knn_k, knn_temperature=knn_temperature, timm=timm, init=init)
         dense_hidden = dense_hidden or self.hparams.proj_hidden
         dense_dim = dense_dim or self.hparams.proj_dim
