@@ -10,7 +10,9 @@ from hydra import compose, initialize_config_dir
 
 from detkit.cli.train import train
 from detkit.paths import config_dir
-from tests.helpers import BCCD, RACCOON, load
+from tests.helpers import BCCD, RACCOON, ROOT, load
+
+UNO = ROOT / "tests" / "data" / "uno_cards"
 
 # Images from BCCD's train split with all three classes present.
 IMAGES = 4
@@ -83,3 +85,31 @@ def test_faster_rcnn_defaults_learn_raccoon_photos_within_torchvisions_budget(tm
             f"paths.output_dir={tmp_path / 'run'}", "logger=csv"])
     metrics = train(cfg, tmp_path / "run")
     assert metrics["AP50"] >= TORCHVISION_AP50_AT_90, metrics
+
+
+#: torchvision's FasterRCNN (resnet_fpn_backbone resnet18, lr 0.0025 = its reference's 0.02 scaled to batch 2, clip
+#: 10, no augmentation) on the first 6 staged Uno-card images reaches AP50 0.90 in 90 steps (BENCHMARKS.md, issue 34).
+TORCHVISION_STEPS_TO_AP50_09 = 90
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 34 open: AP50 0.09 at 90 steps on these 8 images, where every class "
+                   "appears 1-3 times (0.913 on the benchmark's 6 images); torchvision's budget here is not measured")
+def test_faster_rcnn_defaults_learn_many_small_similar_classes_within_torchvisions_budget(tmp_path):
+    """Issue 34: 15 classes of ~20 px card symbols (tests/data/uno_cards, 8 images, every class present): every
+    default but augmentation off and batch 2, detkit's Faster R-CNN overfits them to AP50 >= 0.9 within the steps
+    torchvision's FasterRCNN needs for the same on such images. Before the fix (FPN over c3-c5, 256 RoIs per image)
+    the box head still called the true boxes background at step 90 (AP50 0.36)."""
+    images = UNO / "images"
+    ann = UNO / "annotations.json"
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=coco", f"data.train_ann={ann}", f"data.train_images={images}", f"data.val_ann={ann}",
+            f"data.val_images={images}", "data.batch_size=2", "data.num_workers=0",
+            "data.train_transform.scale_range=[1.0,1.0]", "data.train_transform.color_jitter=0.0",
+            "data.train_transform.hflip=0.0", "model=faster_rcnn", "trainer.max_epochs=-1",
+            f"+trainer.max_steps={TORCHVISION_STEPS_TO_AP50_09}", "trainer.check_val_every_n_epoch=1000",
+            "callbacks.model_checkpoint=null", "report=false", f"paths.output_dir={tmp_path / 'run'}", "logger=csv"])
+    metrics = train(cfg, tmp_path / "run")
+    assert len(load(ann)["categories"]) == 15
+    assert metrics["AP50"] >= 0.9, metrics
