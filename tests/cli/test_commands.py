@@ -1,18 +1,20 @@
 """Each console script once as a user runs it: a process of its own, started from the installed script (the other
-CLI tests call the entry points in-process, tests/helpers.cli). The processes start together (a module fixture)
-and each test waits for its own, so their start-up (importing torch and Lightning again) overlaps."""
+CLI tests call the entry points in-process, tests/helpers.cli). A module fixture starts them two at a time (one per
+core of the 2-core machines the suite is sized for) and each test waits for its own, so their start-up (importing
+torch and Lightning again) overlaps without crowding the cores."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, ROOT, data_args, dump, env_with_path, load
+from tests.helpers import BIN, ROOT, dump, env_with_path, load
 
 COMMANDS = ["detkit-train", "detkit-pretrain", "detkit-eval", "detkit-predict", "detkit-export", "detkit-report",
             "detkit-probe", "detkit-data-check", "detkit-convert", "detkit-study"]
@@ -55,22 +57,23 @@ def _inputs(tmp: Path, trained_run: Path, ann: Path, root: Path) -> dict[str, li
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, trained_run, synthetic_set) -> dict[str, tuple[subprocess.Popen, Path]]:
+def launched(tmp_path_factory, trained_run, synthetic_set) -> tuple[dict[str, Future], Path]:
     tmp = tmp_path_factory.mktemp("commands")
     args = _inputs(tmp, trained_run, *synthetic_set)
-    procs = {name: (subprocess.Popen([str(BIN / name), *args[name]], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env_with_path(ROOT)), tmp)
-             for name in COMMANDS}
-    yield procs
-    for proc, _ in procs.values():
-        if proc.poll() is None:
-            proc.kill()
+    env = env_with_path(ROOT)
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / name), *args[name]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: pool.submit(run, name) for name in COMMANDS}, tmp
 
 
 def finished(launched, name: str) -> tuple[int, str, Path]:
-    proc, tmp = launched[name]
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out, tmp
+    futures, tmp = launched
+    r = futures[name].result()
+    return r.returncode, r.stdout, tmp
 
 
 def test_every_console_script_is_smoke_tested():

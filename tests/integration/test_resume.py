@@ -1,6 +1,6 @@
-"""Reproducibility and resume: same seed -> identical metrics.json and weights; a run killed mid-epoch and resumed
-ends with the same weights as an uninterrupted run (CPU). The runs are in-process (tests/helpers.cli) except the
-one that must die by SIGKILL, which runs as a user's process would."""
+"""Reproducibility and resume: a run killed mid-epoch and resumed ends with the same weights and the same
+metrics.json, byte for byte, as an uninterrupted run of the same seed (CPU). The runs are in-process
+(tests/helpers.cli) except the one that must die by SIGKILL, which runs as a user's process would."""
 
 from __future__ import annotations
 
@@ -28,24 +28,14 @@ def data(tmp_path_factory):
     return make_synthetic_coco(tmp_path_factory.mktemp("d"), num_images=12, seed=3)
 
 
-@pytest.fixture(scope="module")
-def full_run(data, tmp_path_factory):
-    """The uninterrupted run both tests compare against."""
-    out = tmp_path_factory.mktemp("full") / "run"
-    r = cli("detkit-train", *data_args(*data), *RUN, f"hydra.run.dir={out}")
+def test_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_of_the_same_seed(data, tmp_path):
+    """Two runs of one seed give the same metrics.json and weights, even when one of them is killed mid-epoch and
+    resumed: the uninterrupted run's steps 1-12, the killed run's steps 1-4 (in another process) and the resumed
+    run's steps 5-12 must all draw the same data order, augmentations and samples for the results to be equal."""
+    full = tmp_path / "full"
+    r = cli("detkit-train", *data_args(*data), *RUN, f"hydra.run.dir={full}")
     assert r.returncode == 0, r.output[-3000:]
-    return out
 
-
-def test_same_seed_gives_identical_metrics_and_weights(data, full_run, tmp_path):
-    r = cli("detkit-train", *data_args(*data), *RUN, f"hydra.run.dir={tmp_path / 'again'}")
-    assert r.returncode == 0, r.output[-3000:]
-    assert (tmp_path / "again" / "metrics.json").read_bytes() == (full_run / "metrics.json").read_bytes()
-    wa, wb = weights(full_run / "checkpoints/last.ckpt"), weights(tmp_path / "again/checkpoints/last.ckpt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, full_run, tmp_path):
     out = tmp_path / "killed"  # SIGKILL at the start of step 5: epoch 0, batch 5 of 6; last checkpoint at step 4
     r = subprocess.run([str(BIN / "detkit-train"), *data_args(*data), *RUN, f"hydra.run.dir={out}",
                         "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=5"],
@@ -57,6 +47,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, full_run, tmp_p
 
     r = cli("detkit-train", *data_args(*data), *RUN, f"hydra.run.dir={out}", "ckpt_path=last")
     assert r.returncode == 0, r.output[-3000:]
-    full, resumed = weights(full_run / "checkpoints/last.ckpt"), weights(last)
-    different = [k for k in full if not torch.equal(full[k], resumed[k])]
+    uninterrupted, resumed = weights(full / "checkpoints/last.ckpt"), weights(last)
+    different = [k for k in uninterrupted if not torch.equal(uninterrupted[k], resumed[k])]
     assert not different, different[:5]
+    assert (out / "metrics.json").read_bytes() == (full / "metrics.json").read_bytes()
