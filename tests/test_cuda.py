@@ -74,8 +74,10 @@ def test_a_training_step_on_the_device_is_finite_and_never_waits_for_the_host(mo
     opt = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
     images, targets = batch()
     images, targets = images.to(DEVICE), targets.to(DEVICE)
-    for step in range(2):  # the first step fills the caches and lets cuDNN pick its kernels
-        with HostSyncCounter() as sync, no_device_sync():
+    for step in range(2):  # the first step fills the caches and lets cuDNN pick its kernels: only the second checked
+        checked = step == 1
+        with (HostSyncCounter() if checked else contextlib.nullcontext()) as sync, \
+                (no_device_sync() if checked else contextlib.nullcontext()):
             with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 losses = detector.loss(images, targets, generator=module.sampling_generator(DEVICE))
             total = sum(losses.values())
@@ -90,6 +92,14 @@ def test_a_training_step_on_the_device_is_finite_and_never_waits_for_the_host(mo
     assert all(torch.isfinite(p).all().item() for p in detector.parameters())
 
 
+# The share of each image's detections that must match. YOLO's all. Faster R-CNN's RPN ranks random-init
+# objectness scores that tie to within float rounding and suppresses at IoU 0.7 with cluster NMS, an iterative
+# suppression whose decisions cascade: the GPU's convolutions round differently, a near-threshold overlap flips,
+# and a few proposals (hence detections) change. Measured on an H200 (torch 2.11): 96 of 100 matched in the worst
+# image; a wrong device path (box scale, RoI level, decoding) mismatches nearly all.
+MIN_MATCHED = {"yolo": 1.0, "faster_rcnn": 0.9}
+
+
 @pytest.mark.parametrize("model", ["yolo", "faster_rcnn"])
 def test_predict_on_the_device_equals_the_cpu(model):
     module = build(model).eval()
@@ -98,8 +108,24 @@ def test_predict_on_the_device_equals_the_cpu(model):
         cpu = module.detector.predict(images)
         device = module.detector.to(DEVICE).predict(images.to(DEVICE)).cpu()
     assert torch.equal(cpu.valid, device.valid)
-    torch.testing.assert_close(device.boxes[cpu.valid], cpu.boxes[cpu.valid], atol=1e-2, rtol=1e-4)
-    torch.testing.assert_close(device.scores[cpu.valid], cpu.scores[cpu.valid], atol=1e-4, rtol=1e-3)
+    # the same detections per image, in any order: near-equal scores may swap places
+    for b in range(cpu.valid.shape[0]):
+        a, d = cpu.valid[b], device.valid[b]
+        assert_same_detections((cpu.boxes[b][a], cpu.scores[b][a], cpu.labels[b][a]),
+                               (device.boxes[b][d], device.scores[b][d], device.labels[b][d]), MIN_MATCHED[model])
+
+
+def assert_same_detections(x, y, min_matched: float = 1.0, box_atol: float = 1e-2, score_atol: float = 1e-4) -> None:
+    """At least ``min_matched`` of the detections of ``x`` (boxes ``[N, 4]`` xyxy, scores ``[N]``, labels ``[N]``)
+    have one in ``y`` with the same label, a score within ``score_atol`` and a box within ``box_atol``, and the other
+    way round."""
+    (xb, xs, xl), (yb, ys, yl) = x, y
+    assert len(xb) == len(yb)
+    close = ((xb[:, None] - yb[None]).abs().amax(-1) <= box_atol) & ((xs[:, None] - ys[None]).abs() <= score_atol) \
+        & (xl[:, None] == yl[None])
+    for dim, what in ((1, "CPU detections have a match on the device"), (0, "device detections have one on the CPU")):
+        matched = int(close.any(dim).sum())
+        assert matched >= min_matched * len(xb), f"only {matched} of {len(xb)} {what}"
 
 
 def test_a_cuda_graph_compiled_training_run_trains_and_evaluates(tmp_path):
