@@ -8,8 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from detkit.data.synthetic import make_synthetic_coco
-from tests.helpers import TINY_FRCNN, cli, data_args
+# `make test` runs the suite in two pytest-xdist workers (one per core of the 2-core machines it is sized for): each
+# worker, and every process its tests start (they inherit the environment), then computes on one thread instead of
+# one per core each. Before torch is imported; an OMP_NUM_THREADS the caller set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from detkit.data.synthetic import make_synthetic_coco  # noqa: E402
+from tests.helpers import TINY_FRCNN, cli, data_args  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,10 +1,12 @@
 """Each console script once as a user runs it: a process of its own, started from the installed script (the other
 CLI tests call the entry points in-process, tests/helpers.cli). A module fixture starts them two at a time (one per
-core of the 2-core machines the suite is sized for) and each test waits for its own, so their start-up (importing
-torch and Lightning again) overlaps without crowding the cores."""
+core of the 2-core machines the suite is sized for; one at a time in a pytest-xdist worker, beside the other worker)
+and each test waits for its own, so their start-up (importing torch and Lightning again) overlaps without crowding
+the cores."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +68,8 @@ def launched(tmp_path_factory, trained_run, synthetic_set) -> tuple[dict[str, Fu
         return subprocess.run([str(BIN / name), *args[name]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env, timeout=600)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # two at a time; one under pytest-xdist, where the other core runs the other worker's tests
+    with ThreadPoolExecutor(max_workers=1 if os.environ.get("PYTEST_XDIST_WORKER") else 2) as pool:
         yield {name: pool.submit(run, name) for name in COMMANDS}, tmp
 
 
