@@ -270,7 +270,8 @@ def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_
     positions and seeds restored; the teacher's update is in the checkpoint of its step)."""
     every = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
              f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=2",
-             "+callbacks.steps.save_top_k=-1", "+callbacks.steps.filename='s{step}'", "data.num_workers=1",
+             "+callbacks.steps.save_top_k=1", "+callbacks.steps.monitor=step", "+callbacks.steps.mode=min",
+             "+callbacks.steps.filename='s{step}'", "data.num_workers=1",
              "semi.burn_in=1", "semi.score_threshold=0.05"]  # 0.05: the barely trained teacher's detections count
     full = run_semi("faster_rcnn", semi_data, tmp_path / "full", *every)
     check_records(full, tmp_path / "full", "faster_rcnn", 1)
