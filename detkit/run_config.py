@@ -31,12 +31,22 @@ def _product(*values: float) -> float:
     return out
 
 
+#: Below this many images per device a batch's statistics are too noisy for BatchNorm (Wu & He 2018, GroupNorm).
+MIN_BATCHNORM_BATCH = 16
+
+
+def norm_for_batch(batch_size: int) -> str:
+    """``"bn"`` from :data:`MIN_BATCHNORM_BATCH` images per device up, ``"gn"`` (GroupNorm) below."""
+    return "bn" if int(batch_size) >= MIN_BATCHNORM_BATCH else "gn"
+
+
 def register_resolvers() -> None:
-    """Register ``${detkit_data:}`` and ``${detkit_mul:a,b}`` with OmegaConf (idempotent)."""
-    if not OmegaConf.has_resolver("detkit_data"):
-        OmegaConf.register_new_resolver("detkit_data", _default_data_dir)
-    if not OmegaConf.has_resolver("detkit_mul"):
-        OmegaConf.register_new_resolver("detkit_mul", _product)
+    """Register ``${detkit_data:}``, ``${detkit_mul:a,b}`` and ``${detkit_norm_for_batch:n}`` with OmegaConf
+    (idempotent)."""
+    for name, fn in (("detkit_data", _default_data_dir), ("detkit_mul", _product),
+                     ("detkit_norm_for_batch", norm_for_batch)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _pin(node: Any, run_dir: str) -> Any:

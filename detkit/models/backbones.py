@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, resnet18, resnet34, resnet50
 
 from detkit.errors import UserError
+from detkit.models.norm import batchnorm_to_groupnorm
 from detkit.models.necks import FPN, PANNeck
 
 log = logging.getLogger(__name__)
@@ -344,8 +345,12 @@ class Backbone(nn.Module):
         extra_pool: FPN only: add a max-pooled extra coarse level (``p6`` for ``c3-c5``).
         freeze_at: 0 trains everything; 1 freezes the stem; ``k`` freezes the stem and ``layer1..layer{k-1}`` (weights
             and BatchNorm statistics).
-        norm: ``"bn"`` (BatchNorm trains), ``"frozen_stats"`` (BatchNorm uses its stored statistics but its affine
-            parameters train) or ``"frozen"`` (statistics and affine parameters fixed).
+        norm: the encoder's BatchNorm: ``"bn"`` (trains), ``"gn"`` (replaced by GroupNorm starting from its affine
+            scale and shift, :func:`detkit.models.norm.batchnorm_to_groupnorm`: for fewer than ~16 images per
+            device), ``"frozen_stats"`` (uses its stored statistics, its affine parameters train) or ``"frozen"``
+            (statistics and affine parameters fixed).
+        neck_norm: normalisation after each neck convolution, ``"none"``, ``"bn"`` or ``"gn"``
+            (:mod:`detkit.models.norm`); ``None`` is the neck's own (FPN none, as in the paper; PAN bn).
     """
 
     def __init__(
@@ -359,18 +364,19 @@ class Backbone(nn.Module):
         extra_pool: bool = False,
         freeze_at: int = 0,
         norm: str = "bn",
+        neck_norm: str | None = None,
     ) -> None:
         super().__init__()
         levels = self._check(levels, neck, extra_pool, norm)
         self.encoder = ResNetEncoder(depth=depth, small_stem=small_stem)
         if init:
             load_resnet_init(self.encoder, init)
-        self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm)
+        self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm, neck_norm)
 
     @staticmethod
     def _check(levels: Sequence[str], neck: str, extra_pool: bool, norm: str) -> list[str]:
-        if norm not in ("bn", "frozen_stats", "frozen"):
-            raise ValueError(f"backbone norm must be 'bn', 'frozen_stats' or 'frozen', got {norm!r}")
+        if norm not in ("bn", "gn", "frozen_stats", "frozen"):
+            raise ValueError(f"backbone norm must be 'bn', 'gn', 'frozen_stats' or 'frozen', got {norm!r}")
         if neck not in NECKS:
             raise ValueError(f"backbone neck must be one of {NECKS}, got {neck!r}")
         levels = list(levels)
@@ -383,15 +389,18 @@ class Backbone(nn.Module):
         return levels
 
     def _build_neck(self, levels: list[str], neck: str, neck_channels: int, extra_pool: bool, freeze_at: int,
-                    norm: str) -> None:
-        """The neck over ``self.encoder``'s levels, the output names/strides, and the encoder's freezing."""
+                    norm: str, neck_norm: str | None = None) -> None:
+        """The neck over ``self.encoder``'s levels, the output names/strides, and the encoder's norm and freezing."""
         self.levels, self.norm, self.freeze_at = levels, norm, freeze_at
         enc = self.encoder
+        if norm == "gn":  # after the weights are loaded: GroupNorm starts from the pretrained affine parameters
+            batchnorm_to_groupnorm(enc)
         in_channels = [enc.channels[lv] for lv in levels]
         if neck == "fpn":
-            self.neck: nn.Module | None = FPN(in_channels, neck_channels, extra_pool=extra_pool)
+            self.neck: nn.Module | None = FPN(in_channels, neck_channels, extra_pool=extra_pool,
+                                              norm=neck_norm or "none")
         elif neck == "pan":
-            self.neck = PANNeck(in_channels, neck_channels)
+            self.neck = PANNeck(in_channels, neck_channels, norm=neck_norm or "bn")
         else:
             self.neck = None
         self.out_channels = in_channels[0] if neck == "none" else neck_channels

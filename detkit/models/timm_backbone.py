@@ -209,7 +209,7 @@ class TimmBackbone(Backbone):
         name: the timm model name.
         init: ``None`` (random), ``"imagenet"`` (timm's pretrained weights, with their pixel statistics), an encoder
             file from ``detkit-pretrain model.timm=NAME``, or a timm-format state dict of the model.
-        levels, neck, neck_channels, extra_pool, freeze_at, norm: as for :class:`Backbone`; ``freeze_at=k`` freezes
+        levels, neck, neck_channels, extra_pool, freeze_at, norm, neck_norm: as for :class:`Backbone`; ``freeze_at=k`` freezes
             the first ``k`` of the stages ``stem, layer1..layer4`` (see :meth:`TimmEncoder.stage_parameters`).
     """
 
@@ -223,11 +223,12 @@ class TimmBackbone(Backbone):
         extra_pool: bool = False,
         freeze_at: int = 0,
         norm: str = "bn",
+        neck_norm: str | None = None,
     ) -> None:
         nn.Module.__init__(self)
         levels = self._check(levels, neck, extra_pool, norm)
         self.encoder = build_timm_encoder(name, init)
-        self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm)
+        self._build_neck(levels, neck, neck_channels, extra_pool, freeze_at, norm, neck_norm)
 
     @classmethod
     def strides_for(cls, levels: Sequence[str] = ("c3", "c4", "c5"), neck: str = "fpn", extra_pool: bool = False,

@@ -22,6 +22,7 @@ from detkit.models.detection.matcher import Matcher
 from detkit.models.detection.postprocess import PostProcess
 from detkit.models.detection.roi_align import roi_align_gather
 from detkit.models.detection.sampler import BalancedSampler
+from detkit.models.norm import check_norm, norm2d
 from detkit.structures import Detections, Proposals, Targets
 
 
@@ -108,20 +109,55 @@ class RoIPooler(nn.Module):
         return out
 
 
-class TwoMLPHead(nn.Module):
-    """Flatten the pooled features, then two fully connected layers with ReLU (Faster R-CNN with FPN), each
-    followed by dropout when ``dropout > 0``."""
+class ConvFCHead(nn.Module):
+    """The box head over pooled ``[K, in_channels, r, r]`` features: ``convs`` 3x3 convolutions (each followed by
+    ``norm`` and ReLU), then ``fcs`` fully connected layers with ReLU (each followed by dropout when
+    ``dropout > 0``). Output ``[K, hidden]``. detectron2's ``FastRCNNConvFCHead``: ``convs=0, fcs=2`` is Faster
+    R-CNN with FPN's two-layer MLP (:class:`TwoMLPHead`, the default); ``convs=4, fcs=1, norm="gn"`` is the "4conv1fc"
+    head of detectron2's GN configs and of MoCo's and DenseCL's detection transfer (SyncBN there), and of
+    torchvision's ``fasterrcnn_resnet50_fpn_v2`` (BatchNorm).
 
-    def __init__(self, in_features: int, hidden: int = 512, dropout: float = 0.0) -> None:
+    Args:
+        in_channels, resolution: the pooled features' channels and side (filled in by :class:`RoIHeads`).
+        convs, conv_channels: the convolution stack.
+        fcs, hidden: the fully connected layers and their width (the fc layers are ``fc6``, ``fc7``, ...).
+        norm: after each convolution: ``"none"``, ``"bn"`` or ``"gn"`` (:mod:`detkit.models.norm`); ``None``: none.
+        dropout: after each fully connected layer.
+    """
+
+    def __init__(self, in_channels: int, resolution: int, convs: int = 0, conv_channels: int = 128, fcs: int = 2,
+                 hidden: int = 512, norm: str | None = "none", dropout: float = 0.0) -> None:
         super().__init__()
-        self.fc6 = nn.Linear(in_features, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
+        norm = check_norm(norm or "none", "box head")
+        if fcs < 1:
+            raise ValueError(f"the box head needs at least one fully connected layer, got fcs={fcs}")
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            conv = nn.Conv2d(in_channels if i == 0 else conv_channels, conv_channels, 3, padding=1,
+                             bias=norm == "none")
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            layers += [conv, norm2d(norm, conv_channels), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)  # empty (no parameters) for convs=0
+        width = (conv_channels if convs else in_channels) * resolution ** 2
+        self.fc_names = [f"fc{6 + i}" for i in range(fcs)]  # fc6, fc7: the names of Faster R-CNN's MLP head
+        for i, name in enumerate(self.fc_names):
+            setattr(self, name, nn.Linear(width if i == 0 else hidden, hidden))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(F.relu(self.fc6(x.flatten(1))))
-        return self.dropout(F.relu(self.fc7(x)))
+        x = self.convs(x).flatten(1)
+        for name in self.fc_names:
+            x = self.dropout(F.relu(getattr(self, name)(x)))
+        return x
+
+
+class TwoMLPHead(ConvFCHead):
+    """Faster R-CNN with FPN's box head: flatten, then two fully connected layers with ReLU (dropout after each
+    when ``dropout > 0``); :class:`ConvFCHead` with no convolution."""
+
+    def __init__(self, in_channels: int, resolution: int, hidden: int = 512, dropout: float = 0.0) -> None:
+        super().__init__(in_channels, resolution, convs=0, fcs=2, hidden=hidden, dropout=dropout)
 
 
 class BoxPredictor(nn.Module):
@@ -147,7 +183,8 @@ class RoIHeads(nn.Module):
         in_channels: feature channels; strides: strides of the pooled levels; num_classes: foreground classes
             (the three are filled in by :class:`~detkit.models.detection.faster_rcnn.FasterRCNN`).
         pooler: ``(strides) -> RoIPooler`` (default RoIAlign 7x7, sampling ratio 2, aligned).
-        box_head: ``(in_features) -> nn.Module`` with ``out_features`` (default :class:`TwoMLPHead`, 512 wide).
+        box_head: ``(in_channels, resolution) -> nn.Module`` with ``out_features`` (default :class:`TwoMLPHead`, 512
+            wide; :class:`ConvFCHead` adds normalised convolutions before it).
         sampler: RoI sampling (default 128 per image, 25% positives, as Faster R-CNN's own recipe; detectron2
             samples 512, which on images with a few objects is ~99% background).
         fg_iou_thresh: proposals with IoU >= this are foreground (0.5), the rest background.
@@ -172,8 +209,7 @@ class RoIHeads(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.pooler = (pooler or RoIPooler)(strides=strides)
-        self.box_head = (box_head or TwoMLPHead)(
-            in_features=in_channels * self.pooler.output_size ** 2)
+        self.box_head = (box_head or TwoMLPHead)(in_channels=in_channels, resolution=self.pooler.output_size)
         self.box_predictor = BoxPredictor(self.box_head.out_features, num_classes)
         self.box_coder = BoxCoder(bbox_weights)
         self.matcher = Matcher(fg_iou_thresh, fg_iou_thresh, allow_low_quality_matches=False)

@@ -20,27 +20,32 @@ from detkit.models.detection.losses import box_regression_loss, masked_mean
 from detkit.models.detection.matcher import Matcher
 from detkit.models.detection.postprocess import batched_multiclass_nms, cluster_nms, resolve_strategy
 from detkit.models.detection.sampler import BalancedSampler
+from detkit.models.norm import check_norm, norm2d
 from detkit.structures import Proposals, Targets
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then 1x1 objectness (``A`` per location) and 1x1 box deltas (``4A`` per location); shared
-    across feature levels."""
+    """3x3 conv (+ ``norm``) + ReLU, then 1x1 objectness (``A`` per location) and 1x1 box deltas (``4A`` per
+    location); shared across feature levels. ``norm``: ``"none"`` (the paper's), ``"bn"`` or ``"gn"``
+    (:mod:`detkit.models.norm`; a BatchNorm's statistics are then shared by all levels, as torchvision's v2 head)."""
 
-    def __init__(self, in_channels: int, num_anchors: int) -> None:
+    def __init__(self, in_channels: int, num_anchors: int, norm: str | None = "none") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        norm = check_norm(norm or "none", "RPN head")
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=norm == "none")
+        self.norm = norm2d(norm, in_channels)
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
         for layer in (self.conv, self.cls_logits, self.bbox_pred):
             nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per level: logits ``[B, H*W*A]`` and deltas ``[B, H*W*A, 4]`` in the anchor generator's order."""
         logits, deltas = [], []
         for f in features:
-            t = F.relu(self.conv(f))
+            t = F.relu(self.norm(self.conv(f)))
             b, _, h, w = t.shape
             logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(b, -1))
             deltas.append(self.bbox_pred(t).view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))
@@ -71,6 +76,8 @@ class RegionProposalNetwork(nn.Module):
         fg_iou_thresh / bg_iou_thresh: matcher thresholds (0.7 / 0.3).
         min_size: proposals smaller than this (pixels) are dropped.
         box_loss: ``"smooth_l1"`` or ``"l1"``.
+        head_norm: normalisation in the head's 3x3 conv (:class:`RPNHead`): ``"none"`` (also ``None``), ``"bn"`` or
+            ``"gn"``.
     """
 
     def __init__(
@@ -87,11 +94,12 @@ class RegionProposalNetwork(nn.Module):
         bg_iou_thresh: float = 0.3,
         min_size: float = 1e-3,
         box_loss: str = "smooth_l1",
+        head_norm: str | None = "none",
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
         num_anchors = anchors_per_location(anchor_generator.sizes, anchor_generator.aspect_ratios)
-        self.head = RPNHead(in_channels, num_anchors)
+        self.head = RPNHead(in_channels, num_anchors, norm=head_norm)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = sampler or BalancedSampler(256, 0.5)

@@ -44,18 +44,22 @@ class DecoupledHead(nn.Module):
     """Per level: a shared stem, then separate classification and regression branches (YOLOX).
 
     Outputs per level ``[B, H*W, 4 + 1 + C]``: raw ``ltrb`` distances, objectness logit, class logits.
-    ``dropout > 0`` adds spatial dropout (``Dropout2d``) after each stem.
+    ``dropout > 0`` adds spatial dropout (``Dropout2d``) after each stem; ``norm`` (``"bn"``, ``"gn"`` or
+    ``"none"``, :mod:`detkit.models.norm`) follows every convolution of the stems and branches.
     """
 
     def __init__(self, channels: int, num_classes: int, num_levels: int, prior_prob: float = 0.01,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, norm: str | None = "bn") -> None:
         super().__init__()
+        norm = norm or "bn"
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.stems = nn.ModuleList(conv_bn_act(channels, channels, 1) for _ in range(num_levels))
-        self.cls_convs = nn.ModuleList(nn.Sequential(conv_bn_act(channels, channels), conv_bn_act(channels, channels))
-                                       for _ in range(num_levels))
-        self.reg_convs = nn.ModuleList(nn.Sequential(conv_bn_act(channels, channels), conv_bn_act(channels, channels))
-                                       for _ in range(num_levels))
+
+        def block(k: int = 3) -> nn.Sequential:
+            return conv_bn_act(channels, channels, k, norm=norm)
+
+        self.stems = nn.ModuleList(block(1) for _ in range(num_levels))
+        self.cls_convs = nn.ModuleList(nn.Sequential(block(), block()) for _ in range(num_levels))
+        self.reg_convs = nn.ModuleList(nn.Sequential(block(), block()) for _ in range(num_levels))
         self.cls_pred = nn.ModuleList(nn.Conv2d(channels, num_classes, 1) for _ in range(num_levels))
         self.reg_pred = nn.ModuleList(nn.Conv2d(channels, 4, 1) for _ in range(num_levels))
         self.obj_pred = nn.ModuleList(nn.Conv2d(channels, 1, 1) for _ in range(num_levels))
@@ -177,11 +181,12 @@ class YOLO(nn.Module):
         box_loss: ``"giou"`` or ``"ciou"``; loss weights ``box_weight``, ``obj_weight``, ``cls_weight``.
         dropout: dropout on the head's stem output (0 disables).
         inference: :class:`~detkit.models.detection.postprocess.PostProcess` (score threshold, top-k, NMS, cap).
+        head_norm: the head's normalisation (:class:`DecoupledHead`): ``"bn"`` (also ``None``), ``"gn"`` or ``"none"``.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, assigner: CentreSamplingAssigner | None = None,
                  box_loss: str = "giou", box_weight: float = 5.0, obj_weight: float = 1.0, cls_weight: float = 1.0,
-                 dropout: float = 0.0, inference: PostProcess | None = None) -> None:
+                 dropout: float = 0.0, inference: PostProcess | None = None, head_norm: str | None = "bn") -> None:
         super().__init__()
         if box_loss not in ("giou", "ciou"):
             raise ValueError(f"YOLO box_loss must be 'giou' or 'ciou', got {box_loss!r}")
@@ -190,7 +195,8 @@ class YOLO(nn.Module):
                              "(neck: pan, as backbone@model.detector.backbone=resnet18_pan)")
         self.backbone = backbone
         self.strides = list(backbone.strides.values())
-        self.head = DecoupledHead(backbone.out_channels, num_classes, len(self.strides), dropout=dropout)
+        self.head = DecoupledHead(backbone.out_channels, num_classes, len(self.strides), dropout=dropout,
+                                  norm=head_norm)
         self.num_classes = num_classes
         self.assigner = assigner or CentreSamplingAssigner()
         if self.assigner.size_ranges is not None and len(self.assigner.size_ranges) != len(self.strides):
