@@ -41,11 +41,13 @@ demo: $(STAMP)
 # Two pytest-xdist workers, one per core of the 2-core machines the suite is sized for (tests/conftest.py gives each
 # one torch thread). --dist loadfile: a test file runs whole, in order, on one worker, so its module fixtures (the
 # ten console-script processes, a trained run) are made once (not loadgroup: under pytest 9.2, pytest-xdist 3.8
-# cannot apply xdist_group marks, it renames item._nodeid, which pytest no longer reads). A plain `pytest` runs the
-# same tests in one process; e.g. `make test TEST_WORKERS=auto` on a bigger machine.
+# cannot apply xdist_group marks, it renames item._nodeid, which pytest no longer reads). --no-loadscope-reorder
+# hands the files out in collection order: xdist's default, most tests first, leaves the one-test GPU-session dry run
+# (~50 s) for last, on one worker while the other idles. A plain `pytest` runs the same tests in one process;
+# e.g. `make test TEST_WORKERS=auto` on a bigger machine.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Headless Chromium for the results-browser test (Debian's package). Best effort: without root or apt the test is
 # skipped with its reason, never silently.
