@@ -125,9 +125,12 @@ class ResNetEncoder(nn.Module):
 
     def freeze(self, freeze_at: int, norm: str) -> None:
         """``freeze_at=k``: weights and BatchNorm statistics of the stem and ``layer1..layer{k-1}`` fixed;
-        ``norm``: ``bn`` | ``frozen_stats`` | ``frozen`` for every BatchNorm (see :class:`Backbone`)."""
+        ``norm``: ``bn`` | ``gn`` (already GroupNorm: no statistics) | ``frozen_stats`` | ``frozen`` for every
+        BatchNorm (see :class:`Backbone`)."""
         stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
         nn.ModuleList(stages[:freeze_at]).requires_grad_(False)  # frozen stages: weights and statistics
+        if norm == "gn":  # GroupNorm keeps no statistics: the frozen stages' weights are all there is to fix
+            return
         if norm != "bn":
             freeze_batchnorm(self, train_affine=norm == "frozen_stats")
             return

@@ -169,7 +169,7 @@ class TimmEncoder(nn.Module):
                 parent, _, attr = mod_name.rpartition(".")
                 holder = self.body.get_submodule(parent) if parent else self.body
                 setattr(holder, attr, FrozenBatchNorm2d.from_batchnorm(module, train_affine=False))
-        if norm != "bn":
+        if norm in ("frozen_stats", "frozen"):  # (gn: GroupNorm already, no statistics)
             freeze_batchnorm(self.body, train_affine=norm == "frozen_stats")
 
 

@@ -5,6 +5,9 @@ with GroupNorm below 16 images per device and BatchNorm from 16."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -19,13 +22,15 @@ from detkit.models.necks import FPN, PANNeck
 from detkit.models.norm import batchnorm_to_groupnorm, group_count, norm2d
 from detkit.paths import config_dir
 from detkit.run_config import norm_for_batch
+from detkit.structures import Targets
 
 
 def _count(module: nn.Module, kind: type) -> int:
     return sum(isinstance(m, kind) for m in module.modules())
 
 
-@pytest.mark.parametrize("channels, groups", [(128, 32), (64, 32), (96, 32), (48, 16), (24, 8), (3, 1)])
+@pytest.mark.parametrize("channels, groups", [(512, 32), (128, 32), (64, 32), (96, 32), (48, 24), (40, 20),
+                                             (72, 24), (32, 32), (24, 24), (3, 3)])
 def test_group_count_is_the_largest_divisor_up_to_32(channels, groups):
     assert group_count(channels) == groups and channels % groups == 0
 
@@ -33,7 +38,7 @@ def test_group_count_is_the_largest_divisor_up_to_32(channels, groups):
 def test_norm2d_by_name():
     assert isinstance(norm2d("bn", 8), nn.BatchNorm2d)
     gn = norm2d("gn", 48)
-    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 16
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 24
     assert isinstance(norm2d("none", 8), nn.Identity)
     with pytest.raises(ValueError, match="norm must be one of"):
         norm2d("layer", 8)
@@ -64,7 +69,25 @@ def test_batchnorm_to_groupnorm_replaces_every_batchnorm_and_keeps_each_affine()
     for name, (w, b, c) in before.items():
         gn = after[name]
         assert gn.num_channels == c and torch.equal(gn.weight, w) and torch.equal(gn.bias, b), name
+        assert gn.num_groups == 32, name  # ResNet-18's 64-512 channels: the paper's 32 groups
         assert gn.weight.requires_grad == (not name.startswith("layer1")), name
+
+
+@pytest.mark.parametrize("kind", ["sync", "frozen"])
+def test_batchnorm_to_groupnorm_refuses_the_batchnorms_it_would_get_wrong(kind):
+    from detkit.models.backbones import FrozenBatchNorm2d
+
+    bn = nn.SyncBatchNorm(8) if kind == "sync" else FrozenBatchNorm2d.from_batchnorm(nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="cannot turn '1'"):
+        batchnorm_to_groupnorm(nn.Sequential(nn.Conv2d(3, 8, 3), bn))
+
+
+def test_backbone_gn_with_frozen_stages_freezes_their_weights_and_trains_the_rest():
+    backbone = Backbone(levels=["c3", "c4", "c5"], neck="fpn", norm="gn", freeze_at=2)
+    enc = backbone.encoder
+    assert _count(backbone, nn.BatchNorm2d) == 0 and _count(enc, nn.GroupNorm) == 20
+    for name, p in enc.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] not in ("conv1", "bn1", "layer1")), name
 
 
 def test_a_groupnorm_encoder_normalises_each_image_alone():
@@ -163,10 +186,42 @@ def test_a_transfer_ssl_detector_trains_a_step(model):
     from tests.test_host_sync import batch
     _, module = _model([f"model={model}", "transfer=ssl", "data.batch_size=2",
                         "model.detector.backbone.neck_channels=32"])
-    images, targets = batch()
+    images, _ = batch()  # [2, 3, 192, 256]
+    # boxes for each YOLO level (longer half-side < 64, 64-128, >= 128 px): every branch of every level has positives
+    targets = Targets.from_list([
+        {"boxes": torch.tensor([[10.0, 20, 100, 120], [20, 10, 200, 180], [0, 0, 256, 190]]),
+         "labels": torch.tensor([0, 2, 1])},
+        {"boxes": torch.tensor([[30.0, 30, 60, 50]]), "labels": torch.tensor([1])}])
     opt = torch.optim.SGD(module.detector.parameters(), lr=0.01)
     losses = module.detector.loss(images, targets, generator=module.sampling_generator(images.device))
     sum(losses.values()).backward()
+    # every norm is in the path of the loss: each trainable tensor, the norms' scale and shift included, gets a gradient
+    no_grad = [n for n, p in module.detector.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad, no_grad
     opt.step()
     assert torch.isfinite(torch.stack(list(losses.values()))).all()
     assert all(torch.isfinite(p).all() for p in module.detector.parameters())
+
+
+GOLDEN = Path(__file__).parent / "data" / "default_state_dicts.json"
+
+
+@pytest.mark.parametrize("model", ["faster_rcnn", "yolo"])
+def test_the_default_detectors_parameter_names_and_shapes_are_pinned(model):
+    """Checkpoints of earlier runs load only if the default detectors keep every parameter's name and shape. The
+    file was written at the commit that added the norm options, from the defaults before them (the same names and
+    shapes); change it only with a change that means to break old checkpoints:
+    ``python -c "from tests.models.test_norm import write_golden; write_golden()"``."""
+    expected = json.loads(GOLDEN.read_text())[model]
+    assert _names_and_shapes(model) == expected
+
+
+def _names_and_shapes(model: str) -> dict[str, list[int]]:
+    _, module = _model([f"model={model}"])
+    return {k: list(v.shape) for k, v in module.detector.state_dict().items()}
+
+
+def write_golden() -> None:
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({m: _names_and_shapes(m) for m in ("faster_rcnn", "yolo")}, indent=0) + "\n")
