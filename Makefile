@@ -22,6 +22,7 @@ help:
 	@echo "make bench      - detector and evaluation benchmarks in scripts/ (see BENCHMARKS.md)"
 	@echo "make bench-simclr - SimCLR on CIFAR-10 images vs random init and raw pixels (needs ../shared/datasets)"
 	@echo "make study      - does SimCLR pretraining help detection? 24 fine-tunings on BCCD (~2 h on 2 CPU cores)"
+	@echo "make study-cpu  - the study's reduced CPU version: its checks and SimCLR vs scratch for YOLO (~1 h on 2 cores)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +76,13 @@ bench-simclr: $(STAMP)
 
 study: $(STAMP)
 	$(VENV)/bin/detkit-study --out $(STUDY_DIR) $(STUDY_ARGS)
+
+# The reduced CPU version of the study (STUDY.md "Protocol"): SimCLR pretraining, then YOLO x scratch/SimCLR x 25%/100%
+# x 5 seeds; ~1 h on 2 idle cores (with other jobs on the cores, several times that). On a GPU, the full study is
+# `bash scripts/gpu_session.sh study` (or `detkit-study --preset gpu`).
+.PHONY: study-cpu
+study-cpu: $(STAMP)
+	$(VENV)/bin/detkit-study --preset cpu --out $(STUDY_DIR)_cpu $(STUDY_ARGS)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -24,6 +24,10 @@
 #   bash scripts/gpu_session.sh views     # issue 17: SimCLR views on the device (BCCD images when ../shared is absent)
 #   bash scripts/gpu_session.sh parity    # issue 28: SimCLR detkit vs lightly, 10,000 CIFAR-10 images, 40 epochs,
 #                                         # batch 512, probed (needs .gpu_data/cifar10_{train,test}.tar.gz)
+#   bash scripts/gpu_session.sh study     # issues 29/32: the whole pretraining and self-training study on BCCD
+#                                         # (detkit-study --preset gpu: 2 pretrainings, then 80 fine-tunings side by
+#                                         # side through Hydra's joblib launcher, from .whl); ends within 8 minutes
+#                                         # (--budget-s), the report from what completed: $OUT/study/study.md
 #
 # Run from the repository root; on the device machine with .whl (and .gpu_data) carried; each stage writes its
 # markdown and log under $OUT (default /tmp/gpu_out). PYTHON picks the interpreter (default python3).
@@ -40,7 +44,7 @@ for a in "$@"; do [ "$a" = --dry-run ] && DRY=1; done
 # The distributions the device's image lacks (hydra-core's antlr4 runtime has no wheel: built by `pip wheel`), and
 # what they need beyond the image (scripts/gpu_session.py --check-wheels checks that against the image's list).
 WHEELS="hydra-core omegaconf albumentations albucore stringzilla simsimd pydantic pydantic-core annotated-types
-typing-inspection typing-extensions pycocotools faster-coco-eval torchdata lightly"
+typing-inspection typing-extensions pycocotools faster-coco-eval torchdata lightly hydra-joblib-launcher"
 
 prepare() {
     set -e
@@ -144,8 +148,30 @@ parity)  # issue 28's GPU goal: detkit (device views) vs lightly, 10,000 CIFAR-1
     timeout 560 "$PY" scripts/bench_simclr_peer.py --cifar /tmp/parity_cifar/cifar10 --per-class 1000 --epochs 40 \
         --batch-size 512 --probe-per-class 1000 --augment-on device --device cuda --precision bf16-mixed \
         --workers 12 --out "$OUT/parity" > "$OUT/parity.md" 2> "$OUT/parity.log" ;;
+study)  # issue 29 item 4 + issue 32 item 4, the full study in this one call of at most 8 minutes (480 s from START):
+        # detkit-study --preset gpu, its jobs side by side on the GPU through Hydra's joblib launcher; the study stops
+        # what still runs at its budget and reports what completed. Run in /tmp (checkpoints and logs stay there);
+        # $OUT gets the report, the sweeps' tables, each job's metrics and logs (study_runs.tar.gz) and study.log.
+    setup || exit 1; device_txt
+    if ! "$PY" -c "import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then  # the image had hydra already
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+            .whl/hydra_joblib_launcher-*.whl || exit 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"  # detkit-train, -pretrain
+    left=$((465 - ($(date +%s) - START)))  # 15 s kept for packing the results
+    timeout "$((left + 10))" "$PY" -m detkit.cli.study --preset gpu --out /tmp/study --budget-s "$left" \
+        > "$OUT/study.log" 2>&1
+    rc=$?
+    mkdir -p "$OUT/study"
+    cp /tmp/study/study.* /tmp/study/*.png "$OUT/study/" 2>/dev/null
+    (cd /tmp/study && find . \( -name summary.csv -o -name metrics.json -o -name run.json -o -name job_status.json \
+        -o -name '*.log' -o -name metrics.csv -o -name 'pretrain_metrics.json' -o -name 'config.yaml' \
+        -o -name '*.json' -path './unlabeled/*' \) -print0 | tar -czf "$OUT/study_runs.tar.gz" --null -T -)
+    tail -n 60 "$OUT/study.log"
+    exit $rc ;;
 *)
     echo "usage: bash scripts/gpu_session.sh prepare | all [--dry-run] | compile [PRECISION] | eager | tests" \
-        "| views | parity" >&2
+        "| views | parity | study" >&2
     exit 2 ;;
 esac
