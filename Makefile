@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 STUDY_DIR ?= runs/study
-# e.g. `make study STUDY_ARGS="--scale 10 -- trainer=gpu"` on a GPU
+# e.g. `make study STUDY_ARGS="-- trainer=gpu"` on a GPU (one call on a lent GPU: `bash scripts/gpu_session.sh study`)
 STUDY_ARGS ?=
 
 .PHONY: demo test test-slow test-gpu browser bench bench-simclr study install clean help
@@ -21,7 +21,7 @@ help:
 	@echo "make test-gpu   - the device path on a CUDA GPU (NMS, RoIAlign, sync-free steps in every precision, CUDA graphs)"
 	@echo "make bench      - detector and evaluation benchmarks in scripts/ (see BENCHMARKS.md)"
 	@echo "make bench-simclr - SimCLR on CIFAR-10 images vs random init and raw pixels (needs ../shared/datasets)"
-	@echo "make study      - does SimCLR pretraining help detection? 24 fine-tunings on BCCD (~2 h on 2 CPU cores)"
+	@echo "make study      - do unlabeled images help? the full study (SimCLR/DenseCL/self-training, both detectors; many CPU hours: for a GPU)"
 	@echo "make study-cpu  - the study's reduced CPU version: its checks and SimCLR vs scratch for YOLO (~1 h on 2 cores)"
 
 $(VENV)/bin/python:
