@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 STUDY_DIR ?= runs/study
-# e.g. `make study STUDY_ARGS="-- trainer=gpu"` on a GPU (one call on a lent GPU: `bash scripts/gpu_session.sh study`)
+# e.g. `make study STUDY_ARGS="--preset gpu"` on a GPU (pretraining and fine-tuning on it; needs the study-gpu extra,
+# pip install -e ".[study-gpu]"; one call on a lent GPU:
+# `bash scripts/gpu_session.sh study`)
 STUDY_ARGS ?=
 
 .PHONY: demo test test-slow test-gpu browser bench bench-simclr study install clean help
@@ -17,7 +19,7 @@ STUDY_ARGS ?=
 help:
 	@echo "make demo       - set up .venv and run pretrain -> fine-tune -> evaluate on data/ (a few CPU minutes)"
 	@echo "make test       - set up .venv and run the test suite (fast tests)"
-	@echo "make test-slow  - the slow tests: real overfit trainings, DDP checks"
+	@echo "make test-slow  - the slow tests: real overfit trainings, DDP checks, inductor-compiled losses"
 	@echo "make test-gpu   - the device path on a CUDA GPU (NMS, RoIAlign, sync-free steps in every precision, CUDA graphs)"
 	@echo "make bench      - detector and evaluation benchmarks in scripts/ (see BENCHMARKS.md)"
 	@echo "make bench-simclr - SimCLR on CIFAR-10 images vs random init and raw pixels (needs ../shared/datasets)"

@@ -1,6 +1,7 @@
 """``model.compile``: the training loss compiles as one graph (``fullgraph=True``: no break, nothing the compiler
-cannot guard on) and gives eager's losses. Compiled with AOTAutograd's eager backend in ``make test`` and with
-inductor on the CPU in ``make test-slow`` (needs a C++ compiler); the GPU run uses the same graph."""
+cannot guard on) and gives eager's losses. Compiled without code generation (AOTAutograd with inductor's
+decompositions and partitioner) in ``make test`` and with inductor on the CPU in ``make test-slow`` (needs a C++
+compiler); the GPU run uses the same graph."""
 
 from __future__ import annotations
 
@@ -11,38 +12,49 @@ import torch
 
 from tests.test_host_sync import batch, build, targets_with
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on CPU needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="inductor on CPU needs a C++ compiler")
 
 
 @pytest.mark.parametrize(("backend", "model"), [
-    # aot_eager: dynamo's graph, functionalised and differentiated by AOTAutograd as inductor gets it, run without
-    # code generation (the mutations, random draws and backward graph are checked; inductor's C++ build of the YOLO
-    # loss takes 80 s with a cold cache, as on a fresh machine, so inductor itself is `make test-slow`'s)
-    ("aot_eager", "yolo"),
-    pytest.param("aot_eager", "faster_rcnn", marks=pytest.mark.slow),
-    pytest.param("inductor", "yolo", marks=pytest.mark.slow),
-    pytest.param("inductor", "faster_rcnn", marks=pytest.mark.slow),
+    # aot_eager_decomp_partition: dynamo's graph, decomposed with inductor's table, functionalised, differentiated and
+    # partitioned by AOTAutograd as inductor gets it, then run without code generation (the mutations, the samplers'
+    # random draws and the backward graph are checked; inductor's C++ build of the YOLO loss takes 80 s with a cold
+    # cache, as on a fresh machine, so inductor itself is `make test-slow`'s)
+    ("aot_eager_decomp_partition", "yolo"),
+    pytest.param("aot_eager_decomp_partition", "faster_rcnn", marks=pytest.mark.slow),
+    pytest.param("inductor", "yolo", marks=[pytest.mark.slow, needs_cxx]),
+    pytest.param("inductor", "faster_rcnn", marks=[pytest.mark.slow, needs_cxx]),
 ])
 def test_the_compiled_loss_is_one_graph_and_equals_eager(backend, model):
     import torch._dynamo
     import torch._inductor.config as inductor_config
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     detector = build(model).detector
     images, targets = batch()
     torch.manual_seed(1)
     eager = detector.loss(images, targets)
+    sum(eager.values()).backward()
+    trainable = {n: p for n, p in detector.named_parameters() if p.requires_grad}
+    assert [n for n, p in trainable.items() if p.grad is None] == []
+    eager_grads = {n: p.grad.clone() for n, p in trainable.items()}
+    detector.zero_grad(set_to_none=True)
+
     torch._dynamo.reset()
-    compiled = torch.compile(detector.loss, backend=backend, fullgraph=True)
+    counter = CompileCounterWithBackend(backend)  # a disabled dynamo would run eager and compile nothing
+    compiled = torch.compile(detector.loss, backend=counter, fullgraph=True)
     torch.manual_seed(1)
-    with inductor_config.patch(fallback_random=True):  # the samplers' draws as in eager
+    with inductor_config.patch(fallback_random=True):  # inductor: the samplers' draws as in eager
         losses = compiled(images, targets)
     sum(losses.values()).backward()
+    assert counter.frame_count == 1
     assert set(losses) == set(eager)
     for name in eager:
         torch.testing.assert_close(losses[name], eager[name], rtol=1e-3, atol=1e-4, msg=name)
-    trainable = [n for n, p in detector.named_parameters() if p.requires_grad]
-    assert [n for n in trainable if detector.get_parameter(n).grad is None] == []
+    assert [n for n, p in trainable.items() if p.grad is None] == []
+    for name, grad in eager_grads.items():  # the backward graph: every gradient as eager's
+        torch.testing.assert_close(trainable[name].grad, grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_cuda_graph_modes_begin_a_step_and_copy_the_losses_out_of_the_graph(monkeypatch):
@@ -77,6 +89,7 @@ def test_cuda_graph_modes_begin_a_step_and_copy_the_losses_out_of_the_graph(monk
 
 
 @pytest.mark.slow
+@needs_cxx
 @pytest.mark.parametrize("model", ["yolo", "faster_rcnn"])
 def test_a_new_box_count_recompiles_with_a_symbolic_box_dimension_that_equals_eager(model):
     """Real batches pad their boxes to different counts G: the second G recompiles the step with G symbolic
