@@ -15,8 +15,9 @@ fixed-step schedule of ``experiment=study_bccd`` (or the preset's), evaluated on
    scored on: pretraining on them would be transductive (the encoder would have seen the very images of the score).
    ``--pretrain-pool train`` uses the train images only; ``--pretrain-pool all`` adds val, and the report says so.
    ``train_complement_f10_s0.json``: the train images *outside* the labeled subset of a budget (the subset the data
-   module draws: ``data.train_fraction`` with ``data.subset_seed``, drawn here by the same code), the unlabeled images
-   of self-training at that budget (``semi.unlabeled_ann``; their labels only measure the pseudo-labels' precision).
+   module draws: ``data.train_fraction`` with ``data.subset_seed``, drawn here by the same code; a val image listed
+   in train left out, as from the pool), the unlabeled images of self-training at that budget
+   (``semi.unlabeled_ann``; their labels only measure the pseudo-labels' precision).
 2. **Pretraining**: one ``detkit-pretrain -m pretrain_job=simclr,densecl`` multirun on the pool, the loss logged every
    step -> ``OUT/pretrain/{simclr,densecl}/encoder.pt`` (an encoder already there is reused: a study resumes).
 3. **Fine-tuning**: one ``detkit-train -m`` sweep per encoder file (``encoder=`` is the one file ``init=simclr`` and
@@ -24,12 +25,14 @@ fixed-step schedule of ``experiment=study_bccd`` (or the preset's), evaluated on
    (init=scratch,simclr), ``finetune_densecl/`` (init=densecl), ``finetune_semi_f10/`` (semi=teacher, init=scratch,
    simclr at the 10% budget; ``_densecl`` for a DenseCL init). Seeds vary slowest, so a sweep cut short (``--budget-s``)
    has every arm at fewer seeds rather than some arms missing.
-4. **Report** from those ``summary.csv`` files (no hand-copied numbers): ``OUT/study.md`` (the checks, then the table:
-   mean and 95% t-interval per arm, and the AP50 gain vs scratch with Welch's 95% interval), ``OUT/study.json``
-   (every seed's value), ``OUT/study_ap50.png`` (AP50 vs label budget) and ``OUT/study_pretrain_loss.png`` (each
-   pretraining's loss per step against its chance level ln(2B-1)). Two checks come first: every pretraining ended
-   ``--loss-margin`` nats (default 1) or more below chance, and scratch at 100% of the labels beats scratch at each
-   smaller budget (the schedule is long enough for labels to matter).
+4. **Report** from those sweeps (no hand-copied numbers; each ``summary.csv`` rebuilt from its job folders, the
+   jobs expected read from its ``multirun.yaml`` or the study's plan): ``OUT/study.md`` (the checks, then the table:
+   mean and 95% t-interval per arm, the seeds completed of those expected with the failed and missing ones, and
+   the AP50 gain vs scratch with Welch's 95% interval), ``OUT/study.json`` (every seed's value),
+   ``OUT/study_ap50.png`` (AP50 vs label budget) and ``OUT/study_pretrain_loss.png`` (each pretraining's loss per
+   step against its chance level ln(2B-1), B the batch or the pool's size if smaller). Two checks come first: every
+   pretraining ended ``--loss-margin`` nats (default 1) or more below chance, and scratch at 100% of the labels
+   beats scratch at each smaller budget (the schedule is long enough for labels to matter).
 
 Presets (``--preset``; any flag given explicitly wins):
 
@@ -63,13 +66,15 @@ sweeps it and the table separates the rows (default ``none``).
 
 Another COCO dataset: pass its paths as overrides, e.g. ``-- data.train_ann=A.json data.train_images=DIR
 data.val_ann=B.json data.val_images=DIR [data.test_ann=C.json data.test_images=DIR]`` (pretraining then uses those
-train and test images). Report only, from existing sweeps: ``detkit-study --report-only --out OUT``.
+train and test images). Report only, from existing sweeps: ``detkit-study --report-only --out OUT`` (the earlier
+run's command, stages, unlabeled sets and planned sweeps kept from its ``study.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -86,6 +91,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.experimental.callback import Callback
+
+from detkit.cli.sweep import STATUS_FILE
 
 METRICS = ("AP", "AP50", "AP75")
 #: Arm keys read from a sweep's ``overrides`` column, with the value used when the sweep did not vary them.
@@ -255,16 +262,21 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
     """``mean(a) - mean(b)`` with Welch's ``level`` interval (unequal variances, Welch-Satterthwaite degrees of
-    freedom); no interval (``half`` None) unless both sides have two values or more."""
+    freedom); no interval (``half`` None) unless both sides have two values or more, nor when neither side varies
+    (``no_spread``: every seed gave the same value on both sides, e.g. a seed that changes nothing; an interval of
+    width 0 would claim a certainty the seeds do not show)."""
     diff = statistics.fmean(a) - statistics.fmean(b) if a and b else math.nan
+    none = {"diff": diff, "ci95": None, "lo": None, "hi": None, "df": None, "no_spread": False}
     if len(a) < 2 or len(b) < 2:
-        return {"diff": diff, "ci95": None, "lo": None, "hi": None, "df": None}
+        return none
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return none | {"no_spread": True}
     se = math.sqrt(va + vb)
     den = (va * va / (len(a) - 1) if va else 0.0) + (vb * vb / (len(b) - 1) if vb else 0.0)
     df = (va + vb) ** 2 / den if den > 0 else float(len(a) + len(b) - 2)
     half = t_quantile((1 + level) / 2, df) * se
-    return {"diff": diff, "ci95": half, "lo": diff - half, "hi": diff + half, "df": df}
+    return {"diff": diff, "ci95": half, "lo": diff - half, "hi": diff + half, "df": df, "no_spread": False}
 
 
 # ---------------------------------------------------------------------------------------------------- sweeps -> arms
@@ -273,13 +285,105 @@ def parse_overrides(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
-def _job_overrides(row: dict[str, str]) -> dict[str, str]:
-    """All overrides of a sweep job: the summary's column keeps only those that vary between jobs, so a setting
-    shared by every job (e.g. ``data.train_fraction=0.25`` for all) is read back from the job's own status file."""
-    status = Path(row.get("output_dir") or "") / "job_status.json"
-    if row.get("output_dir") and status.is_file():
-        return parse_overrides(" ".join(json.loads(status.read_text())["overrides"]))
-    return parse_overrides(row["overrides"])
+def expand_sweep(params: dict[str, Any] | None, overrides: Sequence[str]) -> list[list[str]]:
+    """Every job's overrides of a multirun of Hydra's basic sweeper, in job-number order: the sweeper's ``params``
+    (``hydra.sweeper.params``) then the command line's task ``overrides`` (a key given again keeps its first place
+    and takes the later value), expanded as their product, as ``BasicSweeper.split_arguments`` does. A sweep the
+    basic sweeper cannot enumerate raises ``ValueError``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in (params or {}).items()),
+                                                      *overrides]):
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            choices[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            choices[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            raise ValueError(f"{o.input_line}: not a sweep the basic sweeper enumerates")
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def multirun_grid(sweep: Path) -> list[list[str]] | None:
+    """The jobs a sweep launched (:func:`expand_sweep` of its ``multirun.yaml``, which Hydra writes when the sweep
+    starts). None without that file, for another sweeper (e.g. Optuna's) or a sweep it cannot enumerate."""
+    cfg = _read_yaml(sweep / "multirun.yaml")
+    hydra = cfg.get("hydra") if isinstance(cfg.get("hydra"), dict) else {}
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    try:
+        return expand_sweep(sweeper.get("params"), (hydra.get("overrides") or {}).get("task") or [])
+    except Exception:  # noqa: BLE001  (an override Hydra's parser refuses here: no expected grid)
+        return None
+
+
+def planned_sweep(cfg, cmd: Sequence[str]) -> dict[str, Any]:
+    """What a ``detkit-train -m`` command (:func:`finetune_command`) will launch, for the report to count the jobs
+    that never recorded a result even if the sweep never starts: the sweeper's parameters of the composed
+    fine-tuning config ``cfg`` and the command's task overrides (the ``hydra`` ones left out, as Hydra does)."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params")
+    task = [o for o in cmd[2:] if not _key(o).startswith(("hydra.", "hydra/"))]
+    return {"params": OmegaConf.to_container(params) if params is not None else {}, "overrides": task}
+
+
+def _job_folder(row: dict[str, str], sweep: Path) -> Path | None:
+    """The folder of a summary row's job that holds its ``job_status.json`` (for the same job number): first under
+    ``sweep`` (``sweep/<job number>``, or ``sweep`` joined with the last components of the recorded ``output_dir``:
+    a study folder moved or unpacked elsewhere), then the recorded absolute ``output_dir``. None if none does."""
+    recorded = Path(row["output_dir"]) if row.get("output_dir") else None
+    job = str(row.get("job") or "").strip()
+    candidates = [sweep / job] if job.isdigit() else []
+    if recorded is not None:
+        candidates += [sweep.joinpath(*recorded.parts[-k:]) for k in range(1, min(3, len(recorded.parts)) + 1)]
+        candidates.append(recorded)
+    for folder in candidates:
+        status = folder / STATUS_FILE
+        if status.is_file() and (not job.isdigit() or str(json.loads(status.read_text()).get("job")) == job):
+            return folder
+    return None
+
+
+def _grid_job(row: dict[str, str], grid: list[list[str]] | None) -> list[str] | None:
+    """The grid's overrides for the row's job number, if they agree with the overrides the row lists."""
+    job = str(row.get("job") or "").strip()
+    if grid is None or not job.isdigit() or int(job) >= len(grid):
+        return None
+    cell = grid[int(job)]
+    return cell if set(row["overrides"].split()) <= set(cell) else None
+
+
+def job_overrides(row: dict[str, str], sweep: Path, grid: list[list[str]] | None, complete: bool) -> list[str]:
+    """All overrides of a sweep job. ``summary.csv``'s column keeps only those that vary between the jobs
+    (``complete``: a summary of one job, which lists them all), so the ones shared by every job (e.g.
+    ``semi=teacher``, ``data.train_fraction=0.1``) come from the job's ``job_status.json`` (:func:`_job_folder`),
+    else from the sweep's ``grid`` (its ``multirun.yaml``). Neither: a clear error, never the defaults of
+    :data:`ARM_KEYS` (which would label a self-training arm as scratch)."""
+    folder = _job_folder(row, sweep)
+    if folder is not None:
+        return list(json.loads((folder / STATUS_FILE).read_text())["overrides"])
+    if complete:
+        return row["overrides"].split()
+    cell = _grid_job(row, grid)
+    if cell is not None:
+        return cell
+    raise SystemExit(
+        f"detkit-study: sweep {sweep}: job {row.get('job')}'s folder (recorded as {row.get('output_dir')}) is not "
+        f"there, nor under the sweep folder, and {sweep / 'multirun.yaml'} does not list the job: the overrides "
+        "shared by every job (init, semi, data.train_fraction, model...) are not in summary.csv, so its arms "
+        "cannot be labelled. Put the job folders (or multirun.yaml) back under the sweep folder.")
+
+
+def _arm_of(overrides: Sequence[str], arm_name: str | None) -> tuple[tuple, str]:
+    """A job's arm (model, init, self-training, transfer recipe, label budget) and seed from all its overrides;
+    ``arm_name`` (a pretraining arm's sweep) renames a pretrained init to ``INIT:NAME``."""
+    ov = {**ARM_KEYS, **parse_overrides(" ".join(overrides))}
+    if arm_name and ov["init"] != "scratch":
+        ov["init"] = f"{ov['init']}:{arm_name}"
+    return (ov["model"], ov["init"], ov["semi"], ov["transfer"], float(ov["data.train_fraction"])), ov.get("seed", "")
 
 
 def _arm_key(arm: dict[str, Any]) -> tuple:
@@ -288,32 +392,63 @@ def _arm_key(arm: dict[str, Any]) -> tuple:
             arm["fraction"])
 
 
-def aggregate(summary_csv: Path, arm_name: str | None = None) -> list[dict[str, Any]]:
+def _read_rows(summary_csv: Path) -> list[dict[str, str]]:
+    if not summary_csv.is_file():
+        return []
+    with summary_csv.open() as f:
+        return list(csv.DictReader(f))
+
+
+def aggregate(summary_csv: Path, arm_name: str | None = None,
+              planned: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """Group a sweep's ``summary.csv`` by arm (model, init, self-training, transfer recipe, label budget) over
     seeds; ``arm_name`` (a pretraining arm's sweep) renames every pretrained init to ``INIT:NAME``.
 
+    The jobs expected: the grid of the sweep's ``multirun.yaml`` (what it launched), else ``planned`` (what the
+    study meant to launch: a sweep never started has no folder, and ``summary_csv`` need not exist). Every arm of
+    that grid gets a row, with ``expected`` (its jobs) and ``missing`` (those that never recorded a result:
+    stopped at the budget, never started, killed); a job whose overrides differ from the launched grid's (a job
+    folder left by an earlier launch into the same folder) is left out, and said so.
+
     Returns one dict per arm: ``model``, ``init``, ``semi``, ``transfer``, ``fraction``, ``n`` (completed seeds),
-    ``failed``, ``seeds``, and for each of AP/AP50/AP75 the ``mean``, ``std`` (sample standard deviation; 0 for one
-    seed), ``ci95`` (half-width of the 95% t-interval; None for one seed), ``lo``, ``hi`` and the per-seed
-    ``values``."""
+    ``failed``, ``missing``, ``expected`` (None without a grid), ``seeds``, and for each of AP/AP50/AP75 the
+    ``mean``, ``std`` (sample standard deviation; 0 for one seed), ``ci95`` (half-width of the 95% t-interval;
+    None for one seed), ``lo``, ``hi`` and the per-seed ``values``."""
+    sweep = summary_csv.parent
+    launched = multirun_grid(sweep)
+    grid = launched if launched is not None else planned
+    rows = _read_rows(summary_csv)
     groups: dict[tuple, dict[str, Any]] = {}
-    with summary_csv.open() as f:
-        for row in csv.DictReader(f):
-            ov = {**ARM_KEYS, **_job_overrides(row)}
-            if arm_name and ov["init"] != "scratch":
-                ov["init"] = f"{ov['init']}:{arm_name}"
-            key = (ov["model"], ov["init"], ov["semi"], ov["transfer"], float(ov["data.train_fraction"]))
-            arm = groups.setdefault(key, {"values": defaultdict(list), "failed": 0, "seeds": []})
-            if row["status"] != "completed" or not row["AP"]:
-                arm["failed"] += 1
-                continue
-            arm["seeds"].append(ov.get("seed", ""))
-            for m in METRICS:
-                arm["values"][m].append(float(row[m]))
+    expected: dict[tuple, int] = defaultdict(int)
+    for cell in grid or []:
+        key = _arm_of(cell, arm_name)[0]
+        expected[key] += 1
+        groups.setdefault(key, {"values": defaultdict(list), "failed": 0, "seeds": []})
+    stale = 0
+    for row in rows:
+        overrides = job_overrides(row, sweep, grid, complete=len(rows) == 1)
+        job = str(row.get("job") or "").strip()
+        if launched is not None and not (job.isdigit() and int(job) < len(launched)
+                                         and set(overrides) == set(launched[int(job)])):
+            stale += 1
+            continue
+        key, seed = _arm_of(overrides, arm_name)
+        arm = groups.setdefault(key, {"values": defaultdict(list), "failed": 0, "seeds": []})
+        if row["status"] != "completed" or row.get("AP") in (None, ""):
+            arm["failed"] += 1
+            continue
+        arm["seeds"].append(seed)
+        for m in METRICS:
+            arm["values"][m].append(float(row[m]))
+    if stale:
+        print(f"[detkit-study] {sweep}: {stale} job folder(s) left out: not jobs of the launch in multirun.yaml "
+              "(an earlier launch into the same folder)", flush=True)
     arms = []
     for (model, init, semi, transfer, fraction), g in groups.items():
+        want = expected.get((model, init, semi, transfer, fraction)) if grid is not None else None
         arm: dict[str, Any] = {"model": model, "init": init, "semi": semi, "transfer": transfer, "fraction": fraction,
-                               "n": len(g["seeds"]), "failed": g["failed"], "seeds": g["seeds"]}
+                               "n": len(g["seeds"]), "failed": g["failed"], "expected": want,
+                               "missing": max(0, (want or 0) - len(g["seeds"]) - g["failed"]), "seeds": g["seeds"]}
         for m in METRICS:
             vals = g["values"][m]
             stats = t_interval(vals)
@@ -345,13 +480,27 @@ def _cell(stats: dict[str, Any]) -> str:
 def _gain_cell(g: dict[str, Any] | None) -> str:
     if g is None or g["diff"] != g["diff"]:
         return ""
+    if g.get("no_spread"):
+        return f"{g['diff']:+.3f} (no spread)"
     return f"{g['diff']:+.3f}" + ("" if g["ci95"] is None else f" [{g['lo']:+.3f}, {g['hi']:+.3f}]")
+
+
+def _seeds_cell(a: dict[str, Any]) -> str:
+    """``n`` completed seeds, ``of`` the jobs expected when the sweep's grid is known, with the failed and missing
+    ones, e.g. ``3 of 5 (1 failed, 1 missing)``."""
+    notes = [f"{a['failed']} failed"] if a["failed"] else []
+    notes += [f"{a['missing']} missing"] if a.get("missing") else []
+    return (f"{a['n']}" + (f" of {a['expected']}" if a.get("expected") is not None else "")
+            + (f" ({', '.join(notes)})" if notes else ""))
 
 
 TABLE_NOTE = ("AP, AP50, AP75: mean ± half-width of the 95% t-interval over the seeds, mean ± t(0.975, n-1)·s/√n "
               "(s: the sample standard deviation of the n seeds; one seed: its value alone). AP50 gain vs scratch: "
               "difference of the means to scratch without self-training (same detector, budget and transfer "
-              "recipe) with Welch's 95% interval [low, high].")
+              "recipe) with Welch's 95% interval [low, high] (\"no spread\": every seed gave the same value on "
+              "both sides, no interval). Seeds: the jobs that completed, of the jobs the sweep launched or the study "
+              "planned (failed: the job recorded an error; missing: it never recorded a result, i.e. it was stopped "
+              "at the budget, never started or killed).")
 
 
 def table(arms: list[dict[str, Any]]) -> str:
@@ -363,7 +512,7 @@ def table(arms: list[dict[str, Any]]) -> str:
             "labels", "seeds", *METRICS, "AP50 gain vs scratch"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a in arms:
-        seeds = f"{a['n']}" + (f" ({a['failed']} failed)" if a["failed"] else "")
+        seeds = _seeds_cell(a)
         cells = [a["model"], a["init"], *([a.get("semi", "none")] if show_semi else []),
                  *([a.get("transfer", "none")] if show_transfer else []), f"{a['fraction']:.0%}", seeds,
                  *(_cell(a[m]) for m in METRICS), _gain_cell(gain(arms, a))]
@@ -392,6 +541,8 @@ def _budget_line(c: dict[str, Any]) -> str:
     diff = _gain_cell(c)
     if c["beats"]:
         verdict = "**passes**: the interval is above 0"
+    elif c.get("no_spread"):
+        verdict = "**not shown**: no spread (every seed gave the same AP50 on both sides), no interval"
     elif c["diff"] > 0:
         verdict = "**not shown**: higher on average, but the interval reaches 0" if c["ci95"] is not None else \
             "**not shown**: higher, one seed (no interval)"
@@ -412,12 +563,28 @@ def _read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _pool_size(metrics: dict[str, Any], data: dict[str, Any]) -> int | None:
+    """The number of images a pretraining used: its ``pretrain_metrics.json`` (``input_check.images``), else the
+    images of its ``data.ann_file`` if that file is still there."""
+    check = metrics.get("input_check")
+    if isinstance(check, dict) and isinstance(check.get("images"), int):
+        return check["images"]
+    ann = data.get("ann_file")
+    if isinstance(ann, str) and Path(ann).is_file():
+        try:
+            return len(json.loads(Path(ann).read_text())["images"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
 def pretrain_summary(folder: Path, margin: float = 1.0) -> dict[str, Any] | None:
     """A pretraining run's loss against chance: the loss per logged step (``logs/metrics.csv``), the final loss
-    (the mean of the last tenth of the logged steps, at least one), the chance level ``ln(2B - 1)`` for the global
-    batch B (NT-Xent with B images: 1 positive among 2B - 1 candidates; DenseCL's dense term has the same count, so
-    its total loss has the same chance level), and ``below``: final <= chance - ``margin``. None if the run left no
-    log and no metrics."""
+    (the mean of the last tenth of the logged steps, at least one), the chance level ``ln(2B - 1)`` for the
+    effective global batch B (NT-Xent with B images: 1 positive among 2B - 1 candidates; DenseCL's dense term has
+    the same count, so its total loss has the same chance level), and ``below``: final <= chance - ``margin``.
+    B is the configured batch times the devices, or the pool's size when the pool is smaller (the loader then
+    makes one batch of the whole pool). None if the run left no log and no metrics."""
     log_csv, metrics_json = folder / "logs" / "metrics.csv", folder / "pretrain_metrics.json"
     if not log_csv.is_file() and not metrics_json.is_file():
         return None
@@ -435,12 +602,12 @@ def pretrain_summary(folder: Path, margin: float = 1.0) -> dict[str, Any] | None
     metrics = json.loads(metrics_json.read_text()) if metrics_json.is_file() else {}
     tail = [loss for _, loss in curve[-max(1, len(curve) // 10):]]
     final = statistics.fmean(tail) if tail else metrics.get("pretrain/loss")
-    chance = math.log(2 * batch * devices - 1) if batch else None
-    out = {"method": method, "batch_size": batch, "devices": devices, "logged_steps": len(curve),
-           "epochs": metrics.get("epochs"), "wall_time_s": metrics.get("wall_time_s"),
-           "images": (metrics.get("input_check") or {}).get("used") if isinstance(metrics.get("input_check"), dict)
-           else None,
-           "final_loss": final, "final_over_steps": len(tail), "chance": chance,
+    images = _pool_size(metrics, data)
+    effective = None if not batch else batch * devices if not images else min(batch * devices, images)
+    chance = math.log(2 * effective - 1) if effective else None
+    out = {"method": method, "batch_size": batch, "devices": devices, "effective_batch": effective,
+           "logged_steps": len(curve), "epochs": metrics.get("epochs"), "wall_time_s": metrics.get("wall_time_s"),
+           "images": images, "final_loss": final, "final_over_steps": len(tail), "chance": chance,
            "margin": None if final is None or chance is None else chance - final, "required_margin": margin,
            "curve": curve}
     out["below"] = out["margin"] is not None and out["margin"] >= margin
@@ -478,8 +645,10 @@ def _loss_line(label: str, s: dict[str, Any]) -> str:
         verdict = f"**not well below chance**: {s['margin']:.2f} nats below (needs {s['required_margin']:.2f})"
     else:
         verdict = f"**not below chance**: {-s['margin']:.2f} nats above"
-    return (f"| {label} | {s['batch_size'] or ''} | {s['logged_steps']} | {s['final_loss']:.3f} | {chance} | "
-            f"{verdict} |")
+    batch = f"{s['batch_size'] or ''}"
+    if s.get("effective_batch") and s["batch_size"] and s["effective_batch"] < s["batch_size"] * s["devices"]:
+        batch += f" ({s['effective_batch']}: the pool)"
+    return f"| {label} | {batch} | {s['logged_steps']} | {s['final_loss']:.3f} | {chance} | {verdict} |"
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -535,7 +704,7 @@ def plot_pretrain(runs: dict[str, dict[str, Any]], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4.6))
     for label, s in runs.items():
         steps, losses = zip(*s["curve"])
-        (line,) = ax.plot(steps, losses, lw=1, label=f"{label} (batch {s['batch_size']})")
+        (line,) = ax.plot(steps, losses, lw=1, label=f"{label} (batch {s.get('effective_batch') or s['batch_size']})")
         if s["chance"] is not None:
             ax.axhline(s["chance"], color=line.get_color(), ls="--", lw=1)
             ax.axhline(s["chance"] - s["required_margin"], color=line.get_color(), ls=":", lw=1)
@@ -551,40 +720,74 @@ def plot_pretrain(runs: dict[str, dict[str, Any]], path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def sweep_dirs(out: Path) -> list[tuple[Path, str | None]]:
+def sweep_dirs(out: Path, planned: Sequence[str] = ()) -> list[tuple[Path, str | None]]:
     """The fine-tuning sweeps of a study folder: ``OUT/finetune*`` and ``OUT/arms/NAME/finetune`` (with the arm's
-    name)."""
+    name), then those the study ``planned`` (folders relative to ``out``) that were never started."""
     dirs: list[tuple[Path, str | None]] = [(p, None) for p in sorted(out.glob("finetune*")) if p.is_dir()]
     dirs += [(p / "finetune", p.name) for p in sorted((out / "arms").glob("*")) if (p / "finetune").is_dir()]
+    for rel in planned:
+        parts = Path(rel).parts
+        if out / rel not in {p for p, _ in dirs}:
+            dirs.append((out / rel, parts[1] if len(parts) == 3 and parts[0] == "arms" else None))
     return dirs
 
 
-def _summary(sweep: Path) -> Path | None:
-    """``sweep/summary.csv``; for a sweep stopped before its end (no summary yet), written from the jobs that
-    recorded a status."""
-    summary = sweep / "summary.csv"
-    if not summary.is_file() and sweep.is_dir():
-        from detkit.cli.sweep import collect_rows, write_tables
+def _planned_grid(spec: dict[str, Any] | None) -> list[list[str]] | None:
+    """The jobs of a sweep as the study planned it (:func:`planned_sweep`); None if not recorded."""
+    if not spec:
+        return None
+    try:
+        return expand_sweep(spec.get("params"), spec.get("overrides") or [])
+    except ValueError:
+        return None
 
+
+def _summary(sweep: Path) -> Path | None:
+    """``sweep/summary.csv``, rewritten from the jobs' own ``job_status.json`` whenever the sweep folder holds any:
+    a sweep stopped before its end has no summary yet, and a study rerun into its folder and stopped again left
+    the earlier launch's, so a summary is never read in place of the jobs. Read as found only for a sweep copied
+    without its job folders."""
+    from detkit.cli.sweep import collect_rows, write_tables
+
+    summary = sweep / "summary.csv"
+    if sweep.is_dir():
         rows = collect_rows(sweep)
         if rows:
             write_tables(rows, sweep)
     return summary if summary.is_file() else None
 
 
+#: What ``--report-only`` keeps of the earlier run's ``study.json``: the run's own record, which no file of the
+#: study folder holds (its command, stages, unlabeled sets and the sweeps it planned).
+RUN_RECORD = ("command", "wall_time_s", "preset", "stages", "unlabeled", "unlabeled_sets", "planned_sweeps")
+
+
+def run_record(out: Path) -> dict[str, Any]:
+    """The earlier run's :data:`RUN_RECORD` from ``out/study.json``, for ``--report-only``; {} without one."""
+    try:
+        data = json.loads((out / "study.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: data[k] for k in RUN_RECORD if k in data} if isinstance(data, dict) else {}
+
+
 def report(out: Path, extra: dict[str, Any] | None = None, loss_margin: float = 1.0) -> Path:
     """Write ``study.md``, ``study.json``, ``study_ap50.png`` and ``study_pretrain_loss.png`` from the sweeps'
-    ``summary.csv`` files and the pretraining logs of the study folder ``out``."""
+    ``summary.csv`` files (rebuilt from the job folders), the pretraining logs of the study folder ``out`` and
+    ``extra`` (the run's record: command, stages, unlabeled sets, ``planned_sweeps``: the jobs each sweep was to
+    launch, so a sweep never started still gets its arms' rows)."""
     info = dict(extra or {})
+    planned = info.get("planned_sweeps") or {}
     arms: list[dict[str, Any]] = []
     sweeps = []
-    for sweep, arm_name in sweep_dirs(out):
+    for sweep, arm_name in sweep_dirs(out, list(planned)):
         summary = _summary(sweep)
-        if summary is None:
-            continue
-        sweeps.append(str(summary))
-        arms += aggregate(summary, arm_name)
-        if arm_name:
+        if summary is not None:
+            sweeps.append(str(summary))
+        grid = _planned_grid(planned.get(sweep.relative_to(out).as_posix()))
+        found = aggregate(sweep / "summary.csv", arm_name, grid)
+        arms += found
+        if arm_name and found:
             spec = sweep.parent / "arm.json"
             arm_info = json.loads(spec.read_text()) if spec.is_file() else {}
             arm_pre = sweep.parent / "pretrain" / "pretrain_metrics.json"
@@ -614,7 +817,8 @@ def report(out: Path, extra: dict[str, Any] | None = None, loss_margin: float = 
     if info.get("unlabeled"):
         lines += [f"Unlabeled images: {info['unlabeled']}", ""]
     lines += ["## Checks", "", f"Pretraining loss: the mean of the last tenth of the logged steps against chance, "
-              f"ln(2B - 1) for batch B; the check asks for {loss_margin:g} nats or more below chance.", "",
+              f"ln(2B - 1) for batch B (the pool's size if smaller); the check asks for {loss_margin:g} nats or more "
+              "below chance.", "",
               "| pretraining | batch | logged steps | final loss | chance | verdict |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [_loss_line(label, s) for label, s in pretraining.items()] or ["| (none found) | | | | | |"]
@@ -675,13 +879,18 @@ def _images(ann: str | None, root: str | None) -> list[tuple[Path, dict]]:
             if isinstance(img, dict) and isinstance(img.get("file_name"), str)]
 
 
+def _val_paths(data) -> set[Path]:
+    """The image files of the val split, the one the detectors are scored on (resolved as :func:`_images` does)."""
+    return {p for p, _ in _images(data.get("val_ann"), data.get("val_images"))}
+
+
 def write_pretrain_pool(data, folder: Path, pool: str = "train+test") -> tuple[Path, Path, dict[str, Any]]:
     """Write ``folder/pretrain_pool.json``: the images SSL pretraining sees, labels dropped. ``train+test``: the
     train and test splits' images; ``train``: train only; ``all``: also val. Except with ``all``, every image of the
     val split (the one the detectors are scored on) is left out, even one listed in train or test. Returns the json,
     its image root and a description."""
     splits = ["train"] + (["test"] if pool in ("train+test", "all") else []) + (["val"] if pool == "all" else [])
-    val = {p for p, _ in _images(data.get("val_ann"), data.get("val_images"))} if pool != "all" else set()
+    val = _val_paths(data) if pool != "all" else set()
     seen, picked, counts = set(), [], {}
     for split in splits:
         images = _images(data.get(f"{split}_ann"), data.get(f"{split}_images"))
@@ -710,7 +919,9 @@ def write_pretrain_pool(data, folder: Path, pool: str = "train+test") -> tuple[P
 def write_complement(data, fraction: float, folder: Path) -> tuple[Path, dict[str, Any]]:
     """Write the train images outside the labeled subset of ``fraction`` (drawn by
     :class:`detkit.data.coco.CocoDetection` exactly as the data module draws it: same validation, ``subset_seed``)
-    as a COCO json, their labels kept only to measure self-training's pseudo-labels. Returns the path and counts."""
+    as a COCO json, their labels kept only to measure self-training's pseudo-labels. As for the pretraining pool,
+    an image of the val split listed in train too is left out (self-training on the images of the score would be
+    transductive); ``val_left_out`` counts them. Returns the path and counts."""
     from detkit.data.coco import CocoDetection
 
     kw = {"transform": None, "skip_invalid": bool(data.get("skip_invalid", False)),
@@ -720,14 +931,17 @@ def write_complement(data, fraction: float, folder: Path) -> tuple[Path, dict[st
     labeled = CocoDetection(data["train_ann"], data["train_images"], subset_fraction=fraction, subset_seed=seed, **kw)
     keep = {img["id"] for img in labeled.coco_data["images"]}
     coco = full.coco_data
-    images = [img for img in coco["images"] if img["id"] not in keep]
+    val, path_of = _val_paths(data), {img["id"]: p for p, img in _images(data["train_ann"], data["train_images"])}
+    outside = [img for img in coco["images"] if img["id"] not in keep]
+    images = [img for img in outside if path_of.get(img["id"]) not in val]
     ids = {img["id"] for img in images}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"train_complement_f{round(100 * fraction)}_s{seed}.json"
     path.write_text(json.dumps({"images": images, "annotations": [a for a in coco["annotations"]
                                                                    if a["image_id"] in ids],
                                 "categories": coco["categories"]}))
-    return path, {"fraction": fraction, "subset_seed": seed, "labeled": len(keep), "unlabeled": len(images)}
+    return path, {"fraction": fraction, "subset_seed": seed, "labeled": len(keep), "unlabeled": len(images),
+                  "val_left_out": len(outside) - len(images)}
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -877,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"detkit-study: two --arm share a name: {[name for name, _ in arms]}")
     start = time.time()
     run = Runner(None if args.budget_s is None else start + args.budget_s - REPORT_RESERVE_S)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = run_record(out) if args.report_only else {}
     if not args.report_only:
         cfg = _compose_finetune(args.experiment, args.overrides)
         data = cfg.data
@@ -891,7 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
             semi_info.append(c)
         extra["unlabeled"] = pool_info["text"] + "".join(
             f"; self-training at {c['fraction']:.0%}: the {c['unlabeled']} train images outside the {c['labeled']} "
-            f"labeled ones (subset seed {c['subset_seed']})" for c in semi_info)
+            f"labeled ones (subset seed {c['subset_seed']}; {c['val_left_out']} val images listed in train left out)"
+            for c in semi_info)
         extra["unlabeled_sets"] = {"pretrain": pool_info, "self_training": semi_info}
         print(f"[detkit-study] {extra['unlabeled']}", flush=True)
 
@@ -908,11 +1123,14 @@ def main(argv: list[str] | None = None) -> int:
             for m in todo:
                 if not encoders[m].is_file():
                     run.note(f"pretrain {m}", f"no encoder written ({encoders[m]}): its arms fail")
+        planned: dict[str, dict[str, Any]] = {}
+        extra["planned_sweeps"] = planned
         for sweep in plan_sweeps(ssl, semi_inits, small, encoders, complements, data.get("train_images"),
                                  args.imagenet):
             cmd = finetune_command(out / sweep.name, sweep.encoder, args.scale,
                                    merge_overrides(args.overrides, sweep.overrides), experiment=args.experiment,
                                    launcher=preset["sweep_launcher"])
+            planned[sweep.name] = planned_sweep(cfg, cmd)
             run(sweep.name, cmd)
         for name, arm_overrides in arms:
             folder = out / "arms" / name
@@ -926,9 +1144,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run(f"arm {name}: pretrain", [_bin("detkit-pretrain"), f"hydra.run.dir={folder / 'pretrain'}",
                                               *pretrain_command(args, pool, root, arm_overrides)])
-            run(f"arm {name}: finetune", finetune_command(
-                folder / "finetune", encoder, args.scale, merge_overrides(args.overrides, [f"init={method}"]),
-                experiment=args.experiment, launcher=preset["sweep_launcher"]))
+            cmd = finetune_command(folder / "finetune", encoder, args.scale,
+                                   merge_overrides(args.overrides, [f"init={method}"]), experiment=args.experiment,
+                                   launcher=preset["sweep_launcher"])
+            planned[f"arms/{name}/finetune"] = planned_sweep(cfg, cmd)
+            run(f"arm {name}: finetune", cmd)
             (folder / "arm.json").write_text(json.dumps({"method": method, "pretrain_overrides": arm_extra,
                                                          "wall_time_s": round(time.time() - t0, 1)}, indent=2))
         extra.update(wall_time_s=round(time.time() - start, 1), preset=args.preset, stages=run.stages,

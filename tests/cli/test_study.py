@@ -94,9 +94,9 @@ def test_t_interval_and_welch_by_hand():
 # ---------------------------------------------------------------------------------------------------- tables
 def _fake_sweep(tmp_path, results: dict[tuple[str, str, str, int], float | None], name: str = "finetune",
                 shared: tuple[str, ...] = ()):
-    """A sweep folder as detkit-train -m writes it: job dirs with job_status.json, and summary.csv whose overrides
-    column keeps only what varies (here the fraction and ``shared`` are shared by all jobs, so they are absent from
-    the column). ``results``: (model, init, fraction, seed) -> AP50 (None: a failed job); AP = AP50 / 2,
+    """A sweep folder as detkit-train -m writes it: job dirs with job_status.json and metrics.json, and summary.csv
+    whose overrides column keeps only what varies (here the fraction and ``shared`` are shared by all jobs, so they
+    are absent from the column). ``results``: (model, init, fraction, seed) -> AP50 (None: a failed job); AP = AP50 / 2,
     AP75 = AP50 / 4."""
     sweep = tmp_path / "study" / name
     rows = []
@@ -106,6 +106,8 @@ def _fake_sweep(tmp_path, results: dict[tuple[str, str, str, int], float | None]
         overrides = [f"seed={seed}", f"model={model}", f"init={init}", f"data.train_fraction={fraction}", *shared]
         status = "completed" if ap50 is not None else "failed"
         (out / "job_status.json").write_text(json.dumps({"job": job, "overrides": overrides, "status": status}))
+        if ap50 is not None:
+            (out / "metrics.json").write_text(json.dumps({"AP": ap50 / 2, "AP50": ap50, "AP75": ap50 / 4}))
         rows.append({"job": job, "overrides": " ".join(overrides[:3]), "status": status,
                      "AP": "" if ap50 is None else ap50 / 2, "AP50": "" if ap50 is None else ap50,
                      "AP75": "" if ap50 is None else ap50 / 4, "output_dir": str(out)})
@@ -235,8 +237,10 @@ def test_report_writes_checks_table_json_and_both_plots(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- the plan
 def test_the_unlabeled_sets_keep_val_out_and_self_training_gets_the_complement(tmp_path):
+    from hydra.utils import instantiate
+
     from detkit.cli.study import plan_sweeps, write_complement, write_pretrain_pool
-    from detkit.data.coco import CocoDetection
+    from detkit.cli.train import add_unlabeled_images
 
     data = compose_train(["experiment=study_bccd"]).data
     pool, root, info = write_pretrain_pool(data, tmp_path)
@@ -248,13 +252,22 @@ def test_the_unlabeled_sets_keep_val_out_and_self_training_gets_the_complement(t
     assert write_pretrain_pool(data, tmp_path / "all", "all")[2]["images"] == 364
 
     path, counts = write_complement(data, 0.1, tmp_path)
-    labeled = CocoDetection(data.train_ann, data.train_images, subset_fraction=0.1, subset_seed=0)
     unlabeled = json.loads(path.read_text())
     ids = {im["id"] for im in unlabeled["images"]}
     assert path.name == "train_complement_f10_s0.json" and counts == {
-        "fraction": 0.1, "subset_seed": 0, "labeled": 20, "unlabeled": 185}
-    assert not ids & {r.image_id for r in labeled.records} and len(ids) + len(labeled.records) == 205
+        "fraction": 0.1, "subset_seed": 0, "labeled": 20, "unlabeled": 185, "val_left_out": 0}
     assert {a["image_id"] for a in unlabeled["annotations"]} <= ids  # labels kept to measure pseudo-labels only
+    # against the data module itself: the semi fine-tuning's labeled images (its own draw of the subset) and the
+    # unlabeled ones the training adds (from the complement) split the train set, never sharing an image
+    semi_cfg = compose_train(["experiment=study_bccd", "semi=teacher", f"semi.unlabeled_images={data.train_images}",
+                              f"semi.unlabeled_ann={path}", "data.train_fraction=0.1"])
+    datamodule = instantiate(semi_cfg.data)
+    datamodule.setup("fit")
+    labeled = {r.image_id for r in datamodule.datasets["train"].records}
+    add_unlabeled_images(semi_cfg, datamodule)
+    assert set(datamodule.unlabeled.image_ids) == ids and len(labeled) == counts["labeled"]
+    train_ids = {im["id"] for im in json.loads(open(data.train_ann).read())["images"]}
+    assert not labeled & ids and labeled | ids == train_ids
 
     enc = {"simclr": tmp_path / "s.pt", "densecl": tmp_path / "d.pt"}
     sweeps = plan_sweeps(["simclr", "densecl"], ["scratch", "simclr", "densecl"], [0.1], enc, {0.1: path},
@@ -300,7 +313,7 @@ def test_detkit_study_runs_end_to_end_on_a_tiny_dataset(synthetic, tmp_path):
     runs = [json.loads((out / "finetune" / str(job) / "run.json").read_text()) for job in (0, 1)]
     assert [r["encoder_init"] for r in runs] == [None, str(encoder)]
     text = (out / "study.md").read_text()
-    assert (out / "study_ap50.png").is_file() and "| yolo | simclr | 100% | 1 |" in text
+    assert (out / "study_ap50.png").is_file() and "| yolo | simclr | 100% | 1 of 1 |" in text
     # the pool json, the loss logged every step, and the check reported (1 tiny epoch: not below chance)
     assert len(json.loads((out / "unlabeled" / "pretrain_pool.json").read_text())["images"]) == 8
     assert "| simclr | 4 | 2 |" in text and "not" in text.split("| simclr | 4 | 2 |")[1].splitlines()[0]
@@ -311,12 +324,20 @@ def test_detkit_study_runs_end_to_end_on_a_tiny_dataset(synthetic, tmp_path):
     assert not list((arm / "finetune").glob("1/run.json"))  # one job: init=simclr only
     arm_run = json.loads((arm / "finetune" / "0" / "run.json").read_text())
     assert arm_run["encoder_init"] == str(arm / "pretrain" / "encoder.pt")
-    assert "| yolo | simclr:tau05 | 100% | 1 |" in text
+    assert "| yolo | simclr:tau05 | 100% | 1 of 1 |" in text
     info = json.loads((out / "study.json").read_text())["pretraining_arms"]["tau05"]
     assert "model.temperature=0.5" in info["pretrain_overrides"] and "pretrain" in info
     stages = json.loads((out / "study.json").read_text())["stages"]
     assert [s["stage"] for s in stages] == ["pretrain simclr", "finetune", "arm tau05: pretrain", "arm tau05: finetune"]
     assert all(s["status"] == "ok" for s in stages)
+    # the study's plan of each sweep is the grid its multirun.yaml launched (every job matched, none left out)
+    from detkit.cli.study import _planned_grid, multirun_grid
+
+    planned = json.loads((out / "study.json").read_text())["planned_sweeps"]
+    assert set(planned) == {"finetune", "arms/tau05/finetune"}
+    for rel, spec in planned.items():
+        assert _planned_grid(spec) == multirun_grid(out / rel) and len(multirun_grid(out / rel)) == 2 - ("arms" in rel)
+    assert [(a["n"], a["expected"], a["missing"]) for a in arms] == [(1, 1, 0)] * 3
 
 
 @pytest.mark.slow
@@ -367,3 +388,185 @@ def test_a_study_on_the_users_data_uses_the_generic_data_config(tmp_path):
     demo = compose_train([c for c in finetune_command(tmp_path, tmp_path / "e.pt", 1, [])[2:]
                           if not c.startswith("hydra.")])
     assert demo.data.train_transform.vflip == 0.5 and demo.data.train_ann.endswith("bccd/annotations/train.json")
+
+
+# ---------------------------------------------------------------------------------------------------- review fixes
+def _grid_sweep(study, params: dict[str, str], ap50, shared: tuple[str, ...] = (), absent: tuple[int, ...] = (),
+                name: str = "finetune"):
+    """A sweep as Hydra's basic sweeper launches it: ``multirun.yaml`` (the sweeper's ``params``, then ``shared``,
+    the command line's task overrides), job k the k-th element of their product, each job's ``job_status.json`` and
+    ``metrics.json``, and the sweep machinery's own ``summary.csv``. ``ap50(overrides)`` -> AP50 (None: a failed
+    job); the jobs in ``absent`` never wrote anything (stopped at the budget, never started)."""
+    from detkit.cli.sweep import collect_rows, write_tables
+
+    sweep = study / name
+    sweep.mkdir(parents=True)
+    lines = ["hydra:", "  sweeper:", "    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+             "    params:", *(f"      {k}: {v}" for k, v in params.items()), "  overrides:", "    task:",
+             *(f"    - {o}" for o in shared)]
+    (sweep / "multirun.yaml").write_text("\n".join(lines) + "\n")
+    grid = [[f"{k}={v}" for k, v in zip(params, values)] + list(shared)
+            for values in itertools.product(*(v.split(",") for v in params.values()))]
+    for job, overrides in enumerate(grid):
+        if job in absent:
+            continue
+        out = sweep / str(job)
+        out.mkdir()
+        value = ap50(dict(o.split("=", 1) for o in overrides))
+        status = "completed" if value is not None else "failed"
+        (out / "job_status.json").write_text(json.dumps({"job": job, "overrides": overrides, "status": status}))
+        if value is not None:
+            (out / "metrics.json").write_text(json.dumps({"AP": value / 2, "AP50": value, "AP75": value / 4}))
+    write_tables(collect_rows(sweep), sweep)
+    return sweep
+
+
+SEMI = ("semi=teacher", "semi.unlabeled_images=/d", "semi.unlabeled_ann=/d/c.json", "data.train_fraction=0.1")
+
+
+def _labels(arms):
+    return [(a["model"], a["init"], a["semi"], a["fraction"], a["n"]) for a in arms]
+
+
+def test_a_moved_study_folder_keeps_its_arm_labels(tmp_path):
+    """summary.csv lists only the overrides that vary; the shared ones (semi=teacher, the 10% budget) are read from
+    the job folders, found under the sweep folder when the recorded absolute paths are gone (a study moved, or
+    unpacked from study_runs.tar.gz), never replaced by the defaults (scratch, no self-training, 100%)."""
+    import shutil
+
+    from detkit.cli.study import aggregate
+
+    study = _fake_sweep(tmp_path, {("yolo", i, "0.1", s): 0.4 + 0.01 * s for i in ("scratch", "simclr")
+                                   for s in range(2)}, name="finetune_semi_f10", shared=SEMI[:3])
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(study), str(moved))
+    arms = aggregate(moved / "finetune_semi_f10" / "summary.csv")
+    assert _labels(arms) == [("yolo", "scratch", "teacher", 0.1, 2), ("yolo", "simclr", "teacher", 0.1, 2)]
+    assert _labels(json.loads((report(moved).parent / "study.json").read_text())["arms"]) == _labels(arms)
+
+
+def test_without_job_folders_the_shared_overrides_come_from_multirun_yaml_else_an_error(tmp_path):
+    import shutil
+
+    from detkit.cli.study import aggregate
+
+    sweep = _grid_sweep(tmp_path / "study", {"seed": "0,1", "model": "yolo", "init": "scratch,simclr"},
+                        lambda o: 0.4, shared=SEMI, name="finetune_semi_f10")
+    for job in range(4):
+        shutil.rmtree(sweep / str(job))  # only summary.csv and multirun.yaml left
+    arms = aggregate(sweep / "summary.csv")
+    assert _labels(arms) == [("yolo", "scratch", "teacher", 0.1, 2), ("yolo", "simclr", "teacher", 0.1, 2)]
+    assert [a["seeds"] for a in arms] == [["0", "1"], ["0", "1"]]
+    (sweep / "multirun.yaml").unlink()
+    with pytest.raises(SystemExit, match=f"{sweep}.*multirun.yaml"):
+        aggregate(sweep / "summary.csv")
+
+
+def test_jobs_that_never_reported_are_counted_missing_and_an_arm_without_results_keeps_its_row(tmp_path):
+    study = tmp_path / "study"
+    # 3 seeds x scratch/simclr: job 4 (seed 2, scratch) failed, jobs 3 and 5 (seeds 1 and 2, simclr) never wrote
+    # anything; DenseCL's sweep started but no job reported; the self-training sweep never started (its planned grid)
+    _grid_sweep(study, {"seed": "0,1,2", "model": "yolo", "init": "scratch,simclr"},
+                lambda o: None if o["seed"] == "2" else 0.4 + 0.01 * int(o["seed"]), absent=(3, 5))
+    _grid_sweep(study, {"seed": "0,1,2", "model": "yolo", "init": "densecl"}, lambda o: 0.5,
+                absent=(0, 1, 2), name="finetune_densecl")
+    planned = {"finetune_semi_f10": {"params": {"seed": "0,1,2", "model": "yolo", "init": "scratch"},
+                                     "overrides": list(SEMI)}}
+    report(study, {"planned_sweeps": planned})
+    arms = json.loads((study / "study.json").read_text())["arms"]
+    got = [(a["init"], a["semi"], a["n"], a["failed"], a["missing"], a["expected"]) for a in arms]
+    assert got == [("scratch", "none", 2, 1, 0, 3), ("simclr", "none", 1, 0, 2, 3), ("densecl", "none", 0, 0, 3, 3),
+                   ("scratch", "teacher", 0, 0, 3, 3)]
+    md = (study / "study.md").read_text()
+    assert "| yolo | scratch | none | 100% | 2 of 3 (1 failed) |" in md
+    assert "| yolo | simclr | none | 100% | 1 of 3 (2 missing) |" in md
+    assert "| yolo | densecl | none | 100% | 0 of 3 (3 missing) | - | - | - |" in md
+    assert "| yolo | scratch | teacher | 10% | 0 of 3 (3 missing) | - | - | - |" in md
+
+
+def test_a_summary_older_than_the_jobs_is_never_read(tmp_path):
+    """A study rerun into its folder and stopped again: the sweep's summary.csv is the earlier launch's (2 jobs);
+    the report rebuilds it from the 4 job folders."""
+    study = tmp_path / "study"
+    sweep = _grid_sweep(study, {"seed": "0,1", "model": "yolo", "init": "scratch,simclr"}, lambda o: 0.4)
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    (sweep / "summary.csv").write_text("\n".join(rows[:3]) + "\n")  # the header and the first 2 jobs
+    report(study)
+    arms = json.loads((study / "study.json").read_text())["arms"]
+    assert [(a["init"], a["n"]) for a in arms] == [("scratch", 2), ("simclr", 2)]
+    assert len((sweep / "summary.csv").read_text().splitlines()) == 5
+
+
+def test_report_only_keeps_the_earlier_runs_stages_unlabeled_sets_and_command(tmp_path):
+    from detkit.cli.study import main
+
+    study = _fake_sweep(tmp_path, {("yolo", i, "1.0", s): 0.4 for i in ("scratch", "simclr") for s in range(2)})
+    run = {"stages": [{"stage": "pretrain simclr", "status": "ok", "seconds": 9.0},
+                      {"stage": "finetune", "status": "stopped at the budget after 300 s", "seconds": 300.0}],
+           "unlabeled": "pretraining pool 277 images", "unlabeled_sets": {"pretrain": {"images": 277}},
+           "command": "detkit-study --preset gpu --budget-s 450", "wall_time_s": 440.0, "preset": "gpu"}
+    report(study, run)
+    assert main(["--report-only", "--out", str(study)]) == 0
+    data = json.loads((study / "study.json").read_text())
+    assert {k: data.get(k) for k in run} == run
+    md = (study / "study.md").read_text()
+    assert "## Incomplete" in md and "- finetune: stopped at the budget after 300 s" in md
+    assert "`detkit-study --preset gpu --budget-s 450` (440 s)" in md and "pretraining pool 277 images" in md
+
+
+def _tiny_coco(folder, split: str, names: list[str]):
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i, name in enumerate(names):
+        path = folder / "images" / name
+        if not path.is_file():
+            Image.new("RGB", (16, 12), (i * 40, 80, 120)).save(path)
+        images.append({"id": i + 1, "file_name": name, "width": 16, "height": 12})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 6, 5], "area": 30,
+                     "iscrowd": 0})
+    ann = folder / f"{split}.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cell"}]}))
+    return str(ann)
+
+
+def test_a_val_image_listed_in_train_stays_out_of_the_pool_and_the_complement(tmp_path):
+    """BCCD's splits do not overlap, so this is the case that can fail: train lists e.png, which is also a val image
+    (the one the detectors are scored on)."""
+    from detkit.cli.study import write_complement, write_pretrain_pool
+
+    root = str(tmp_path / "images")
+    data = {"train_ann": _tiny_coco(tmp_path, "train", ["a.png", "b.png", "c.png", "d.png", "e.png"]),
+            "train_images": root, "val_ann": _tiny_coco(tmp_path, "val", ["e.png", "f.png"]), "val_images": root,
+            "subset_seed": 1}
+    pool, _, info = write_pretrain_pool(data, tmp_path / "u")
+    assert sorted(im["file_name"] for im in json.loads(pool.read_text())["images"]) == ["a.png", "b.png", "c.png",
+                                                                                     "d.png"]
+    assert info["left_out"] == 1
+    path, counts = write_complement(data, 0.4, tmp_path / "u")  # seed 1 labels b.png and c.png
+    unlabeled = json.loads(path.read_text())
+    assert sorted(im["file_name"] for im in unlabeled["images"]) == ["a.png", "d.png"]
+    assert {a["image_id"] for a in unlabeled["annotations"]} == {im["id"] for im in unlabeled["images"]}
+    assert counts == {"fraction": 0.4, "subset_seed": 1, "labeled": 2, "unlabeled": 2, "val_left_out": 1}
+
+
+def test_the_chance_level_uses_the_effective_batch_when_the_pool_is_smaller(tmp_path):
+    _fake_pretraining(tmp_path / "p", [3.0] * 10, batch=64)
+    metrics = tmp_path / "p" / "pretrain_metrics.json"
+    metrics.write_text(json.dumps({"epochs": 1, "input_check": {"images": 10, "skipped": 0}}))
+    s = pretrain_summary(tmp_path / "p")
+    assert s["images"] == 10 and s["effective_batch"] == 10 and math.isclose(s["chance"], math.log(19))
+
+
+def test_a_comparison_without_spread_is_no_interval():
+    from detkit.cli.study import _budget_line, _gain_cell
+
+    w = welch_interval([0.5, 0.5, 0.5], [0.3, 0.3, 0.3])
+    assert math.isclose(w["diff"], 0.2) and w["ci95"] is None and w["lo"] is None and w["no_spread"]
+    assert _gain_cell(w) == "+0.200 (no spread)"
+    arm = {"model": "yolo", "init": "scratch", "semi": "none", "transfer": "none", "n": 3}
+    checks = budget_checks([{**arm, "fraction": 0.25, "AP50": {"values": [0.3] * 3}},
+                            {**arm, "fraction": 1.0, "AP50": {"values": [0.5] * 3}}])
+    assert not checks[0]["beats"] and "no spread" in _budget_line(checks[0])
+    assert "passes" not in _budget_line(checks[0])
