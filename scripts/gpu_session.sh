@@ -167,7 +167,7 @@ study)  # issue 29 item 4 + issue 32 item 4, the full study in this one call of 
     cp /tmp/study/study.* /tmp/study/*.png "$OUT/study/" 2>/dev/null
     (cd /tmp/study && find . \( -name summary.csv -o -name metrics.json -o -name run.json -o -name job_status.json \
         -o -name '*.log' -o -name metrics.csv -o -name 'pretrain_metrics.json' -o -name 'config.yaml' \
-        -o -name '*.json' -path './unlabeled/*' \) -print0 | tar -czf "$OUT/study_runs.tar.gz" --null -T -)
+        -o -name multirun.yaml -o -name '*.json' -path './unlabeled/*' \) -print0 | tar -czf "$OUT/study_runs.tar.gz" --null -T -)
     tail -n 60 "$OUT/study.log"
     exit $rc ;;
 *)
