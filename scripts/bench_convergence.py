@@ -84,7 +84,7 @@ def run_detkit(args, ann: Path, model_name: str) -> dict:
             f"data.train_ann={ann}", f"data.train_images={args.images}", f"data.val_ann={ann}",
             f"data.val_images={args.images}", *size, f"data.batch_size={args.batch_size}", "data.num_workers=1",
             *aug_off, f"model={model_name}", "paths.output_dir=/tmp/x", f"+trainer.max_steps={max(steps)}",
-            "trainer.max_epochs=-1"])
+            "trainer.max_epochs=-1", *args.detkit_override])
     L.seed_everything(cfg.seed, workers=True)
     _check_init_choice(cfg)
     _choose_image_size(cfg)
@@ -119,7 +119,8 @@ def run_detkit(args, ann: Path, model_name: str) -> dict:
                           enable_progress_bar=False, callbacks=[Checkpoints()])
     trainer.fit(module, datamodule=dm)
     aug = "" if args.detkit_aug == "default" else ", no aug"
-    return {"impl": f"detkit {model_name} ({cfg.data.image_size} px{aug}, clip {cfg.trainer.gradient_clip_val})",
+    extra = "".join(f", {o}" for o in args.detkit_override)
+    return {"impl": f"detkit {model_name} ({cfg.data.image_size} px{aug}, clip {cfg.trainer.gradient_clip_val}{extra})",
             "points": points, "train_img_s": timing["n"] / max(timing["t"], 1e-9)}
 
 
@@ -262,6 +263,8 @@ def main() -> None:
                    help="every implementation's size; 0: detkit chooses its own as detkit-train does (peers: 320)")
     p.add_argument("--detkit-aug", default="default", choices=["default", "off"],
                    help="detkit's training augmentation: detkit-train's default (what a user runs) or off")
+    p.add_argument("--detkit-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for detkit's runs (repeatable), e.g. model.detector.backbone.norm=gn")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tv-score-thresh", type=float, default=0.05,
                    help="torchvision's box_score_thresh (its default 0.05; 0.001 = the others' evaluation setting)")
@@ -298,8 +301,8 @@ def main() -> None:
         jobs += [(impl, lr) for lr in lrs]
     for impl, lr in jobs:
         cmd = [sys.executable, __file__, "--impl", impl, "--work", str(work), f"--tv-lr={lr}"] + \
-            [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("impl", "impls", "work", "peer_size", "tv_lr")]
+            [f"--{k.replace('_', '-')}={v}" for k, vs in vars(args).items()
+             if k not in ("impl", "impls", "work", "peer_size", "tv_lr") for v in (vs if isinstance(vs, list) else [vs])]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if r.returncode:
             print(f"{impl} failed:\n{r.stderr[-2500:]}", file=sys.stderr)
