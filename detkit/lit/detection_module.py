@@ -17,7 +17,7 @@ from detkit.data.coco import CategoryMap
 from detkit.eval.coco_eval import STAT_KEYS, EvalResult, detections_to_results, evaluate_coco
 from detkit.lit.divergence import DivergenceMonitor
 from detkit.lit.ema import ModelEMA
-from detkit.lit.optim import WarmupSchedule, param_groups, total_training_steps
+from detkit.lit.optim import WarmupSchedule, module_lr_mults, param_groups, total_training_steps
 from detkit.models.detection.boxes import clip_boxes
 from detkit.structures import Detections, Targets
 
@@ -89,6 +89,10 @@ class DetectionModule(L.LightningModule):
         optimizer: config of a ``torch.optim`` optimiser (``_partial_``-style: everything but the parameters).
         scheduler: config of :class:`detkit.lit.optim.WarmupSchedule`.
         backbone_lr_mult: learning-rate multiplier for the encoder (e.g. 0.1 for a pretrained encoder).
+        lr_mults: learning-rate multipliers by the detector's module path, e.g. ``{"roi_heads.box_predictor": 0.25}``
+            (every parameter under that module; the longest matching path wins; ``backbone_lr_mult`` is the
+            shorthand for ``{"backbone.encoder": m}`` and an explicit entry for the same path overrides it). A path
+            that names no parameter is an error, so a typo cannot silently train at the full rate.
         eval_backend: ``"faster_coco_eval"`` or ``"pycocotools"``.
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs with AMP).
         image_size: the letterbox size the model is trained at (prediction and evaluation reuse it).
@@ -129,6 +133,7 @@ class DetectionModule(L.LightningModule):
         l1_penalty: float = 0.0,
         freeze: list[str] | tuple[str, ...] = (),
         lr_reference_batch: int | None = None,
+        lr_mults: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         detector, categories = plain_config(detector), plain_config(categories)
@@ -139,10 +144,14 @@ class DetectionModule(L.LightningModule):
                                    "image_size": image_size, "ema_decay": ema_decay, "seed": seed,
                                    "compile": compile, "divergence_check_every": divergence_check_every,
                                    "l1_penalty": l1_penalty, "freeze": list(freeze or []),
-                                   "lr_reference_batch": lr_reference_batch})
+                                   "lr_reference_batch": lr_reference_batch,
+                                   "lr_mults": dict(plain_config(lr_mults) or {})})
         self.categories = CategoryMap(categories)
         self.detector = instantiate(detector, num_classes=len(self.categories), _recursive_=True)
         freeze_parameters(self.detector, list(freeze or []))
+        # learning-rate multipliers by parameter-name prefix, checked here so a misspelt path fails before training
+        shorthand = {"backbone.encoder": backbone_lr_mult} if backbone_lr_mult != 1.0 else {}
+        self.lr_mults = module_lr_mults(self.detector, {**shorthand, **self.hparams.lr_mults})
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.detector, ema_decay) if ema_decay else None
@@ -279,8 +288,7 @@ class DetectionModule(L.LightningModule):
             log.info("learning rate %g scaled linearly to %g for an effective batch of %d (reference batch %d; "
                      "model.lr_reference_batch=null turns scaling off)", lr, scaled, batch, reference)
             lr = scaled
-        groups = param_groups(self.detector.named_parameters(), wd, lr,
-                              {"backbone.encoder.": self.hparams.backbone_lr_mult})
+        groups = param_groups(self.detector.named_parameters(), wd, lr, self.lr_mults)
         optimizer = get_class(opt_cfg.pop("_target_"))(groups, lr=lr, **opt_cfg)
         schedule = instantiate(self.hparams.scheduler)
         assert isinstance(schedule, WarmupSchedule)

@@ -12,16 +12,35 @@ from torch import nn
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
                  lr: float, lr_mults: dict[str, float] | None = None) -> list[dict]:
     """Split trainable parameters into groups: no weight decay on norm and bias parameters (every tensor with
-    ``ndim <= 1``), and a learning-rate multiplier per name prefix (e.g. ``{"backbone.encoder.": 0.1}``)."""
-    lr_mults = lr_mults or {}
+    ``ndim <= 1``), and a learning-rate multiplier per name prefix (e.g. ``{"backbone.encoder.": 0.1}``; where
+    several prefixes match a name, the longest one's)."""
+    by_length = sorted((lr_mults or {}).items(), key=lambda kv: -len(kv[0]))
     groups: dict[tuple[float, float], list] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
+        mult = next((float(m) for prefix, m in by_length if name.startswith(prefix)), 1.0)
         wd = 0.0 if p.ndim <= 1 else weight_decay
         groups.setdefault((mult, wd), []).append(p)
     return [{"params": ps, "lr": lr * mult, "weight_decay": wd} for (mult, wd), ps in groups.items()]
+
+
+def module_lr_mults(model: nn.Module, mults: dict[str, float]) -> dict[str, float]:
+    """``{module path: multiplier}`` (``"roi_heads.box_predictor"``) -> ``{parameter-name prefix: multiplier}``
+    (``"roi_heads.box_predictor."``) for :func:`param_groups`, after checking that every path names at least one
+    parameter of ``model`` (a misspelt path would otherwise train at the full rate without a word)."""
+    names = [name for name, _ in model.named_parameters()]
+    out = {}
+    for path, mult in mults.items():
+        prefix = str(path).strip(".") + "."
+        if not any(name.startswith(prefix) for name in names):
+            tops = sorted({name.split(".")[0] for name in names})
+            raise ValueError(f"lr multiplier for {path!r}: no parameter of the {type(model).__name__} lies under "
+                             f"that module path (its top-level modules: {', '.join(tops)})")
+        if not float(mult) >= 0:
+            raise ValueError(f"lr multiplier for {path!r} must be a number >= 0, got {mult!r}")
+        out[prefix] = float(mult)
+    return out
 
 
 def total_training_steps(trainer, datamodule=None) -> int:

@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 
 from detkit.cli.train import stop_reason
 from detkit.lit.detection_module import freeze_parameters
-from detkit.lit.optim import WarmupSchedule
+from detkit.lit.optim import WarmupSchedule, module_lr_mults, param_groups
 from detkit.paths import config_dir
-from tests.helpers import TINY_FRCNN, cli, compose_train, data_args, fit_steps
+from tests.helpers import TINY, TINY_FRCNN, cli, compose_train, data_args, fit_steps
 
 OPTIMIZERS = sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (config_dir() / "scheduler").glob("*.yaml"))
@@ -132,3 +132,50 @@ def test_linear_lr_scaling_from_a_reference_batch(synthetic):
     cfg = compose_train(synthetic, "model.lr_reference_batch=8", "model.optimizer.lr=0.02")  # batch 2
     _, trainer = fit_steps(cfg, steps=1, accumulate_grad_batches=2)  # effective batch 4 = half the reference
     assert [g["initial_lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.01] * len(trainer.optimizers[0].param_groups))
+
+
+def test_param_groups_take_the_longest_matching_prefix_and_never_decay_norms():
+    net = torch.nn.ModuleDict({"head": torch.nn.ModuleDict({"cls": torch.nn.Linear(2, 3), "reg": torch.nn.Linear(2, 4)})})
+    groups = param_groups(net.named_parameters(), 1e-4, 1.0, {"head.": 0.5, "head.cls.": 0.25})
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    head = net["head"]
+    assert lr_of[id(head["cls"].weight)] == lr_of[id(head["cls"].bias)] == 0.25  # the longer prefix wins
+    assert lr_of[id(head["reg"].weight)] == lr_of[id(head["reg"].bias)] == 0.5
+    assert decay_of[id(head["cls"].weight)] == 1e-4 and decay_of[id(head["cls"].bias)] == 0.0
+
+
+def test_module_lr_mults_reject_a_path_that_names_no_parameter():
+    net = torch.nn.ModuleDict({"roi_heads": torch.nn.ModuleDict({"box_predictor": torch.nn.Linear(2, 3)})})
+    assert module_lr_mults(net, {"roi_heads.box_predictor": 0.25}) == {"roi_heads.box_predictor.": 0.25}
+    # "roi_heads.box" is a prefix of the parameter names as text but not a module: it must not match
+    for bad in ("roi_heads.box", "roi_head", "box_predictor"):
+        with pytest.raises(ValueError, match=f"'{bad}'.*no parameter.*roi_heads"):
+            module_lr_mults(net, {bad: 0.5})
+    with pytest.raises(ValueError, match=">= 0"):
+        module_lr_mults(net, {"roi_heads": -1.0})
+
+
+@pytest.mark.parametrize("model,path", [("faster_rcnn", "roi_heads.box_predictor"), ("yolo", "head")])
+def test_lr_mults_set_each_modules_rate_and_the_rest_keep_the_base_rate(synthetic, model, path):
+    cfg = compose_train(synthetic, f"model={model}", "model.optimizer.lr=0.02", "model.backbone_lr_mult=0.5",
+                        f"model.lr_mults={{{path}:0.25}}", fast=TINY if model == "yolo" else TINY_FRCNN)
+    assert cfg.model.detector._target_.rsplit(".", 1)[1] == {"yolo": "YOLO", "faster_rcnn": "FasterRCNN"}[model]
+    module, trainer = fit_steps(cfg, steps=1)
+    target = dict(module.detector.named_modules())[path]
+    chosen = {id(p) for p in target.parameters()}
+    encoder = {id(p) for p in module.detector.backbone.encoder.parameters()}
+    assert chosen and encoder
+    for group in trainer.optimizers[0].param_groups:
+        for p in group["params"]:
+            expected = 0.25 if id(p) in chosen else 0.5 if id(p) in encoder else 1.0
+            assert group["initial_lr"] == pytest.approx(0.02 * expected)
+
+
+def test_a_misspelt_lr_mults_path_fails_before_training(synthetic, tmp_path):
+    ann, root = synthetic
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "model.lr_mults={roi_heads.box_predicter:0.25}",
+            f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode != 0
+    assert "'roi_heads.box_predicter': no parameter of the FasterRCNN" in r.output, r.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
