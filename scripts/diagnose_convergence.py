@@ -11,7 +11,10 @@ clipping). At each listed step it measures:
 * ``AP50`` and ``AP50_agnostic`` (every class merged: does the detector find the objects at all?);
 * ``rpn_recall50``: the fraction of ground-truth boxes that one of the top 100 proposals covers at IoU >= 0.5;
 * ``gt_cls_acc``: the fraction of ground-truth boxes the box head, given the true box, labels with their class
-  (its argmax over the classes and background).
+  (its argmax over the classes and background);
+* ``head_dead_units``: the fraction of the box head's output units (what the classifier reads) that are 0 after
+  ReLU on every true box, and ``head_spread``: their standard deviation across the true boxes over their mean
+  magnitude (near 0: the classifier is given one vector for every box).
 
 Together they tell a stalled RPN from a box classifier that calls every object background. Writes
 ``OUT/NAME.json`` (the per-step records) and, given several names, ``--plot A,B,...`` draws their curves into
@@ -37,7 +40,7 @@ def stage_probes(module, dm) -> dict:
     """RPN recall at IoU 0.5 (top 100 proposals) and the box head's accuracy on the ground-truth boxes."""
     from torchvision.ops import box_iou
 
-    hits, correct = [], []
+    hits, correct, feats = [], [], []
     detector = module.inference_model
     with torch.no_grad():
         for images, targets in dm.val_dataloader():
@@ -50,9 +53,19 @@ def stage_probes(module, dm) -> dict:
                     hits += (box_iou(gt, props).max(1).values >= 0.5).tolist()
                 elif len(gt):
                     hits += [False] * len(gt)
-            logits, _ = detector.roi_heads._heads(list(features.values()), targets.boxes)
+            heads = detector.roi_heads
+            pooled = heads.pooler(list(features.values()), targets.boxes)
+            hidden = heads.box_head(pooled)  # [B * G, hidden]: what the classifier sees
+            feats.append(hidden.view(*targets.boxes.shape[:2], -1)[targets.valid])
+            logits = heads.box_predictor(hidden)[0].view(*targets.boxes.shape[:2], -1)
             correct += (logits.argmax(-1)[targets.valid] == targets.labels[targets.valid]).tolist()
-    return {"rpn_recall50": sum(hits) / max(len(hits), 1), "gt_cls_acc": sum(correct) / max(len(correct), 1)}
+    feats = torch.cat(feats)
+    # the box head's units that answer to no true box (ReLU outputs 0 on all of them), and how much its output
+    # varies between boxes relative to its size: a collapsed head gives the classifier one vector for every box
+    dead = float((feats.amax(0) <= 0).float().mean())
+    spread = float(feats.std(0).mean() / feats.abs().mean().clamp_min(1e-12))
+    return {"rpn_recall50": sum(hits) / max(len(hits), 1), "gt_cls_acc": sum(correct) / max(len(correct), 1),
+            "head_dead_units": dead, "head_spread": spread}
 
 
 def run(args, overrides: list[str]) -> list[dict]:
