@@ -126,7 +126,7 @@ class ConvFCHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, resolution: int, convs: int = 0, conv_channels: int = 128, fcs: int = 2,
-                 hidden: int = 512, norm: str | None = "none", dropout: float = 0.0) -> None:
+                 hidden: int = 1024, norm: str | None = "none", dropout: float = 0.0) -> None:
         super().__init__()
         norm = check_norm(norm or "none", "box head")
         if fcs < 1:
@@ -156,7 +156,7 @@ class TwoMLPHead(ConvFCHead):
     """Faster R-CNN with FPN's box head: flatten, then two fully connected layers with ReLU (dropout after each
     when ``dropout > 0``); :class:`ConvFCHead` with no convolution."""
 
-    def __init__(self, in_channels: int, resolution: int, hidden: int = 512, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, resolution: int, hidden: int = 1024, dropout: float = 0.0) -> None:
         super().__init__(in_channels, resolution, convs=0, fcs=2, hidden=hidden, dropout=dropout)
 
 
@@ -183,7 +183,7 @@ class RoIHeads(nn.Module):
         in_channels: feature channels; strides: strides of the pooled levels; num_classes: foreground classes
             (the three are filled in by :class:`~detkit.models.detection.faster_rcnn.FasterRCNN`).
         pooler: ``(strides) -> RoIPooler`` (default RoIAlign 7x7, sampling ratio 2, aligned).
-        box_head: ``(in_channels, resolution) -> nn.Module`` with ``out_features`` (default :class:`TwoMLPHead`, 512
+        box_head: ``(in_channels, resolution) -> nn.Module`` with ``out_features`` (default :class:`TwoMLPHead`, 1024
             wide; :class:`ConvFCHead` adds normalised convolutions before it).
         sampler: RoI sampling (default 128 per image, 25% positives, as Faster R-CNN's own recipe; detectron2
             samples 512, which on images with a few objects is ~99% background).
