@@ -113,7 +113,8 @@ def run(args, overrides: list[str]) -> list[dict]:
                     torch.stack([g.norm() for g in grads]))) if grads else 0.0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            rec = {"step": trainer.global_step, "lr": trainer.optimizers[0].param_groups[0]["lr"], **self.norms,
+            base_lr = max(g["lr"] for g in trainer.optimizers[0].param_groups)  # the highest group's: the base rate unless a multiplier > 1
+            rec = {"step": trainer.global_step, "lr": base_lr, **self.norms,
                    **{k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()
                       if k.startswith("train/")}}
             if trainer.global_step in steps:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from detkit.cli.common import check_torchvision_ops, clean_errors, instantiate_dict, output_dir
 from detkit.data.box_stats import box_sizes, choose_image_size, letterboxed_boxes
 from detkit.data.validate import load_coco_json
-from detkit.errors import USER_ERRORS
+from detkit.errors import USER_ERRORS, UserError
 from detkit.eval.outputs import write_evaluation
 from detkit.lit.optim import plot_lr_schedule, total_training_steps
 from detkit.models.backbones import EncoderLoadError
@@ -43,6 +43,55 @@ def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
     if not last.is_file():
         raise FileNotFoundError(f"ckpt_path=last but {last} does not exist: resume with the same hydra.run.dir")
     return str(last)
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """The checkpoint to resume from was trained with a differently shaped model than the config builds now."""
+
+
+#: Settings a resumed run takes from the checkpoint whatever the config says now (the optimiser's state holds them).
+_RATE_SETTINGS = ("optimizer", "backbone_lr_mult", "lr_mults", "lr_reference_batch", "scheduler")
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def check_resume(model: L.LightningModule, ckpt_path: str | None) -> None:
+    """Before ``trainer.fit(..., ckpt_path=...)``: refuse a checkpoint whose weights do not fit the model the
+    current config builds (naming the parameters and the ``model.detector`` settings that differ, instead of
+    Lightning's size-mismatch traceback), and warn about learning-rate settings that changed, which a resumed run
+    does not apply (the optimiser's and scheduler's saved state carry the old rates)."""
+    if not ckpt_path:
+        return
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    hp = dict(ckpt.get("hyper_parameters", {}))
+    if differ:
+        old_det, new_det = _flat(hp.get("detector", {})), _flat(dict(model.hparams.get("detector", {})))
+        changed = [f"model.detector.{k}: {old_det.get(k)!r} in the checkpoint, {new_det.get(k)!r} now"
+                   for k in sorted(old_det.keys() | new_det.keys())
+                   if old_det.get(k) != new_det.get(k) and not k.endswith("backbone.init")]
+        shapes = "; ".join(f"{k} {list(saved[k])} vs {list(now[k])}" for k in differ[:4])
+        raise ResumeMismatchError(
+            f"cannot resume from {ckpt_path}: {len(differ)} parameter(s) have other shapes than the model this "
+            f"config builds ({shapes}{'; ...' if len(differ) > 4 else ''}). "
+            + (f"Settings that differ: {'; '.join(changed[:6])}. " if changed else "")
+            + "Resume with the checkpoint's settings (its run's .hydra/config.yaml) or set them as overrides.")
+    for key in _RATE_SETTINGS:
+        if key in hp and hp[key] != model.hparams.get(key):
+            log.warning("resuming from %s: model.%s differs from the checkpoint's (%s now, %s saved); the "
+                        "resumed run keeps the checkpoint's learning rates", ckpt_path, key,
+                        model.hparams.get(key), hp[key])
 
 
 def _check_init_choice(cfg: DictConfig) -> None:
@@ -164,7 +213,9 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
         raise
     trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")),
                           callbacks=instantiate_dict(cfg.get("callbacks")))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), out))
+    resume = _resume_path(cfg.get("ckpt_path"), out)
+    check_resume(model, resume)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     self_training = model.summary() if semi else None  # before validate() loads the best checkpoint's weights
     best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor), "")
     trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)

@@ -8,6 +8,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from detkit.errors import UserError
+
+
+class LrMultsError(UserError, ValueError):
+    """A learning-rate multiplier that names no parameter of the model, or is not a number >= 0."""
+
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
                  lr: float, lr_mults: dict[str, float] | None = None) -> list[dict]:
@@ -35,10 +41,10 @@ def module_lr_mults(model: nn.Module, mults: dict[str, float]) -> dict[str, floa
         prefix = str(path).strip(".") + "."
         if not any(name.startswith(prefix) for name in names):
             tops = sorted({name.split(".")[0] for name in names})
-            raise ValueError(f"lr multiplier for {path!r}: no parameter of the {type(model).__name__} lies under "
+            raise LrMultsError(f"lr multiplier for {path!r}: no parameter of the {type(model).__name__} lies under "
                              f"that module path (its top-level modules: {', '.join(tops)})")
         if not float(mult) >= 0:
-            raise ValueError(f"lr multiplier for {path!r} must be a number >= 0, got {mult!r}")
+            raise LrMultsError(f"lr multiplier for {path!r} must be a number >= 0, got {mult!r}")
         out[prefix] = float(mult)
     return out
 

@@ -95,7 +95,7 @@ TORCHVISION_STEPS_TO_AP50_09 = 150
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason="issue 34 open: detkit's Faster R-CNN reaches AP50 0.82 / 0.90 / 0.86 at "
-                   "150 steps on these 8 images over seeds 0-2 (0.72 / 0.33 / 0.57 with the old 512-wide box head), "
+                   "150 steps on these 8 images over seeds 0-2 (0.71 / 0.33 / 0.57 with the old 512-wide box head), "
                    "torchvision's 0.97 (BENCHMARKS.md)")
 def test_faster_rcnn_defaults_learn_many_small_similar_classes_within_torchvisions_budget(tmp_path):
     """Issue 34: 15 classes of ~20 px card symbols (tests/data/uno_cards, 8 images, every class present): every

@@ -176,6 +176,44 @@ def test_a_misspelt_lr_mults_path_fails_before_training(synthetic, tmp_path):
     ann, root = synthetic
     r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "model.lr_mults={roi_heads.box_predicter:0.25}",
             f"hydra.run.dir={tmp_path / 'run'}")
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "'roi_heads.box_predicter': no parameter of the FasterRCNN" in r.output, r.output
+    assert "Traceback" not in r.output and "Error in call to target" not in r.output, r.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_lr_mults_entry_overrides_backbone_lr_mult_and_the_longest_path_wins_in_a_detector(synthetic):
+    cfg = compose_train(synthetic, "model.optimizer.lr=0.02", "model.backbone_lr_mult=0.5",
+                        "model.lr_mults={backbone.encoder:0.1,roi_heads:0.5,roi_heads.box_predictor:0.25}")
+    module, trainer = fit_steps(cfg, steps=1)
+    det = module.detector
+    expected = {**{id(p): 1.0 for p in det.parameters()},
+                **{id(p): 0.1 for p in det.backbone.encoder.parameters()},   # the explicit entry, not 0.5
+                **{id(p): 0.5 for p in det.roi_heads.parameters()},
+                **{id(p): 0.25 for p in det.roi_heads.box_predictor.parameters()}}
+    seen = set()
+    for group in trainer.optimizers[0].param_groups:
+        for p in group["params"]:
+            assert group["initial_lr"] == pytest.approx(0.02 * expected[id(p)])
+            seen.add(id(p))
+    assert {id(p) for p in det.roi_heads.box_head.parameters()} <= seen  # the 0.5 group is not empty
+
+
+def test_resuming_with_a_differently_shaped_model_names_the_settings_and_changed_rates_are_warned(synthetic,
+                                                                                                    tmp_path):
+    """A checkpoint of a 64-wide box head resumed under a config that builds a 32-wide one: one clear error naming
+    the parameters and the setting, before training (not Lightning's size-mismatch traceback); a changed learning
+    rate is not silently ignored either (the resumed optimiser keeps the saved rates): a warning says so."""
+    ann, root = synthetic
+    run = tmp_path / "run"
+    common = [*data_args(ann, root), *TINY_FRCNN, "report=false", f"hydra.run.dir={run}"]
+    r = cli("detkit-train", *common)
+    assert r.returncode == 0 and (run / "checkpoints" / "last.ckpt").is_file(), r.output
+    r = cli("detkit-train", *common, "ckpt_path=last", "model.detector.roi_heads.box_head.hidden=32")
+    assert r.returncode == 1, r.output
+    assert "cannot resume from" in r.output and "roi_heads.box_head.fc6.weight" in r.output, r.output
+    assert "model.detector.roi_heads.box_head.hidden: 64 in the checkpoint, 32 now" in r.output, r.output
+    assert "Traceback" not in r.output
+    r = cli("detkit-train", *common, "ckpt_path=last", "trainer.max_epochs=2", "model.optimizer.lr=0.005")
+    assert r.returncode == 0, r.output
+    assert "model.optimizer differs from the checkpoint's" in r.output, r.output
