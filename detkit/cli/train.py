@@ -49,8 +49,9 @@ class ResumeMismatchError(UserError, ValueError):
     """The checkpoint to resume from was trained with a differently shaped model than the config builds now."""
 
 
-#: Settings a resumed run takes from the checkpoint whatever the config says now (the optimiser's state holds them).
-_RATE_SETTINGS = ("optimizer", "backbone_lr_mult", "lr_mults", "lr_reference_batch", "scheduler")
+#: Settings whose values a resumed run takes from the checkpoint whatever the config says now: the optimiser's saved
+#: state restores every group's rate (the schedule's shape is not saved and follows the config).
+_RATE_SETTINGS = ("optimizer", "backbone_lr_mult", "lr_mults", "lr_reference_batch")
 
 
 def _flat(tree: object, prefix: str = "") -> dict[str, object]:
@@ -62,36 +63,75 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): tree}
 
 
+def _differences(saved: object, now: object, prefix: str) -> list[str]:
+    """``prefix.key=<now value>`` overrides and what the checkpoint had, for every leaf that differs."""
+    old, new = _flat(saved), _flat(now)
+    return [f"{prefix}.{k}: {old.get(k, '(absent)')!r} in the checkpoint, {new.get(k, '(absent)')!r} now"
+            for k in sorted(old.keys() | new.keys())
+            if old.get(k, "(absent)") != new.get(k, "(absent)") and not k.endswith("backbone.init")]
+
+
+def _load_for_check(path: str) -> dict | None:
+    """The checkpoint's dictionary with its tensors memory-mapped (shapes only are read), or ``None`` where this
+    check cannot read it (a remote or non-file path, an old format): Lightning then loads it and reports."""
+    import torch
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not this check's to report: Lightning's own load says what is wrong
+        log.debug("resume check skipped: %s could not be read with mmap", path, exc_info=True)
+        return None
+
+
 def check_resume(model: L.LightningModule, ckpt_path: str | None) -> None:
-    """Before ``trainer.fit(..., ckpt_path=...)``: refuse a checkpoint whose weights do not fit the model the
-    current config builds (naming the parameters and the ``model.detector`` settings that differ, instead of
-    Lightning's size-mismatch traceback), and warn about learning-rate settings that changed, which a resumed run
-    does not apply (the optimiser's and scheduler's saved state carry the old rates)."""
+    """Before ``trainer.fit(..., ckpt_path=...)``: refuse a checkpoint whose weights or optimiser groups do not fit
+    the model the current config builds, naming the parameters, categories and settings that differ (instead of
+    Lightning's size-mismatch traceback), and warn about learning-rate values that changed, which a resumed run does
+    not apply (the optimiser's saved state carries the old rates)."""
     if not ckpt_path:
+        return
+    ckpt = _load_for_check(str(ckpt_path))
+    if ckpt is None:
         return
     import torch
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
-    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    from detkit.lit.optim import param_groups
+
     hp = dict(ckpt.get("hyper_parameters", {}))
+    saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    where = f"cannot resume from {ckpt_path}"
     if differ:
-        old_det, new_det = _flat(hp.get("detector", {})), _flat(dict(model.hparams.get("detector", {})))
-        changed = [f"model.detector.{k}: {old_det.get(k)!r} in the checkpoint, {new_det.get(k)!r} now"
-                   for k in sorted(old_det.keys() | new_det.keys())
-                   if old_det.get(k) != new_det.get(k) and not k.endswith("backbone.init")]
+        changed = _differences(hp.get("detector", {}), dict(model.hparams.get("detector", {})), "model.detector")
+        if "categories" in hp and hp["categories"] != model.hparams.get("categories"):
+            changed.insert(0, f"the checkpoint has {len(hp['categories'])} categories, this data "
+                              f"{len(model.hparams.get('categories') or [])}")
         shapes = "; ".join(f"{k} {list(saved[k])} vs {list(now[k])}" for k in differ[:4])
         raise ResumeMismatchError(
-            f"cannot resume from {ckpt_path}: {len(differ)} parameter(s) have other shapes than the model this "
-            f"config builds ({shapes}{'; ...' if len(differ) > 4 else ''}). "
-            + (f"Settings that differ: {'; '.join(changed[:6])}. " if changed else "")
-            + "Resume with the checkpoint's settings (its run's .hydra/config.yaml) or set them as overrides.")
-    for key in _RATE_SETTINGS:
-        if key in hp and hp[key] != model.hparams.get(key):
-            log.warning("resuming from %s: model.%s differs from the checkpoint's (%s now, %s saved); the "
-                        "resumed run keeps the checkpoint's learning rates", ckpt_path, key,
-                        model.hparams.get(key), hp[key])
+            f"{where}: {len(differ)} parameter(s) have other shapes than the model this config builds ({shapes}"
+            f"{'; ...' if len(differ) > 4 else ''}). "
+            + (f"What differs: {'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''}. " if changed else "")
+            + "Resume with the checkpoint's settings, given as overrides.")
+    states = ckpt.get("optimizer_states") or []
+    opt_cfg = dict(model.hparams.get("optimizer") or {})
+    if states and "param_groups" in states[0] and hasattr(model, "lr_mults") and hasattr(model, "detector"):
+        groups = param_groups(model.detector.named_parameters(), float(opt_cfg.get("weight_decay", 0.0)), 1.0,
+                              model.lr_mults)
+        if len(groups) != len(states[0]["param_groups"]):
+            changed = [d for key in ("backbone_lr_mult", "lr_mults", "freeze")
+                       for d in _differences(hp.get(key), model.hparams.get(key), f"model.{key}")]
+            raise ResumeMismatchError(
+                f"{where}: its optimiser has {len(states[0]['param_groups'])} parameter groups, this config makes "
+                f"{len(groups)}" + (f" ({'; '.join(changed[:6])})" if changed else "")
+                + ". Resume with the checkpoint's settings, given as overrides.")
+    changed = [d for key in _RATE_SETTINGS if key in hp
+               for d in _differences(hp[key], model.hparams.get(key), f"model.{key}")]
+    if changed:
+        log.warning("resuming from %s: %s; the resumed run keeps the checkpoint's learning rates", ckpt_path,
+                    "; ".join(changed[:6]))
 
 
 def _check_init_choice(cfg: DictConfig) -> None:

@@ -42,10 +42,14 @@ def module_lr_mults(model: nn.Module, mults: dict[str, float]) -> dict[str, floa
         if not any(name.startswith(prefix) for name in names):
             tops = sorted({name.split(".")[0] for name in names})
             raise LrMultsError(f"lr multiplier for {path!r}: no parameter of the {type(model).__name__} lies under "
-                             f"that module path (its top-level modules: {', '.join(tops)})")
-        if not float(mult) >= 0:
+                               f"that module path (its top-level modules: {', '.join(tops)})")
+        try:
+            value = float(mult)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not value >= 0:
             raise LrMultsError(f"lr multiplier for {path!r} must be a number >= 0, got {mult!r}")
-        out[prefix] = float(mult)
+        out[prefix] = value
     return out
 
 

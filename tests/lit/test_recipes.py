@@ -201,19 +201,26 @@ def test_an_lr_mults_entry_overrides_backbone_lr_mult_and_the_longest_path_wins_
 
 def test_resuming_with_a_differently_shaped_model_names_the_settings_and_changed_rates_are_warned(synthetic,
                                                                                                     tmp_path):
-    """A checkpoint of a 64-wide box head resumed under a config that builds a 32-wide one: one clear error naming
-    the parameters and the setting, before training (not Lightning's size-mismatch traceback); a changed learning
-    rate is not silently ignored either (the resumed optimiser keeps the saved rates): a warning says so."""
+    """A checkpoint of a 64-wide box head (with an EMA, whose state is no tensor) resumed under a config that builds
+    a 32-wide one, or other optimiser groups: one clear error naming the setting, before training (not Lightning's
+    size-mismatch traceback). An unchanged resume warns about nothing; a changed learning rate is not silently
+    ignored: a warning says the saved rate is kept, and it is."""
     ann, root = synthetic
     run = tmp_path / "run"
-    common = [*data_args(ann, root), *TINY_FRCNN, "report=false", f"hydra.run.dir={run}"]
+    common = [*data_args(ann, root), *TINY_FRCNN, "report=false", "model.ema_decay=0.9", f"hydra.run.dir={run}"]
     r = cli("detkit-train", *common)
     assert r.returncode == 0 and (run / "checkpoints" / "last.ckpt").is_file(), r.output
     r = cli("detkit-train", *common, "ckpt_path=last", "model.detector.roi_heads.box_head.hidden=32")
     assert r.returncode == 1, r.output
     assert "cannot resume from" in r.output and "roi_heads.box_head.fc6.weight" in r.output, r.output
     assert "model.detector.roi_heads.box_head.hidden: 64 in the checkpoint, 32 now" in r.output, r.output
-    assert "Traceback" not in r.output
-    r = cli("detkit-train", *common, "ckpt_path=last", "trainer.max_epochs=2", "model.optimizer.lr=0.005")
+    r = cli("detkit-train", *common, "ckpt_path=last", "model.lr_mults={roi_heads:0.5}")
+    assert r.returncode == 1, r.output
+    assert "parameter groups" in r.output and "model.lr_mults.roi_heads: '(absent)' in the checkpoint" in r.output
+    r = cli("detkit-train", *common, "ckpt_path=last", "trainer.max_epochs=2")
+    assert r.returncode == 0 and "differs" not in r.output and "in the checkpoint" not in r.output, r.output
+    r = cli("detkit-train", *common, "ckpt_path=last", "trainer.max_epochs=3", "model.optimizer.lr=0.005")
     assert r.returncode == 0, r.output
-    assert "model.optimizer differs from the checkpoint's" in r.output, r.output
+    assert "model.optimizer.lr: 0.02 in the checkpoint, 0.005 now" in r.output, r.output
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert {g["initial_lr"] for g in state["optimizer_states"][0]["param_groups"]} == {0.02}  # as the warning says
