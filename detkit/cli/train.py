@@ -46,7 +46,8 @@ def _resume_path(ckpt_path: str | None, out: Path) -> str | None:
 
 
 class ResumeMismatchError(UserError, ValueError):
-    """The checkpoint to resume from was trained with a differently shaped model than the config builds now."""
+    """The checkpoint to resume from does not fit the model the config builds now: other parameter shapes, or other
+    optimiser parameter groups."""
 
 
 #: Settings whose values a resumed run takes from the checkpoint whatever the config says now: the optimiser's saved
@@ -64,7 +65,8 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
 
 
 def _differences(saved: object, now: object, prefix: str) -> list[str]:
-    """``prefix.key=<now value>`` overrides and what the checkpoint had, for every leaf that differs."""
+    """``"prefix.key: <saved> in the checkpoint, <now> now"`` for every leaf of two nested settings that differs
+    (``backbone.init``, the encoder file, excepted)."""
     old, new = _flat(saved), _flat(now)
     return [f"{prefix}.{k}: {old.get(k, '(absent)')!r} in the checkpoint, {new.get(k, '(absent)')!r} now"
             for k in sorted(old.keys() | new.keys())
