@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import os
+import random
 
 import albumentations as A
 import cv2
@@ -57,14 +58,21 @@ class SeededPipeline:
         self.pipeline = pipeline
         self._seeded_for: tuple[int, int] | None = None
 
+    def _reseed(self, seed: int) -> None:
+        # One stream shared by every step. ``Compose.set_random_seed(seed)`` would give each step its own
+        # generators seeded with the same value (albumentations 2.0), so the steps' draws coincide: ToGray's
+        # p-test reads HorizontalFlip's number and a grayscale view is always a flipped one, vflip follows hflip,
+        # the crop's area follows the jitter's brightness (tests/data/test_independent_draws.py).
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
     def __call__(self, seed: int | None = None, **data):
         if seed is not None:
-            self.pipeline.set_random_seed(seed)
+            self._reseed(seed)
             self._seeded_for = None
         else:
             key = (os.getpid(), torch.initial_seed())
             if key != self._seeded_for:
-                self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
+                self._reseed(torch.initial_seed() % 2**32)
                 self._seeded_for = key
         return self.pipeline(**data)
 
