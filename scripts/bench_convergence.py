@@ -135,7 +135,7 @@ def run_torchvision(args, ann: Path) -> dict:
     from detkit.lit.detection_module import to_original_pixels
 
     steps = sorted(int(s) for s in args.steps.split(","))
-    torch.manual_seed(0)
+    torch.manual_seed(args.peer_seed)
     plain = DetectionTransform(args.peer_size, train=True, hflip=0.0, vflip=0.0, scale_range=(1.0, 1.0),
                                color_jitter=0.0)
     dm = DetectionDataModule(str(ann), args.images, str(ann), args.images, image_size=args.peer_size,
@@ -188,7 +188,8 @@ def run_torchvision(args, ann: Path) -> dict:
             if step >= max(steps):
                 break
     clip = f", clip {args.tv_clip:g}" if args.tv_clip else ""
-    return {"impl": f"torchvision FasterRCNN (resnet18 FPN, lr {args.tv_lr:g}{clip})", "points": points,
+    return {"impl": f"torchvision FasterRCNN (resnet18 FPN, lr {args.tv_lr:g}{clip}, seed {args.peer_seed})",
+            "points": points,
             "train_img_s": n_train / t_train, "diverged_at": diverged_at}
 
 
@@ -223,14 +224,14 @@ def run_ultralytics(args, ann: Path, work: Path) -> dict:
     per_epoch = -(-len(data["images"]) // args.batch_size)
     if any(s % per_epoch for s in steps):
         raise SystemExit(f"ultralytics checkpoints per epoch ({per_epoch} steps): give step counts divisible by it")
-    torch.manual_seed(0)
+    torch.manual_seed(args.peer_seed)
     model = YOLO("yolov8n.yaml")
     t0 = time.perf_counter()
     model.train(data=str(yaml), epochs=max(steps) // per_epoch, imgsz=args.peer_size, batch=args.batch_size,
                 nbs=args.batch_size, optimizer="SGD", amp=False, pretrained=False, device="cpu", workers=1,
                 mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0, scale=0.0, translate=0.0, val=False,
                 plots=False, save_period=1, project=str(work / "ul_runs"), name="train", exist_ok=True,
-                verbose=False, seed=0, deterministic=False, close_mosaic=0)
+                verbose=False, seed=args.peer_seed, deterministic=False, close_mosaic=0)
     wall = time.perf_counter() - t0
     weights = work / "ul_runs" / "train" / "weights"
     points = {}
@@ -248,7 +249,7 @@ def run_ultralytics(args, ann: Path, work: Path) -> dict:
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(sc)})
         points[s] = evaluate(data, results)
     n = max(steps) * args.batch_size
-    return {"impl": "Ultralytics YOLOv8n (yaml)", "points": points, "train_img_s": n / wall,
+    return {"impl": f"Ultralytics YOLOv8n (yaml, seed {args.peer_seed})", "points": points, "train_img_s": n / wall,
             "note": "img/s includes Ultralytics' per-epoch checkpoint saving"}
 
 
@@ -274,6 +275,9 @@ def main() -> None:
     p.add_argument("--tv-clip", type=float, default=10.0,
                    help="torchvision's gradient clipping (global norm), as detkit-train's trainer; 0: off (at lr "
                         "0.02 and batch 2 it then diverges within 30 steps on every dataset tried)")
+    p.add_argument("--peer-seed", type=int, default=0,
+                   help="the peers' seed (torchvision's and Ultralytics' init and data order); detkit's is the "
+                        "Hydra override seed=N")
     p.add_argument("--impls", default="detkit_frcnn,torchvision,detkit_yolo,ultralytics")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)

@@ -104,12 +104,14 @@ SMALL_ANCHORS = ["model.detector.backbone.levels=[c3,c4,c5]",
 
 
 @pytest.mark.parametrize("dataset, size, anchors, refit", [("raccoon", 320, SMALL_ANCHORS, True),
-                                                           ("raccoon", 320, [], False), ("bccd", 256, [], False),
+                                                           ("raccoon", 320, [], True), ("bccd", 256, [], False),
                                                            ("bccd", 320, [], False)])
-def test_fit_auto_refits_only_anchors_that_miss_most_boxes(dataset, size, anchors, refit):
+def test_fit_auto_refits_only_anchors_that_miss_most_boxes_or_where_fitting_covers_all(dataset, size, anchors,
+                                                                                        refit):
     """fit=auto: BCCD-sized anchors (16-128 px) miss the raccoons (median best IoU 0.39 < 0.5) and are refitted;
-    the default anchors (16-192 px over c2-c5) cover them (median 0.74) and are kept; on BCCD they reach most cells
-    at IoU 0.5 and are kept, though their recall at 0.7 is below 90% (refitting them there cost AP: STUDY.md).
+    the default anchors (16-192 px over c2-c5) reach them (median 0.74) but only 64% at IoU 0.7, and the fitted
+    ones cover all 33 (one class of large objects): refitted too. On BCCD at 256 px the default anchors cover 75%
+    and the fitted ones 89% (many shapes; refitting there cost AP: STUDY.md): kept, as at 320 px (91%).
     ``always`` refits regardless."""
     from hydra import compose, initialize_config_dir
 
@@ -127,4 +129,7 @@ def test_fit_auto_refits_only_anchors_that_miss_most_boxes(dataset, size, anchor
         assert (report["fitted"] is not None) == expected, (mode, report["coverage"])
         sizes = [list(s) for s in cfg.model.detector.rpn.anchor_generator.sizes]
         assert (sizes != [list(s) for s in configured]) == expected
-    assert (report["coverage"]["median_best_iou"] < 0.5) == refit
+    coverage = report["coverage"]
+    assert coverage["bpr"] < 0.9 or not refit
+    if refit:  # one of fit=auto's two reasons, as the test's cases were chosen
+        assert coverage["median_best_iou"] < 0.5 or report["fitted"]["coverage"]["bpr"] >= 0.95
