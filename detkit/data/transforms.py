@@ -54,8 +54,9 @@ class SeededPipeline:
     (reproducible from the run's seed, but a resumed run then draws differently).
     """
 
-    def __init__(self, pipeline: A.Compose) -> None:
+    def __init__(self, pipeline: A.Compose, stream: int = 0) -> None:
         self.pipeline = pipeline
+        self.stream = stream  # tells apart pipelines of one item seeded from the same torch.initial_seed()
         self._seeded_for: tuple[int, int] | None = None
 
     def _reseed(self, seed: int) -> None:
@@ -72,7 +73,8 @@ class SeededPipeline:
         else:
             key = (os.getpid(), torch.initial_seed())
             if key != self._seeded_for:
-                self._reseed(torch.initial_seed() % 2**32)
+                self._reseed(hash((torch.initial_seed(), self.stream)) % 2**32 if self.stream else
+                             torch.initial_seed() % 2**32)
                 self._seeded_for = key
         return self.pipeline(**data)
 

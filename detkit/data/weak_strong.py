@@ -82,7 +82,9 @@ class WeakStrongViews:
         ]
         if erasing:
             photometric += [A.Erasing(scale=scale, ratio=ratio, fill="random", p=p) for p, scale, ratio in ERASING]
-        self.photometric = SeededPipeline(A.Compose(photometric))
+        # its own stream in the main process: seeded like `geometry` from torch.initial_seed(), the two would read
+        # the same numbers (the first hflip test would decide the first jitter test)
+        self.photometric = SeededPipeline(A.Compose(photometric), stream=1)
 
     def _pad(self, image: np.ndarray) -> torch.Tensor:
         canvas = np.full((self.size, self.size, 3), PAD_VALUE, dtype=np.uint8)
