@@ -170,7 +170,8 @@ def fit_priors(cfg: DictConfig, data: dict) -> dict:
         gen = det.rpn.anchor_generator
         configured = instantiate(gen)
         fg_iou = float(det.rpn.get("fg_iou_thresh", 0.7))
-        decision = decide_anchors(configured, boxes, wh, strides, size, fg_iou=fg_iou, seed=cfg.seed)
+        # k-means from a fixed seed: the anchors are a property of the data, the same for every seed of a sweep
+        decision = decide_anchors(configured, boxes, wh, strides, size, fg_iou=fg_iou)
         log.info("RPN anchors %s: %s", configured.sizes, decision.configured)
         log.info("%s", decision)
         report["anchors"] = decision.report(configured.sizes, configured.aspect_ratios)

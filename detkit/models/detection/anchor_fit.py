@@ -90,9 +90,13 @@ def _shape_iou(wh: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def kmeans_iou(wh: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> np.ndarray:
-    """``k`` box shapes ``[k, 2]`` clustering ``wh [N, 2]`` by the distance ``1 - IoU`` (k-means++ start from
-    ``seed``; a cluster's centre is its members' median shape). Sorted by area."""
+def kmeans_iou(wh: np.ndarray, k: int, seed: int = 0, iterations: int = 50, restarts: int = 8) -> np.ndarray:
+    """``k`` box shapes ``[k, 2]`` clustering ``wh [N, 2]`` by the distance ``1 - IoU`` (a cluster's centre is its
+    members' median shape). Sorted by area.
+
+    ``restarts`` k-means++ starts drawn from ``seed`` run, and the clustering whose boxes overlap their nearest
+    centre most (mean IoU) is kept, as scikit-learn's ``n_init``: one start can merge two sizes or miss a group of
+    boxes, and the anchors should be a property of the data rather than of one draw."""
     rng = np.random.default_rng(seed)
     wh = wh[(wh > 0).all(1)]
     if len(wh) <= k:  # every box is a centre (as (w, h) pairs), the largest repeated to make k
@@ -100,17 +104,23 @@ def kmeans_iou(wh: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> n
             return np.ones((k, 2))
         shapes = wh[np.argsort(wh.prod(1), kind="stable")]
         return np.concatenate([shapes, np.repeat(shapes[-1:], k - len(shapes), 0)])
-    centres = wh[[rng.integers(len(wh))]]
-    while len(centres) < k:  # k-means++: far (low-IoU) shapes are likelier next centres
-        d = 1 - _shape_iou(wh, centres).max(1)
-        centres = np.vstack([centres, wh[rng.choice(len(wh), p=d / d.sum() if d.sum() > 0 else None)]])
-    for _ in range(iterations):
-        nearest = _shape_iou(wh, centres).argmax(1)
-        new = np.array([np.median(wh[nearest == j], 0) if (nearest == j).any() else centres[j] for j in range(k)])
-        if np.allclose(new, centres):
-            break
-        centres = new
-    return centres[np.argsort(centres.prod(1))]
+    best, best_fit = None, -1.0
+    for _ in range(max(1, restarts)):
+        centres = wh[[rng.integers(len(wh))]]
+        while len(centres) < k:  # k-means++: far (low-IoU) shapes are likelier next centres
+            d = 1 - _shape_iou(wh, centres).max(1)
+            centres = np.vstack([centres, wh[rng.choice(len(wh), p=d / d.sum() if d.sum() > 0 else None)]])
+        for _ in range(iterations):
+            nearest = _shape_iou(wh, centres).argmax(1)
+            new = np.array([np.median(wh[nearest == j], 0) if (nearest == j).any() else centres[j]
+                            for j in range(k)])
+            if np.allclose(new, centres):
+                break
+            centres = new
+        fit = float(_shape_iou(wh, centres).max(1).mean())
+        if fit > best_fit:
+            best, best_fit = centres, fit
+    return best[np.argsort(best.prod(1))]
 
 
 def fit_anchors(wh: np.ndarray, sizes_per_level: Sequence[int], ratios_per_level: Sequence[int], seed: int = 0
@@ -182,7 +192,9 @@ def decide_anchors(generator: AnchorGenerator, boxes_per_image: Sequence[np.ndar
     """Apply ``generator.fit`` to the training boxes (letterboxed to ``image_size``: ``boxes_per_image`` xyxy and
     their shapes ``wh``) on feature maps at ``strides`` (the backbone's ``strides``): ``never`` keeps the
     configured anchors, ``always`` replaces them by :func:`fit_anchors`, ``auto`` replaces them when the
-    ``FIT_*`` thresholds say the configured ones miss most boxes and the fitted ones cover clearly more."""
+    ``FIT_*`` thresholds say so: the configured ones cover too few boxes and either the fitted ones cover nearly
+    all of them or the configured ones miss most boxes and the fitted ones cover clearly more. ``seed`` seeds the
+    k-means starts (``detkit-train`` keeps the default, so the decision is a function of the data alone)."""
     before = anchor_coverage(boxes_per_image, grid_anchors(generator, strides, image_size), fg_iou)
     keep = AnchorDecision([list(s) for s in generator.sizes], [list(r) for r in generator.aspect_ratios], False,
                           before, None, generator.fit)

@@ -73,7 +73,8 @@ def test_fitted_anchors_cover_a_real_dataset_better_than_bccd_sized_ones():
 
 def test_decide_anchors_applies_the_generators_fit_policy():
     """The policy lives beside the fitting (models side): never keeps (no fitted candidate), always replaces, auto
-    replaces anchors that miss most boxes only; the levels and per-level counts never change."""
+    replaces anchors that miss most boxes (or that the fit covers almost entirely, see the test below); the levels
+    and per-level counts never change."""
     from detkit.models.detection.anchor_fit import decide_anchors
 
     data = json.loads(RACCOON.read_text())
@@ -120,16 +121,17 @@ def test_fit_auto_refits_only_anchors_that_miss_most_boxes_or_where_fitting_cove
 
     ann = RACCOON if dataset == "raccoon" else config_dir().parent / "data" / "bccd" / "annotations" / "train.json"
     data = json.loads(Path(ann).read_text())
-    for mode, expected in (("auto", refit), ("always", True)):
+    trained = []
+    for mode, expected, seed in (("auto", refit, 0), ("auto", refit, 2), ("auto", refit, 12), ("always", True, 0)):
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=["data=coco", f"data.image_size={size}", *anchors,
+            cfg = compose("train", overrides=["data=coco", f"data.image_size={size}", *anchors, f"seed={seed}",
                                               f"model.detector.rpn.anchor_generator.fit={mode}"])
         configured = list(cfg.model.detector.rpn.anchor_generator.sizes)
         report = fit_priors(cfg, data)["anchors"]
-        assert (report["fitted"] is not None) == expected, (mode, report["coverage"])
+        assert (report["fitted"] is not None) == expected, (mode, seed, report["coverage"])
         sizes = [list(s) for s in cfg.model.detector.rpn.anchor_generator.sizes]
         assert (sizes != [list(s) for s in configured]) == expected
-    coverage = report["coverage"]
-    assert coverage["bpr"] < 0.9 or not refit
-    if refit:  # one of fit=auto's two reasons, as the test's cases were chosen
-        assert coverage["median_best_iou"] < 0.5 or report["fitted"]["coverage"]["bpr"] >= 0.95
+        trained.append(sizes)
+    # the anchors are a function of the data, not of the run's seed (a k-means start seeded by it refitted the
+    # raccoons for most seeds but not for seeds 2 and 12: fitted recall 0.94 < 0.95)
+    assert trained[0] == trained[1] == trained[2]
