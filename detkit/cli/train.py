@@ -52,7 +52,7 @@ class ResumeMismatchError(UserError, ValueError):
 
 #: Settings whose values a resumed run takes from the checkpoint whatever the config says now: the optimiser's saved
 #: state restores every group's rate (the schedule's shape is not saved and follows the config).
-_RATE_SETTINGS = ("optimizer", "backbone_lr_mult", "lr_mults", "lr_reference_batch")
+_RATE_SETTINGS = ("optimizer", "backbone_lr_mult", "head_lr_mult", "lr_mults", "lr_reference_batch")
 
 
 def _flat(tree: object, prefix: str = "") -> dict[str, object]:
@@ -123,7 +123,7 @@ def check_resume(model: L.LightningModule, ckpt_path: str | None) -> None:
         groups = param_groups(model.detector.named_parameters(), float(opt_cfg.get("weight_decay", 0.0)), 1.0,
                               model.lr_mults)
         if len(groups) != len(states[0]["param_groups"]):
-            changed = [d for key in ("backbone_lr_mult", "lr_mults", "freeze")
+            changed = [d for key in ("backbone_lr_mult", "head_lr_mult", "lr_mults", "freeze")
                        for d in _differences(hp.get(key), model.hparams.get(key), f"model.{key}")]
             raise ResumeMismatchError(
                 f"{where}: its optimiser has {len(states[0]['param_groups'])} parameter groups, this config makes "

@@ -93,6 +93,8 @@ class DetectionModule(L.LightningModule):
             (every parameter under that module; the longest matching path wins; ``backbone_lr_mult`` is the
             shorthand for ``{"backbone.encoder": m}`` and an explicit entry for the same path overrides it). A path
             that names no parameter is an error, so a typo cannot silently train at the full rate.
+        head_lr_mult: learning-rate multiplier for the detector's box head (``roi_heads`` of Faster R-CNN, ``head``
+            of YOLO): the shorthand for ``{detector.HEAD: m}``; an explicit ``lr_mults`` entry for that path wins.
         eval_backend: ``"faster_coco_eval"`` or ``"pycocotools"``.
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs with AMP).
         image_size: the letterbox size the model is trained at (prediction and evaluation reuse it).
@@ -134,6 +136,7 @@ class DetectionModule(L.LightningModule):
         freeze: list[str] | tuple[str, ...] = (),
         lr_reference_batch: int | None = None,
         lr_mults: dict[str, float] | None = None,
+        head_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         detector, categories = plain_config(detector), plain_config(categories)
@@ -145,12 +148,14 @@ class DetectionModule(L.LightningModule):
                                    "compile": compile, "divergence_check_every": divergence_check_every,
                                    "l1_penalty": l1_penalty, "freeze": list(freeze or []),
                                    "lr_reference_batch": lr_reference_batch,
-                                   "lr_mults": dict(plain_config(lr_mults) or {})})
+                                   "lr_mults": dict(plain_config(lr_mults) or {}), "head_lr_mult": head_lr_mult})
         self.categories = CategoryMap(categories)
         self.detector = instantiate(detector, num_classes=len(self.categories), _recursive_=True)
         freeze_parameters(self.detector, list(freeze or []))
         # learning-rate multipliers by parameter-name prefix, checked here so a misspelt path fails before training
         shorthand = {"backbone.encoder": backbone_lr_mult} if backbone_lr_mult != 1.0 else {}
+        if head_lr_mult != 1.0:
+            shorthand[self.detector.HEAD] = head_lr_mult
         self.lr_mults = module_lr_mults(self.detector, {**shorthand, **self.hparams.lr_mults})
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)

@@ -129,7 +129,8 @@ def test_plot_lr_writes_the_curve_and_trains_nothing(synthetic, tmp_path):
 
 
 def test_linear_lr_scaling_from_a_reference_batch(synthetic):
-    cfg = compose_train(synthetic, "model.lr_reference_batch=8", "model.optimizer.lr=0.02")  # batch 2
+    cfg = compose_train(synthetic, "model.lr_reference_batch=8", "model.optimizer.lr=0.02",
+                        "model.head_lr_mult=1.0")  # batch 2, one rate for every parameter
     _, trainer = fit_steps(cfg, steps=1, accumulate_grad_batches=2)  # effective batch 4 = half the reference
     assert [g["initial_lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.01] * len(trainer.optimizers[0].param_groups))
 
@@ -159,7 +160,8 @@ def test_module_lr_mults_reject_a_path_that_names_no_parameter():
 @pytest.mark.parametrize("model,path", [("faster_rcnn", "roi_heads.box_predictor"), ("yolo", "head")])
 def test_lr_mults_set_each_modules_rate_and_the_rest_keep_the_base_rate(synthetic, model, path):
     cfg = compose_train(synthetic, f"model={model}", "model.optimizer.lr=0.02", "model.backbone_lr_mult=0.5",
-                        f"model.lr_mults={{{path}:0.25}}", fast=TINY if model == "yolo" else TINY_FRCNN)
+                        "model.head_lr_mult=1.0", f"model.lr_mults={{{path}:0.25}}",
+                        fast=TINY if model == "yolo" else TINY_FRCNN)
     assert cfg.model.detector._target_.rsplit(".", 1)[1] == {"yolo": "YOLO", "faster_rcnn": "FasterRCNN"}[model]
     module, trainer = fit_steps(cfg, steps=1)
     target = dict(module.detector.named_modules())[path]
@@ -180,6 +182,23 @@ def test_a_misspelt_lr_mults_path_fails_before_training(synthetic, tmp_path):
     assert "'roi_heads.box_predicter': no parameter of the FasterRCNN" in r.output, r.output
     assert "Traceback" not in r.output and "Error in call to target" not in r.output, r.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("model,head", [("faster_rcnn", "roi_heads"), ("yolo", "head")])
+def test_the_box_head_rate_defaults_to_a_quarter_for_faster_rcnn_only(synthetic, model, head):
+    """Faster R-CNN's RoI heads learn at 0.25 x the base rate by default (``head_lr_mult``, issue 34), YOLO's head
+    at the base rate; every other parameter keeps the base rate, and ``model.head_lr_mult=1.0`` restores one rate."""
+    expected_mult = {"faster_rcnn": 0.25, "yolo": 1.0}[model]
+    for extra, mult in (((), expected_mult), (("model.head_lr_mult=1.0",), 1.0)):
+        cfg = compose_train(synthetic, f"model={model}", "model.optimizer.lr=0.02", *extra,
+                            fast=TINY if model == "yolo" else TINY_FRCNN)
+        module, trainer = fit_steps(cfg, steps=1)
+        in_head = {id(p) for p in getattr(module.detector, head).parameters()}
+        assert in_head and module.detector.HEAD == head
+        rates = {id(p): g["initial_lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        assert len(rates) == sum(1 for p in module.detector.parameters() if p.requires_grad)
+        for pid, lr in rates.items():
+            assert lr == pytest.approx(0.02 * (mult if pid in in_head else 1.0)), (extra, lr)
 
 
 def test_an_lr_mults_entry_overrides_backbone_lr_mult_and_the_longest_path_wins_in_a_detector(synthetic):
@@ -214,13 +233,14 @@ def test_resuming_with_a_differently_shaped_model_names_the_settings_and_changed
     assert r.returncode == 1, r.output
     assert "cannot resume from" in r.output and "roi_heads.box_head.fc6.weight" in r.output, r.output
     assert "model.detector.roi_heads.box_head.hidden: 64 in the checkpoint, 32 now" in r.output, r.output
-    r = cli("detkit-train", *common, "ckpt_path=last", "model.lr_mults={roi_heads:0.5}")
+    r = cli("detkit-train", *common, "ckpt_path=last", "model.lr_mults={rpn:0.5}")
     assert r.returncode == 1, r.output
-    assert "parameter groups" in r.output and "model.lr_mults.roi_heads: '(absent)' in the checkpoint" in r.output
+    assert "parameter groups" in r.output and "model.lr_mults.rpn: '(absent)' in the checkpoint" in r.output
     r = cli("detkit-train", *common, "ckpt_path=last", "trainer.max_epochs=2")
     assert r.returncode == 0 and "differs" not in r.output and "in the checkpoint" not in r.output, r.output
     r = cli("detkit-train", *common, "ckpt_path=last", "trainer.max_epochs=3", "model.optimizer.lr=0.005")
     assert r.returncode == 0, r.output
     assert "model.optimizer.lr: 0.02 in the checkpoint, 0.005 now" in r.output, r.output
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert {g["initial_lr"] for g in state["optimizer_states"][0]["param_groups"]} == {0.02}  # as the warning says
+    # as the warning says: the saved rates (0.02, and 0.005 for the RoI heads at head_lr_mult 0.25), not 0.005 x
+    assert {g["initial_lr"] for g in state["optimizer_states"][0]["param_groups"]} == {0.02, 0.005}

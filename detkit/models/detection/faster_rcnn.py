@@ -27,6 +27,9 @@ class FasterRCNN(nn.Module):
             except a max-pooled extra level.
     """
 
+    #: the box head's module path (``DetectionModule(head_lr_mult=...)`` scales its rate)
+    HEAD = "roi_heads"
+
     def __init__(self, backbone: Backbone, num_classes: int,
                  rpn: Callable[..., RegionProposalNetwork], roi_heads: Callable[..., RoIHeads]) -> None:
         super().__init__()

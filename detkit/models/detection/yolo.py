@@ -184,6 +184,9 @@ class YOLO(nn.Module):
         head_norm: the head's normalisation (:class:`DecoupledHead`): ``"bn"`` (also ``None``), ``"gn"`` or ``"none"``.
     """
 
+    #: the head's module path (``DetectionModule(head_lr_mult=...)`` scales its rate)
+    HEAD = "head"
+
     def __init__(self, backbone: Backbone, num_classes: int, assigner: CentreSamplingAssigner | None = None,
                  box_loss: str = "giou", box_weight: float = 5.0, obj_weight: float = 1.0, cls_weight: float = 1.0,
                  dropout: float = 0.0, inference: PostProcess | None = None, head_norm: str | None = "bn") -> None:
