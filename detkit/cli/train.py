@@ -68,7 +68,8 @@ def _differences(saved: object, now: object, prefix: str) -> list[str]:
     """``"prefix.key: <saved> in the checkpoint, <now> now"`` for every leaf of two nested settings that differs
     (``backbone.init``, the encoder file, excepted)."""
     old, new = _flat(saved), _flat(now)
-    return [f"{prefix}.{k}: {old.get(k, '(absent)')!r} in the checkpoint, {new.get(k, '(absent)')!r} now"
+    return [f"{'.'.join(p for p in (prefix, k) if p)}: {old.get(k, '(absent)')!r} in the checkpoint, "
+            f"{new.get(k, '(absent)')!r} now"
             for k in sorted(old.keys() | new.keys())
             if old.get(k, "(absent)") != new.get(k, "(absent)") and not k.endswith("backbone.init")]
 
@@ -102,6 +103,8 @@ def check_resume(model: L.LightningModule, ckpt_path: str | None) -> None:
     from detkit.lit.optim import param_groups
 
     hp = dict(ckpt.get("hyper_parameters", {}))
+    if "detector" in hp:  # saved before head_lr_mult existed (2026-12-01): those runs trained the head at 1.0
+        hp.setdefault("head_lr_mult", 1.0)
     saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
     now = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
@@ -122,12 +125,15 @@ def check_resume(model: L.LightningModule, ckpt_path: str | None) -> None:
     if states and "param_groups" in states[0] and hasattr(model, "lr_mults") and hasattr(model, "detector"):
         groups = param_groups(model.detector.named_parameters(), float(opt_cfg.get("weight_decay", 0.0)), 1.0,
                               model.lr_mults)
-        if len(groups) != len(states[0]["param_groups"]):
+        # the groups' sizes, not only their number: the same count can split the parameters differently
+        sizes_now = sorted(len(g["params"]) for g in groups)
+        sizes_saved = sorted(len(g.get("params", [])) for g in states[0]["param_groups"])
+        if sizes_now != sizes_saved:
             changed = [d for key in ("backbone_lr_mult", "head_lr_mult", "lr_mults", "freeze")
                        for d in _differences(hp.get(key), model.hparams.get(key), f"model.{key}")]
             raise ResumeMismatchError(
-                f"{where}: its optimiser has {len(states[0]['param_groups'])} parameter groups, this config makes "
-                f"{len(groups)}" + (f" ({'; '.join(changed[:6])})" if changed else "")
+                f"{where}: its optimiser has {len(sizes_saved)} parameter groups of {sizes_saved} parameters, this "
+                f"config makes {len(sizes_now)} of {sizes_now}" + (f" ({'; '.join(changed[:6])})" if changed else "")
                 + ". Resume with the checkpoint's settings, given as overrides.")
     changed = [d for key in _RATE_SETTINGS if key in hp
                for d in _differences(hp[key], model.hparams.get(key), f"model.{key}")]

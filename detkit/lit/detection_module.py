@@ -17,7 +17,7 @@ from detkit.data.coco import CategoryMap
 from detkit.eval.coco_eval import STAT_KEYS, EvalResult, detections_to_results, evaluate_coco
 from detkit.lit.divergence import DivergenceMonitor
 from detkit.lit.ema import ModelEMA
-from detkit.lit.optim import WarmupSchedule, module_lr_mults, param_groups, total_training_steps
+from detkit.lit.optim import LrMultsError, WarmupSchedule, module_lr_mults, param_groups, total_training_steps
 from detkit.models.detection.boxes import clip_boxes
 from detkit.structures import Detections, Targets
 
@@ -155,7 +155,11 @@ class DetectionModule(L.LightningModule):
         # learning-rate multipliers by parameter-name prefix, checked here so a misspelt path fails before training
         shorthand = {"backbone.encoder": backbone_lr_mult} if backbone_lr_mult != 1.0 else {}
         if head_lr_mult != 1.0:
-            shorthand[self.detector.HEAD] = head_lr_mult
+            head = getattr(type(self.detector), "HEAD", None)
+            if head is None:
+                raise LrMultsError(f"head_lr_mult={head_lr_mult}: {type(self.detector).__name__} names no box head "
+                                   "(class attribute HEAD); use model.lr_mults={MODULE_PATH: m}")
+            shorthand[head] = head_lr_mult
         self.lr_mults = module_lr_mults(self.detector, {**shorthand, **self.hparams.lr_mults})
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)

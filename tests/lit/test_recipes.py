@@ -242,5 +242,18 @@ def test_resuming_with_a_differently_shaped_model_names_the_settings_and_changed
     assert r.returncode == 0, r.output
     assert "model.optimizer.lr: 0.02 in the checkpoint, 0.005 now" in r.output, r.output
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # a checkpoint saved before head_lr_mult existed trained the head at the base rate: resuming it under the new
+    # default names the setting with the value to give (1.0), and that value resumes it
+    old = tmp_path / "old.ckpt"
+    legacy = cli("detkit-train", *[a for a in common if not a.startswith("hydra.run.dir")], "model.head_lr_mult=1.0",
+                 f"hydra.run.dir={tmp_path / 'legacy'}")
+    assert legacy.returncode == 0, legacy.output
+    ckpt = torch.load(tmp_path / "legacy" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["hyper_parameters"]["head_lr_mult"]
+    torch.save(ckpt, old)
+    r = cli("detkit-train", *common, f"ckpt_path={old}", "trainer.max_epochs=2")
+    assert r.returncode == 1 and "model.head_lr_mult: 1.0 in the checkpoint, 0.25 now" in r.output, r.output
+    r = cli("detkit-train", *common, f"ckpt_path={old}", "trainer.max_epochs=2", "model.head_lr_mult=1.0")
+    assert r.returncode == 0, r.output
     # as the warning says: the saved rates (0.02, and 0.005 for the RoI heads at head_lr_mult 0.25), not 0.005 x
     assert {g["initial_lr"] for g in state["optimizer_states"][0]["param_groups"]} == {0.02, 0.005}
