@@ -50,8 +50,9 @@ class SeededPipeline:
 
     albumentations 2.x seeds every ``Compose`` from OS entropy, so two runs with the same ``seed`` would differ.
     Called with ``seed`` (see :func:`item_seed`), the pipeline is reseeded for that call; without one (the main
-    process, ``num_workers=0``) it is seeded once from ``torch.initial_seed()`` and then draws a continuing stream
-    (reproducible from the run's seed, but a resumed run then draws differently).
+    process, ``num_workers=0``) it is seeded once from ``torch.initial_seed()`` and its ``stream`` id and then draws a
+    continuing stream (reproducible from the run's seed, but a resumed run then draws differently). Every step of
+    the pipeline draws from the same stream, so the steps' draws are independent of each other.
     """
 
     def __init__(self, pipeline: A.Compose, stream: int = 0) -> None:
@@ -73,8 +74,7 @@ class SeededPipeline:
         else:
             key = (os.getpid(), torch.initial_seed())
             if key != self._seeded_for:
-                self._reseed(hash((torch.initial_seed(), self.stream)) % 2**32 if self.stream else
-                             torch.initial_seed() % 2**32)
+                self._reseed(hash((torch.initial_seed(), self.stream)) % 2**32)  # ints hash alike in every process
                 self._seeded_for = key
         return self.pipeline(**data)
 
