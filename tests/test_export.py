@@ -30,8 +30,8 @@ def bccd_val_batch(n: int) -> torch.Tensor:
 
 
 def assert_same_detections(ours, theirs) -> int:
-    """Same detections per image (boxes within 1e-2 px, scores within 1e-4, same labels), whatever their order
-    among equal scores."""
+    """Same detections per image (boxes within 1e-2 px, scores within 1e-4 relative, same labels), whatever their
+    order among equal scores."""
     boxes, scores, labels, valid = (t.numpy() for t in ours)
     o_boxes, o_scores, o_labels, o_count = theirs
     for i in range(len(boxes)):
@@ -39,7 +39,7 @@ def assert_same_detections(ours, theirs) -> int:
         assert int(o_count[i]) == n, (i, n, int(o_count[i]))
         ob, os_, ol = o_boxes[i, :n], o_scores[i, :n], o_labels[i, :n]
         for b, s, c in zip(boxes[i, :n], scores[i, :n], labels[i, :n]):
-            close = (np.abs(ob - b).max(1) < 1e-2) & (np.abs(os_ - s) < 1e-4) & (ol == c)
+            close = (np.abs(ob - b).max(1) < 1e-2) & (np.abs(os_ - s) <= 1e-4 * max(float(s), 1e-6)) & (ol == c)
             assert close.any(), f"image {i}: detection {b} {s} {c} missing from onnxruntime's output"
     return int(valid.sum())
 
@@ -48,7 +48,10 @@ def assert_same_detections(ours, theirs) -> int:
 @pytest.mark.parametrize("model", ["faster_rcnn", "yolo"])
 def test_onnxruntime_matches_predict_on_real_images(synthetic, tmp_path, model):
     cfg = compose_train(synthetic, f"model={model}", f"data.image_size={SIZE}",
-                        *([] if model == "faster_rcnn" else ["model.ema_decay=null", "model.optimizer.lr=0.002"]),
+                        # YOLO's scores start at its prior, 0.01 x 0.01 = 1e-4, below the evaluation threshold (0.001),
+                        # and 4 steps at this rate do not lift them over it: keep every candidate.
+                        *([] if model == "faster_rcnn" else ["model.ema_decay=null", "model.optimizer.lr=0.002",
+                                                             "model.detector.inference.score_thresh=1e-6"]),
                         fast=TINY_FRCNN if model == "faster_rcnn" else TINY_RUN)
     module, trainer = fit_steps(cfg, steps=4)  # a few steps: scores spread out from their initial values
     ckpt = tmp_path / "model.ckpt"
