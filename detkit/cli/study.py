@@ -110,13 +110,13 @@ REPORT_RESERVE_S, MIN_STAGE_S = 20, 15
 _JOBLIB = ["hydra/launcher=joblib", "+hydra.callbacks.loader_workers._target_=detkit.cli.study.ForkLoaderWorkers"]
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"experiment": "study_bccd", "ssl": "simclr,densecl", "semi_inits": "scratch,simclr",
-             "pretrain_epochs": 200, "pretrain_size": 64, "pretrain_batch": 64, "pretrain_overrides": [],
-             "pretrain_launcher": [], "sweep_launcher": [], "budget_s": None},
+             "pretrain_epochs": 200, "pretrain_size": 64, "pretrain_batch": 64, "pretrain_crop_scale": "0.4,1.0",
+             "pretrain_overrides": [], "pretrain_launcher": [], "sweep_launcher": [], "budget_s": None},
     "cpu": {"experiment": "study_bccd_cpu", "ssl": "simclr", "semi_inits": "none",
-            "pretrain_epochs": 200, "pretrain_size": 64, "pretrain_batch": 64, "pretrain_overrides": [],
-            "pretrain_launcher": [], "sweep_launcher": [], "budget_s": None},
+            "pretrain_epochs": 200, "pretrain_size": 64, "pretrain_batch": 64, "pretrain_crop_scale": "0.4,1.0",
+            "pretrain_overrides": [], "pretrain_launcher": [], "sweep_launcher": [], "budget_s": None},
     "gpu": {"experiment": "study_bccd_gpu", "ssl": "simclr,densecl", "semi_inits": "scratch,simclr",
-            "pretrain_epochs": 200, "pretrain_size": 64, "pretrain_batch": 64,
+            "pretrain_epochs": 200, "pretrain_size": 64, "pretrain_batch": 64, "pretrain_crop_scale": "0.4,1.0",
             "pretrain_overrides": ["trainer.accelerator=gpu", "data.augment_on=device", "data.num_workers=0"],
             "pretrain_launcher": [*_JOBLIB, "hydra.launcher.n_jobs=2"],
             "sweep_launcher": [*_JOBLIB, "hydra.launcher.n_jobs=20"], "budget_s": 450},
@@ -1033,7 +1033,8 @@ def pretrain_command(args: argparse.Namespace, pool: Path, root: Path, extra: li
     """The ``detkit-pretrain`` settings every pretraining of the study shares (the pool, views, batch, epochs,
     the loss logged every step), then ``extra``."""
     base = [f"trainer.max_epochs={args.pretrain_epochs * args.scale}", f"data.image_size={args.pretrain_size}",
-            f"data.batch_size={args.pretrain_batch}", f"data.images={root}", f"data.ann_file={pool}",
+            f"data.batch_size={args.pretrain_batch}", f"data.crop_scale=[{args.pretrain_crop_scale}]",
+            f"data.images={root}", f"data.ann_file={pool}",
             "trainer.log_every_n_steps=1", *args.preset_pretrain_overrides]
     return merge_overrides(base, [*args.pretrain_override, *extra])
 
@@ -1060,6 +1061,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs at scale 1")
     p.add_argument("--pretrain-size", type=int, default=None, help="view size (px)")
     p.add_argument("--pretrain-batch", type=int, default=None)
+    p.add_argument("--pretrain-crop-scale", default=None, metavar="LO,HI",
+                   help="area range of the random resized crops (every preset: 0.4,1.0; SimCLR's ImageNet recipe: "
+                        "0.08,1.0, under which two crops of one BCCD field rarely share a cell and the loss stays "
+                        "near chance)")
     p.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra detkit-pretrain override for every pretraining (repeatable), e.g. model.temperature=0.5")
     p.add_argument("--pretrain-pool", choices=["train+test", "train", "all"], default="train+test",
@@ -1077,7 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every fine-tuning job (after --)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    for name in ("experiment", "ssl", "semi_inits", "pretrain_epochs", "pretrain_size", "pretrain_batch", "budget_s"):
+    for name in ("experiment", "ssl", "semi_inits", "pretrain_epochs", "pretrain_size", "pretrain_batch",
+                 "pretrain_crop_scale", "budget_s"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
     args.preset_pretrain_overrides = preset["pretrain_overrides"]

@@ -42,7 +42,7 @@ def test_the_cpu_and_gpu_presets_compose_and_pass_the_key_check():
     cpu = compose_train(["experiment=study_bccd_cpu"])
     assert cpu.trainer.max_steps == 300 and cpu.data.batch_size == 4 and cpu.trainer.accelerator == "cpu"
     assert {k: v for k, v in cpu.hydra.sweeper.params.items()} == {
-        "seed": "0,1,2,3,4", "model": "yolo", "init": "scratch,simclr", "data.train_fraction": "0.25,1.0"}
+        "seed": "0,1,2,3,4", "model": "yolo", "init": "scratch,simclr", "data.train_fraction": "0.05,1.0"}
     gpu = compose_train(["experiment=study_bccd_gpu", "semi=teacher", "semi.unlabeled_images=/x"])
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "32-true" and gpu.data.num_workers == 0
     assert gpu.callbacks.last_checkpoint is None and gpu.report is False and gpu.trainer.max_steps == 150
@@ -317,6 +317,9 @@ def test_detkit_study_runs_end_to_end_on_a_tiny_dataset(synthetic, tmp_path):
     # the pool json, the loss logged every step, and the check reported (1 tiny epoch: not below chance)
     assert len(json.loads((out / "unlabeled" / "pretrain_pool.json").read_text())["images"]) == 8
     assert "| simclr | 4 | 2 |" in text and "not" in text.split("| simclr | 4 | 2 |")[1].splitlines()[0]
+    # the study's crops (0.4-1 of the image: two crops of one field share cells) unless an arm sets its own
+    shared_cfg = (out / "pretrain" / "simclr" / ".hydra" / "config.yaml").read_text()
+    assert "crop_scale:\n  - 0.4\n  - 1.0\n" in shared_cfg, shared_cfg
     # the pretraining arm: its own encoder from its overrides, fine-tuned from it only (scratch rows are shared)
     arm = out / "arms" / "tau05"
     arm_cfg = (arm / "pretrain" / ".hydra" / "config.yaml").read_text()
