@@ -49,6 +49,10 @@ Presets (``--preset``; any flag given explicitly wins):
   hydra.launcher.n_jobs=20`` for the fine-tuning sweeps (40/20/20 jobs: whole rounds), ``n_jobs=2`` for the two
   pretrainings (views made on the GPU); ``--budget-s 450``.
 
+A rerun into the same ``--out`` reuses what is done: each pretraining whose ``encoder.pt`` exists and each
+fine-tuning sweep whose planned jobs all completed (:func:`sweep_complete`), so adding ``--semi-inits`` or ``--ssl
+densecl`` to a finished study trains only the new sweeps, and a study cut short reruns only its unfinished ones.
+
 ``--budget-s S``: everything ends within S seconds: a stage still running at S - 20 s is stopped (its whole process
 group) and the report is written from the jobs that completed, the stopped stages named in it.
 
@@ -757,6 +761,21 @@ def _summary(sweep: Path) -> Path | None:
     return summary if summary.is_file() else None
 
 
+def sweep_complete(sweep: Path, spec: dict[str, Any]) -> bool:
+    """Whether ``sweep`` already holds every job the study plans for it (``spec``: :func:`planned_sweep`), each
+    completed: the grid its ``multirun.yaml`` launched is the planned one (the same jobs, whatever their order) and
+    no job of it failed or is missing. A study rerun into its folder then reuses the sweep instead of training it
+    again (e.g. ``--semi-inits`` added to a finished study); a sweep with a failed or missing job runs again."""
+    planned, launched = _planned_grid(spec), multirun_grid(sweep)
+    if planned is None or launched is None or sorted(map(sorted, planned)) != sorted(map(sorted, launched)):
+        return False
+    summary = _summary(sweep)
+    if summary is None:
+        return False
+    arms = aggregate(summary, planned=planned)
+    return bool(arms) and all(a["failed"] == 0 and a["missing"] == 0 and a["n"] == a["expected"] for a in arms)
+
+
 #: What ``--report-only`` keeps of the earlier run's ``study.json``: the run's own record, which no file of the
 #: study folder holds (its command, stages, unlabeled sets and the sweeps it planned).
 RUN_RECORD = ("command", "wall_time_s", "preset", "stages", "unlabeled", "unlabeled_sets", "planned_sweeps")
@@ -1009,9 +1028,10 @@ class Runner:
             print(f"[detkit-study] {stage}: {status}", flush=True)
         return status
 
-    def note(self, stage: str, status: str) -> None:
-        print(f"[detkit-study] {stage}: {status}", flush=True)
-        self.stages.append({"stage": stage, "status": status, "seconds": 0.0})
+    def note(self, stage: str, status: str, detail: str | None = None) -> None:
+        print(f"[detkit-study] {stage}: {detail or status}", flush=True)
+        self.stages.append({"stage": stage, "status": status, "seconds": 0.0,
+                            **({"detail": detail} if detail else {})})
 
     def _stop(self, p: subprocess.Popen) -> None:
         self._kill(p.pid, signal.SIGTERM)
@@ -1137,7 +1157,10 @@ def main(argv: list[str] | None = None) -> int:
                                    merge_overrides(args.overrides, sweep.overrides), experiment=args.experiment,
                                    launcher=preset["sweep_launcher"])
             planned[sweep.name] = planned_sweep(cfg, cmd)
-            run(sweep.name, cmd)
+            if sweep_complete(out / sweep.name, planned[sweep.name]):
+                run.note(sweep.name, "ok", f"reused: every job of {out / sweep.name} completed")
+            else:
+                run(sweep.name, cmd)
         for name, arm_overrides in arms:
             folder = out / "arms" / name
             folder.mkdir(parents=True, exist_ok=True)

@@ -573,3 +573,21 @@ def test_a_comparison_without_spread_is_no_interval():
                             {**arm, "fraction": 1.0, "AP50": {"values": [0.5] * 3}}])
     assert not checks[0]["beats"] and "no spread" in _budget_line(checks[0])
     assert "passes" not in _budget_line(checks[0])
+
+
+def test_a_rerun_reuses_a_sweep_only_when_every_planned_job_completed(tmp_path):
+    """``detkit-study`` rerun into its folder (e.g. with ``--semi-inits`` added) skips a fine-tuning sweep that
+    already holds every planned job, completed; a failed or missing job, or another grid, runs it again."""
+    from detkit.cli.study import sweep_complete
+
+    params = {"seed": "0,1", "model": "yolo", "init": "scratch,simclr"}
+    done = _grid_sweep(tmp_path / "a", params, lambda o: 0.4)
+    spec = {"params": {"init": "scratch,simclr", "seed": "0,1", "model": "yolo"}, "overrides": []}  # any key order
+    assert sweep_complete(done, spec)
+    assert not sweep_complete(done, {**spec, "params": {**spec["params"], "seed": "0,1,2"}})  # more seeds planned
+    assert not sweep_complete(done, {**spec, "overrides": ["data.train_fraction=0.1"]})  # other jobs planned
+    failed = _grid_sweep(tmp_path / "b", params, lambda o: None if o["seed"] == "1" and o["init"] == "simclr" else 0.4)
+    assert not sweep_complete(failed, spec)
+    missing = _grid_sweep(tmp_path / "c", params, lambda o: 0.4, absent=(3,))
+    assert not sweep_complete(missing, spec)
+    assert not sweep_complete(tmp_path / "never_started", spec)
