@@ -2,7 +2,7 @@
 
     detkit-study [--preset full|cpu|gpu] [--out runs/study] [--ssl simclr,densecl] [--semi-inits scratch,simclr]
                  [--scale 1] [--pretrain-epochs N] [--pretrain-size PX] [--pretrain-batch B]
-                 [--pretrain-override KEY=VALUE]... [--pretrain-pool train+test|train|all]
+                 [--pretrain-crop-scale LO,HI] [--pretrain-override KEY=VALUE]... [--pretrain-pool train+test|train|all]
                  [--arm "NAME KEY=VALUE ..."]... [--imagenet] [--budget-s S] [--loss-margin NATS]
                  [--report-only] [-- HYDRA OVERRIDES FOR FINE-TUNING...]
 
@@ -38,7 +38,7 @@ Presets (``--preset``; any flag given explicitly wins):
 
 * ``full`` (default): ``experiment=study_bccd``: 2 detectors x scratch/SimCLR/DenseCL x 10%/100% x 5 seeds + 2 x
   self-training from scratch/SimCLR at 10% x 5 seeds = 80 fine-tunings (batch 16, 150 steps), 2 pretrainings (200
-  epochs of 64 px views, batch 64, on 277 images). Sized for the GPU; the reduced CPU version is ``cpu``.
+  epochs of 64 px views cropped from 40-100% of the image, batch 64, on 277 images). Sized for the GPU; the reduced CPU version is ``cpu``.
 * ``cpu`` (``make study-cpu``, about an hour on 2 idle CPU cores): ``experiment=study_bccd_cpu``: YOLO x
   scratch/SimCLR x 5%/100% x 5 seeds = 20 fine-tunings (batch 4, 300 steps) and one SimCLR pretraining of 200
   epochs: it shows the two checks (pretraining loss well below chance; scratch at 100% beats 5%) and SimCLR's
@@ -1059,6 +1059,38 @@ def pretrain_command(args: argparse.Namespace, pool: Path, root: Path, extra: li
     return merge_overrides(base, [*args.pretrain_override, *extra])
 
 
+def check_reused_encoder(encoder: Path, planned: Sequence[str]) -> None:
+    """Refuse to reuse an encoder that was pretrained with other settings than the ones this study would use (e.g.
+    an ``--out`` of an earlier study with other crops or epochs): the ``.hydra/overrides.yaml`` beside it must hold
+    the ``planned`` overrides (``hydra.*`` aside). An encoder without that record (placed by hand) is reused as is."""
+    import yaml
+
+    record = encoder.parent / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        print(f"[detkit-study] reusing {encoder} (no record of its pretraining settings beside it)", flush=True)
+        return
+    saved = {str(o) for o in (yaml.safe_load(record.read_text()) or []) if not _key(str(o)).startswith("hydra")}
+    want = {o for o in planned if not _key(o).startswith("hydra")}
+    if saved != want:
+        raise SystemExit(f"detkit-study: {encoder} was pretrained with other settings than this study's "
+                         f"({', '.join(sorted(saved - want))} where the study sets "
+                         f"{', '.join(sorted(want - saved)) or 'nothing'}): pass another --out, or delete "
+                         f"{encoder.parent} to pretrain it again")
+    print(f"[detkit-study] reusing {encoder}", flush=True)
+
+
+def _crop_scale(text: str) -> str:
+    """``"LO,HI"`` -> the same, checked: two numbers with ``0 < LO <= HI <= 1``."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"detkit-study: --pretrain-crop-scale {text!r}: give LO,HI, e.g. 0.4,1.0") from None
+    if not 0 < lo <= hi <= 1:
+        raise SystemExit(f"detkit-study: --pretrain-crop-scale {text!r}: needs 0 < LO <= HI <= 1 (fractions of the "
+                         "image area)")
+    return f"{lo},{hi}"
+
+
 def _split(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     values = [] if text.strip() in ("", "none") else [v.strip() for v in text.split(",")]
     bad = [v for v in values if v not in allowed]
@@ -1107,6 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
     args.preset_pretrain_overrides = preset["pretrain_overrides"]
+    args.pretrain_crop_scale = _crop_scale(args.pretrain_crop_scale)
     ssl = _split(args.ssl, SSL_METHODS, "--ssl")
     semi_inits = _split(args.semi_inits, ("scratch", *SSL_METHODS), "--semi-inits")
     if missing := [i for i in semi_inits if i in SSL_METHODS and i not in ssl]:
@@ -1140,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [m for m in ssl if not encoders[m].is_file()]
         for m in ssl:
             if m not in todo:
-                print(f"[detkit-study] reusing {encoders[m]}", flush=True)
+                check_reused_encoder(encoders[m], [f"pretrain_job={m}", *pretrain_command(args, pool, root, [])])
         if todo:
             run("pretrain " + ",".join(todo), [
                 _bin("detkit-pretrain"), "-m", f"pretrain_job={','.join(todo)}", f"hydra.sweep.dir={out / 'pretrain'}",
@@ -1169,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
             arm_extra = merge_overrides(args.pretrain_override, arm_overrides)
             encoder = folder / "pretrain" / "encoder.pt"
             if encoder.is_file():
-                print(f"[detkit-study] reusing {encoder}", flush=True)
+                check_reused_encoder(encoder, pretrain_command(args, pool, root, arm_overrides))
             else:
                 run(f"arm {name}: pretrain", [_bin("detkit-pretrain"), f"hydra.run.dir={folder / 'pretrain'}",
                                               *pretrain_command(args, pool, root, arm_overrides)])

@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -591,3 +592,29 @@ def test_a_rerun_reuses_a_sweep_only_when_every_planned_job_completed(tmp_path):
     missing = _grid_sweep(tmp_path / "c", params, lambda o: 0.4, absent=(3,))
     assert not sweep_complete(missing, spec)
     assert not sweep_complete(tmp_path / "never_started", spec)
+
+
+def test_a_crop_scale_that_is_not_lo_hi_is_refused_before_anything_runs(tmp_path):
+    from detkit.cli.study import main
+
+    for bad in ("0.4", "[0.4,1]", "0.5,0.2", "0,1", "0.4,1.5"):
+        with pytest.raises(SystemExit, match=f"--pretrain-crop-scale {re.escape(repr(bad))}: "):
+            main(["--out", str(tmp_path / "s"), "--pretrain-crop-scale", bad])
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_encoder_pretrained_with_other_settings_is_not_reused(tmp_path, capsys):
+    from detkit.cli.study import check_reused_encoder
+
+    encoder = tmp_path / "pretrain" / "simclr" / "encoder.pt"
+    (encoder.parent / ".hydra").mkdir(parents=True)
+    encoder.write_bytes(b"")
+    planned = ["pretrain_job=simclr", "trainer.max_epochs=200", "data.crop_scale=[0.4,1.0]"]
+    (encoder.parent / ".hydra" / "overrides.yaml").write_text(
+        "- pretrain_job=simclr\n- trainer.max_epochs=200\n- data.crop_scale=[0.08,1.0]\n- hydra.sweep.dir=/x\n")
+    with pytest.raises(SystemExit, match=r"data.crop_scale=\[0.08,1.0\] where the study sets data.crop_scale=\[0.4,1.0\]"):
+        check_reused_encoder(encoder, planned)
+    (encoder.parent / ".hydra" / "overrides.yaml").write_text(
+        "- pretrain_job=simclr\n- data.crop_scale=[0.4,1.0]\n- trainer.max_epochs=200\n- hydra.sweep.dir=/y\n")
+    check_reused_encoder(encoder, [*planned, "hydra.sweep.dir=/z"])  # same settings, any order: reused
+    assert "reusing" in capsys.readouterr().out
