@@ -24,7 +24,7 @@ help:
 	@echo "make bench      - detector and evaluation benchmarks in scripts/ (see BENCHMARKS.md)"
 	@echo "make bench-simclr - SimCLR on CIFAR-10 images vs random init and raw pixels (needs ../shared/datasets)"
 	@echo "make study      - do unlabeled images help? the full study (SimCLR/DenseCL/self-training, both detectors; many CPU hours: for a GPU)"
-	@echo "make study-cpu  - the study's reduced CPU version: its checks and SimCLR vs scratch for YOLO (about 1 h on 2 cores, STUDY.md)"
+	@echo "make study-cpu  - the study's reduced CPU version: its checks and SimCLR vs scratch for YOLO (75 min on 2 cores, STUDY.md)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,7 +80,7 @@ study: $(STAMP)
 	$(VENV)/bin/detkit-study --out $(STUDY_DIR) $(STUDY_ARGS)
 
 # The reduced CPU version of the study (STUDY.md "Protocol"): SimCLR pretraining, then YOLO x scratch/SimCLR x 5%/100%
-# x 5 seeds; about an hour on 2 idle cores (STUDY.md has the measured times). On a GPU, the full study is
+# x 5 seeds; 75 min on 2 idle cores (measured 2026-12-01, STUDY.md). On a GPU, the full study is
 # `bash scripts/gpu_session.sh study` (or `detkit-study --preset gpu`).
 .PHONY: study-cpu
 study-cpu: $(STAMP)

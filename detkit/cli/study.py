@@ -39,7 +39,7 @@ Presets (``--preset``; any flag given explicitly wins):
 * ``full`` (default): ``experiment=study_bccd``: 2 detectors x scratch/SimCLR/DenseCL x 10%/100% x 5 seeds + 2 x
   self-training from scratch/SimCLR at 10% x 5 seeds = 80 fine-tunings (batch 16, 150 steps), 2 pretrainings (200
   epochs of 64 px views cropped from 40-100% of the image, batch 64, on 277 images). Sized for the GPU; the reduced CPU version is ``cpu``.
-* ``cpu`` (``make study-cpu``, about an hour on 2 idle CPU cores): ``experiment=study_bccd_cpu``: YOLO x
+* ``cpu`` (``make study-cpu``, 75 minutes on 2 idle CPU cores): ``experiment=study_bccd_cpu``: YOLO x
   scratch/SimCLR x 5%/100% x 5 seeds = 20 fine-tunings (batch 4, 300 steps) and one SimCLR pretraining of 200
   epochs: it shows the two checks (pretraining loss well below chance; scratch at 100% beats 5%) and SimCLR's
   effect on YOLO.
@@ -1103,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="detkit-study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="full (default: the whole study), cpu (about 1 h on 2 cores, the checks) or gpu (one call <= 8 min)")
+                   help="full (default: the whole study), cpu (75 min on 2 cores, the checks) or gpu (one call <= 8 min)")
     p.add_argument("--out", default="runs/study", help="study folder (unlabeled/, pretrain/, finetune*/, study.md)")
     p.add_argument("--experiment", default=None, help="the fine-tuning experiment (preset's: study_bccd[_cpu|_gpu])")
     p.add_argument("--ssl", default=None, help="pretraining methods, comma-separated: simclr,densecl (or none)")
