@@ -761,11 +761,14 @@ def _summary(sweep: Path) -> Path | None:
     return summary if summary.is_file() else None
 
 
-def sweep_complete(sweep: Path, spec: dict[str, Any]) -> bool:
+def sweep_complete(sweep: Path, spec: dict[str, Any], encoder: Path | None = None) -> bool:
     """Whether ``sweep`` already holds every job the study plans for it (``spec``: :func:`planned_sweep`), each
-    completed: the grid its ``multirun.yaml`` launched is the planned one (the same jobs, whatever their order) and
-    no job of it failed or is missing. A study rerun into its folder then reuses the sweep instead of training it
-    again (e.g. ``--semi-inits`` added to a finished study); a sweep with a failed or missing job runs again."""
+    completed: the grid its ``multirun.yaml`` launched is the planned one (the same jobs, whatever their order), no
+    job of it failed or is missing, and every job finished after ``encoder`` was written (an encoder pretrained
+    again at the same path makes its fine-tunings stale). A study rerun into its folder then reuses the sweep
+    instead of training it again (e.g. ``--semi-inits`` added to a finished study); otherwise it runs again.
+    Compared are the jobs' overrides, not the contents of the experiment file: after editing it, use a new
+    ``--out``."""
     planned, launched = _planned_grid(spec), multirun_grid(sweep)
     if planned is None or launched is None or sorted(map(sorted, planned)) != sorted(map(sorted, launched)):
         return False
@@ -773,7 +776,14 @@ def sweep_complete(sweep: Path, spec: dict[str, Any]) -> bool:
     if summary is None:
         return False
     arms = aggregate(summary, planned=planned)
-    return bool(arms) and all(a["failed"] == 0 and a["missing"] == 0 and a["n"] == a["expected"] for a in arms)
+    if not arms or not all(a["failed"] == 0 and a["missing"] == 0 and a["n"] == a["expected"] for a in arms):
+        return False
+    if encoder is not None and encoder.is_file():
+        written = encoder.stat().st_mtime
+        finished = [p.stat().st_mtime for p in sweep.glob(f"*/{STATUS_FILE}")]
+        if len(finished) < len(planned) or min(finished) < written:
+            return False
+    return True
 
 
 #: What ``--report-only`` keeps of the earlier run's ``study.json``: the run's own record, which no file of the
@@ -904,7 +914,8 @@ def _val_paths(data) -> set[Path]:
 
 
 def write_pretrain_pool(data, folder: Path, pool: str = "train+test") -> tuple[Path, Path, dict[str, Any]]:
-    """Write ``folder/pretrain_pool.json``: the images SSL pretraining sees, labels dropped. ``train+test``: the
+    """Write ``folder/pretrain_pool.json`` (``pretrain_pool_train.json``, ``pretrain_pool_all.json`` for the other
+    pools): the images SSL pretraining sees, labels dropped. ``train+test``: the
     train and test splits' images; ``train``: train only; ``all``: also val. Except with ``all``, every image of the
     val split (the one the detectors are scored on) is left out, even one listed in train or test. Returns the json,
     its image root and a description."""
@@ -926,7 +937,8 @@ def write_pretrain_pool(data, folder: Path, pool: str = "train+test") -> tuple[P
     images = [{"id": i + 1, "file_name": str(p.relative_to(root)), "width": img.get("width"),
                "height": img.get("height")} for i, (p, img) in enumerate(picked)]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "pretrain_pool.json"
+    # named by its pool, so that an encoder pretrained on another pool (e.g. with the val images) is never reused
+    path = folder / ("pretrain_pool.json" if pool == "train+test" else f"pretrain_pool_{pool}.json")
     path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
     left_out = sum(counts.values()) - len(picked)
     text = (f"pretraining pool {len(picked)} images ({' + '.join(f'{s} {n}' for s, n in counts.items())}, labels "
@@ -1072,10 +1084,10 @@ def check_reused_encoder(encoder: Path, planned: Sequence[str]) -> None:
     saved = {str(o) for o in (yaml.safe_load(record.read_text()) or []) if not _key(str(o)).startswith("hydra")}
     want = {o for o in planned if not _key(o).startswith("hydra")}
     if saved != want:
-        raise SystemExit(f"detkit-study: {encoder} was pretrained with other settings than this study's "
-                         f"({', '.join(sorted(saved - want))} where the study sets "
-                         f"{', '.join(sorted(want - saved)) or 'nothing'}): pass another --out, or delete "
-                         f"{encoder.parent} to pretrain it again")
+        raise SystemExit(f"detkit-study: {encoder} was pretrained with other settings than this study's: it had "
+                         f"[{', '.join(sorted(saved - want)) or 'their defaults'}], the study sets "
+                         f"[{', '.join(sorted(want - saved)) or 'their defaults'}]; pass another --out, or delete "
+                         f"{encoder.parent} (and the sweeps fine-tuned from it) to pretrain it again")
     print(f"[detkit-study] reusing {encoder}", flush=True)
 
 
@@ -1190,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
                                    merge_overrides(args.overrides, sweep.overrides), experiment=args.experiment,
                                    launcher=preset["sweep_launcher"])
             planned[sweep.name] = planned_sweep(cfg, cmd)
-            if sweep_complete(out / sweep.name, planned[sweep.name]):
+            if sweep_complete(out / sweep.name, planned[sweep.name], sweep.encoder):
                 run.note(sweep.name, "ok", f"reused: every job of {out / sweep.name} completed")
             else:
                 run(sweep.name, cmd)
@@ -1210,7 +1222,10 @@ def main(argv: list[str] | None = None) -> int:
                                    merge_overrides(args.overrides, [f"init={method}"]), experiment=args.experiment,
                                    launcher=preset["sweep_launcher"])
             planned[f"arms/{name}/finetune"] = planned_sweep(cfg, cmd)
-            run(f"arm {name}: finetune", cmd)
+            if sweep_complete(folder / "finetune", planned[f"arms/{name}/finetune"], encoder):
+                run.note(f"arm {name}: finetune", "ok", f"reused: every job of {folder / 'finetune'} completed")
+            else:
+                run(f"arm {name}: finetune", cmd)
             (folder / "arm.json").write_text(json.dumps({"method": method, "pretrain_overrides": arm_extra,
                                                          "wall_time_s": round(time.time() - t0, 1)}, indent=2))
         extra.update(wall_time_s=round(time.time() - start, 1), preset=args.preset, stages=run.stages,

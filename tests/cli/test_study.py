@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import re
 
 import pytest
@@ -251,6 +252,9 @@ def test_the_unlabeled_sets_keep_val_out_and_self_training_gets_the_complement(t
     assert root == (config_dir().parent / "data" / "bccd" / "images").resolve()
     assert write_pretrain_pool(data, tmp_path / "t", "train")[2]["images"] == 205
     assert write_pretrain_pool(data, tmp_path / "all", "all")[2]["images"] == 364
+    assert [p.name for p in (pool, write_pretrain_pool(data, tmp_path, "train")[0],
+                             write_pretrain_pool(data, tmp_path, "all")[0])] == [
+        "pretrain_pool.json", "pretrain_pool_train.json", "pretrain_pool_all.json"]  # one file per pool
 
     path, counts = write_complement(data, 0.1, tmp_path)
     unlabeled = json.loads(path.read_text())
@@ -316,7 +320,7 @@ def test_detkit_study_runs_end_to_end_on_a_tiny_dataset(synthetic, tmp_path):
     text = (out / "study.md").read_text()
     assert (out / "study_ap50.png").is_file() and "| yolo | simclr | 100% | 1 of 1 |" in text
     # the pool json, the loss logged every step, and the check reported (1 tiny epoch: not below chance)
-    assert len(json.loads((out / "unlabeled" / "pretrain_pool.json").read_text())["images"]) == 8
+    assert len(json.loads((out / "unlabeled" / "pretrain_pool_all.json").read_text())["images"]) == 8
     assert "| simclr | 4 | 2 |" in text and "not" in text.split("| simclr | 4 | 2 |")[1].splitlines()[0]
     # the study's crops (0.4-1 of the image: two crops of one field share cells) unless an arm sets its own
     shared_cfg = (out / "pretrain" / "simclr" / ".hydra" / "config.yaml").read_text()
@@ -592,6 +596,32 @@ def test_a_rerun_reuses_a_sweep_only_when_every_planned_job_completed(tmp_path):
     missing = _grid_sweep(tmp_path / "c", params, lambda o: 0.4, absent=(3,))
     assert not sweep_complete(missing, spec)
     assert not sweep_complete(tmp_path / "never_started", spec)
+    # the encoder the sweep fine-tuned from, pretrained again after the jobs finished: they are stale
+    encoder = tmp_path / "encoder.pt"
+    encoder.write_bytes(b"")
+    os.utime(encoder, (1_000, 1_000))
+    assert sweep_complete(done, spec, encoder)
+    os.utime(encoder, (4_000_000_000, 4_000_000_000))
+    assert not sweep_complete(done, spec, encoder)
+
+
+def test_the_pool_file_is_named_by_its_pool_so_another_pools_encoder_is_refused(tmp_path):
+    """An encoder pretrained with --pretrain-pool all (val images included) must not be reused by a rerun with the
+    default pool: the pool's file name is in the recorded overrides."""
+    from detkit.cli.study import check_reused_encoder
+
+    encoder = tmp_path / "pretrain" / "simclr" / "encoder.pt"
+    (encoder.parent / ".hydra").mkdir(parents=True)
+    encoder.write_bytes(b"")
+    (encoder.parent / ".hydra" / "overrides.yaml").write_text(
+        "- pretrain_job=simclr\n- data.ann_file=/s/unlabeled/pretrain_pool_all.json\n")
+    with pytest.raises(SystemExit, match=r"it had \[data.ann_file=/s/unlabeled/pretrain_pool_all.json\], the study "
+                                         r"sets \[data.ann_file=/s/unlabeled/pretrain_pool.json\]"):
+        check_reused_encoder(encoder, ["pretrain_job=simclr", "data.ann_file=/s/unlabeled/pretrain_pool.json"])
+    # a record without the override the study now sets (an earlier study's default crops) names it
+    (encoder.parent / ".hydra" / "overrides.yaml").write_text("- pretrain_job=simclr\n")
+    with pytest.raises(SystemExit, match=r"it had \[their defaults\], the study sets \[data.crop_scale=\[0.4,1.0\]\]"):
+        check_reused_encoder(encoder, ["pretrain_job=simclr", "data.crop_scale=[0.4,1.0]"])
 
 
 def test_a_crop_scale_that_is_not_lo_hi_is_refused_before_anything_runs(tmp_path):
@@ -612,7 +642,8 @@ def test_an_encoder_pretrained_with_other_settings_is_not_reused(tmp_path, capsy
     planned = ["pretrain_job=simclr", "trainer.max_epochs=200", "data.crop_scale=[0.4,1.0]"]
     (encoder.parent / ".hydra" / "overrides.yaml").write_text(
         "- pretrain_job=simclr\n- trainer.max_epochs=200\n- data.crop_scale=[0.08,1.0]\n- hydra.sweep.dir=/x\n")
-    with pytest.raises(SystemExit, match=r"data.crop_scale=\[0.08,1.0\] where the study sets data.crop_scale=\[0.4,1.0\]"):
+    with pytest.raises(SystemExit, match=r"it had \[data.crop_scale=\[0.08,1.0\]\], the study sets "
+                                         r"\[data.crop_scale=\[0.4,1.0\]\]"):
         check_reused_encoder(encoder, planned)
     (encoder.parent / ".hydra" / "overrides.yaml").write_text(
         "- pretrain_job=simclr\n- data.crop_scale=[0.4,1.0]\n- trainer.max_epochs=200\n- hydra.sweep.dir=/y\n")
