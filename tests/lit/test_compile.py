@@ -31,10 +31,15 @@ def test_the_compiled_loss_is_one_graph_and_equals_eager(backend, model):
     import torch._inductor.config as inductor_config
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    # float64: in float32 the compiled convolutions round differently from eager's in the last bit, enough to change
-    # which near-equal anchor becomes the 1000th proposal (one RoI of 256 differed, moving the backbone's gradients
-    # by 6%); in float64 the top-k, NMS and sampling decisions are eager's and every gradient agrees to ~1e-8.
-    detector = build(model).detector.double()
+    detector = build(model).detector
+    if model == "faster_rcnn":
+        # Its RPN keeps the top 1000 of ~24,000 anchors at random init, where scores nearly tie: in float32 the
+        # compiled convolutions round differently from eager's in the last bit, enough to change which anchor is
+        # the 1000th proposal (one RoI of 256 differed, moving the backbone's gradients by 6%; not a compile bug).
+        # With the network in float64 the scores that reach the float32 top-k, NMS and sampling round to the same
+        # float32 values in both, and every gradient agreed to ~1e-8 (measured); the tolerances below stay those of
+        # the float32 YOLO case. YOLO has no such selection and runs in float32, the dtype of a real run.
+        detector = detector.double()
     images, targets = batch()
     torch.manual_seed(1)
     eager = detector.loss(images, targets)
@@ -57,7 +62,16 @@ def test_the_compiled_loss_is_one_graph_and_equals_eager(backend, model):
         torch.testing.assert_close(losses[name], eager[name], rtol=1e-3, atol=1e-4, msg=name)
     assert [n for n, p in trainable.items() if p.grad is None] == []
     for name, grad in eager_grads.items():  # the backward graph: every gradient as eager's
-        torch.testing.assert_close(trainable[name].grad, grad, rtol=1e-3, atol=1e-5, msg=name)
+        got = trainable[name].grad
+        if backend == "inductor" and got.dtype == torch.float32:
+            # inductor's generated kernels fuse and reorder float32 reductions (batch-norm statistics, weight
+            # gradients); through the ResNet down to conv1 that adds up to 0.1-0.2% of a gradient's norm (YOLO,
+            # measured: 0.12% at conv1, 0.22% at most), beyond an elementwise 1e-3 on the smallest entries. A wrong
+            # or missing term moves the norm by far more.
+            error = ((got - grad).norm() / grad.norm().clamp_min(1e-12)).item()
+            assert error < 1e-2, (name, error)
+        else:
+            torch.testing.assert_close(got, grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_cuda_graph_modes_begin_a_step_and_copy_the_losses_out_of_the_graph(monkeypatch):
