@@ -125,14 +125,21 @@ def _self_training_table(info: dict | None) -> str:
     precision and recall when the unlabeled images had labels; nothing for a run without self-training."""
     if not info:
         return ""
-    cols = ["unlabeled_images", "pseudo_labels", "pseudo_labels_per_image", "precision", "recall"]
+    cols = ["unlabeled_images", "pseudo_labels", "pseudo_labels_per_image", "precision", "recall", "other_class"]
     body = "".join("<tr><td>" + html.escape(str(e.get("epoch"))) + "</td>"
                    + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in cols) + "</tr>" for e in info.get("epochs", []))
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
     note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {info.get('score_threshold')}, "
             f"precision at IoU {info.get('precision_iou')}")
-    return (f"<h2>Self-training: pseudo-labels per epoch</h2><p>{html.escape(note)}</p>"
-            f"<table><tr><th>epoch</th>{head}</tr>{body}</table>")
+    per_class = ""
+    if info.get("per_class"):  # the run's totals per class (category names come from the dataset: escaped)
+        pcols = ["pseudo_labels", "precision", "recall", "other_class"]
+        rows = "".join("<tr><td>" + html.escape(str(r.get("name"))) + "</td>"
+                       + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in pcols) + "</tr>" for r in info["per_class"])
+        per_class = ("<h3>Per class, whole run</h3><table><tr><th>class</th>"
+                     + "".join(f"<th>{c.replace('_', ' ')}</th>" for c in pcols) + f"</tr>{rows}</table>")
+    return (f"<h2>Self-training: pseudo-labels per epoch</h2><p>{html.escape(note)}; other class: the share "
+            f"lying on an object of another class</p><table><tr><th>epoch</th>{head}</tr>{body}</table>{per_class}")
 
 
 def _json_for_html(value: object) -> str:

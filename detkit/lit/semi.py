@@ -56,7 +56,8 @@ from detkit.errors import UserError
 from detkit.lit.detection_module import CUDA_GRAPH_MODES, DetectionModule, plain_config
 from detkit.lit.optim import total_training_steps
 from detkit.models.detection.postprocess import PostProcess
-from detkit.models.detection.pseudo_labels import match_pseudo_labels, pseudo_label_targets, score_thresholds
+from detkit.models.detection.pseudo_labels import (match_pseudo_labels, on_other_class, per_class_counts,
+                                                   pseudo_label_targets, score_thresholds)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,29 @@ DEFAULT_UNSUP_LOSSES = {"FasterRCNN": ("loss_objectness", "loss_classifier"), "Y
 
 class SelfTrainingError(UserError, ValueError):
     """A ``semi`` setting that cannot work (reported as one line by the entry points)."""
+
+
+def class_rates(pseudo: int, tp: int, other: int, truth: int) -> dict[str, float | None]:
+    """Precision (true positives / pseudo-labels), recall (true positives / ground-truth boxes) and ``other_class``
+    (the share of pseudo-labels lying on an object of another class), rounded; None where undefined."""
+    return {"precision": round(tp / pseudo, 4) if pseudo else None, "recall": round(tp / truth, 4) if truth else None,
+            "other_class": round(other / pseudo, 4) if pseudo else None}
+
+
+def per_class_totals(epochs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-class records of ``epochs`` (``metrics.json`` ``self_training.epochs``) summed over the run."""
+    totals: dict[str, dict[str, Any]] = {}
+    for e in epochs:
+        for row in e.get("per_class", []):
+            t = totals.setdefault(row["name"], {"name": row["name"]})
+            for k in ("pseudo_labels", "true_positives", "on_other_class", "ground_truth_boxes"):
+                if k in row:
+                    t[k] = t.get(k, 0) + row[k]
+    for t in totals.values():
+        if "true_positives" in t:
+            t.update(class_rates(t["pseudo_labels"], t["true_positives"], t["on_other_class"],
+                                 t["ground_truth_boxes"]))
+    return list(totals.values())
 
 
 @dataclass(frozen=True)
@@ -180,7 +204,8 @@ class SelfTrainingModule(DetectionModule):
         self.measure = self.settings.unlabeled_ann is not None
         self._burn_in: int | None = int(self.settings.burn_in) if self.settings.burn_in >= 1 or \
             self.settings.burn_in == 0 else None
-        self._stats: torch.Tensor | None = None  # [pseudo-labels, true positives, ground-truth boxes], on device
+        # per class [C, 4]: pseudo-labels, true positives, on another class's object, ground-truth boxes; on device
+        self._stats: torch.Tensor | None = None
         self._stats_images = 0  # unlabeled images pseudo-labelled since the last record (host)
         self._stats_epoch: int | None = None
         self._pseudo_count: torch.Tensor | None = None  # this step's pseudo-labels (logged)
@@ -237,16 +262,18 @@ class SelfTrainingModule(DetectionModule):
         if self._stats_epoch is not None and self._stats_epoch != self.current_epoch:
             self.flush_statistics()  # an epoch whose end was not seen by this process (resumed)
         self._stats_epoch = self.current_epoch
-        count = pseudo.valid.sum()
         truth = unlabeled.targets
+        c = len(self.categories)
+        count = per_class_counts(pseudo.labels, pseudo.valid, c)
         if self.measure:
-            tp = match_pseudo_labels(pseudo, truth, self.settings.precision_iou).sum()
+            tp = per_class_counts(pseudo.labels, match_pseudo_labels(pseudo, truth, self.settings.precision_iou), c)
+            other = per_class_counts(pseudo.labels, on_other_class(pseudo, truth, self.settings.precision_iou), c)
         else:
-            tp = torch.zeros_like(count)
-        step = torch.stack([count, tp, truth.valid.sum()])
+            tp = other = torch.zeros_like(count)
+        step = torch.stack([count, tp, other, per_class_counts(truth.labels, truth.valid, c)], dim=1)  # [C, 4]
         self._stats = step if self._stats is None else self._stats.to(step.device) + step
         self._stats_images += int(unlabeled.weak.shape[0])
-        self._pseudo_count = count
+        self._pseudo_count = count.sum()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         total = super().training_step(batch, batch_idx)
@@ -270,18 +297,27 @@ class SelfTrainingModule(DetectionModule):
         """Close the statistics of the epoch they were gathered in: one record in :attr:`history` (summed over
         processes under DDP; one read-back per epoch)."""
         epoch = self._stats_epoch if self._stats_epoch is not None else self.current_epoch
-        stats = self._stats if self._stats is not None else torch.zeros(3, dtype=torch.int64, device=self.device)
-        both = torch.cat([stats.to(self.device).double(),
+        c = len(self.categories)
+        stats = self._stats if self._stats is not None else torch.zeros(c, 4, dtype=torch.int64, device=self.device)
+        both = torch.cat([stats.to(self.device).double().flatten(),
                           torch.tensor([float(self._stats_images)], dtype=torch.float64, device=self.device)])
         if self._trainer is not None and self.trainer.world_size > 1:
             both = self.trainer.strategy.reduce(both, reduce_op="sum")
-        count, tp, truth, images = (int(v) for v in both.tolist())
+        values = [int(v) for v in both.tolist()]
+        table, images = [values[4 * k: 4 * k + 4] for k in range(c)], values[-1]
+        count, tp, other, truth = (sum(row[j] for row in table) for j in range(4))
         record: dict[str, Any] = {"epoch": int(epoch), "unlabeled_images": images, "pseudo_labels": count,
                                   "pseudo_labels_per_image": round(count / images, 4) if images else 0.0}
         if self.measure:
-            record["precision"] = round(tp / count, 4) if count else None
-            record["recall"] = round(tp / truth, 4) if truth else None
-            record["ground_truth_boxes"] = truth
+            record.update(class_rates(count, tp, other, truth), ground_truth_boxes=truth)
+        per_class = []
+        for name, (n, t, o, g) in zip(self.categories.names, table):
+            row: dict[str, Any] = {"name": name, "pseudo_labels": n}
+            if self.measure:
+                row.update(true_positives=t, on_other_class=o, ground_truth_boxes=g)
+                row.update(class_rates(n, t, o, g))
+            per_class.append(row)
+        record["per_class"] = per_class
         if images or not any(r["epoch"] == record["epoch"] for r in self.history):
             self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
         self._stats, self._stats_images, self._stats_epoch = None, 0, None
@@ -296,12 +332,14 @@ class SelfTrainingModule(DetectionModule):
 
     def summary(self) -> dict[str, Any]:
         """``metrics.json``'s ``self_training``: the settings in short and one record per epoch (unlabeled images
-        pseudo-labelled, pseudo-labels used, and with ``unlabeled_ann`` their precision and recall)."""
+        pseudo-labelled, pseudo-labels used, and with ``unlabeled_ann`` their precision, recall and the share lying on
+        an object of another class, in total and per class under ``per_class``)."""
         s = self.settings
         return {"burn_in_steps": self.burn_in_steps, "score_threshold": s.score_threshold,
                 "max_pseudo_labels": s.max_pseudo_labels, "unsup_weight": s.unsup_weight,
                 "unsup_losses": list(self.unsup_losses), "teacher_decay": s.teacher_decay,
-                "precision_iou": s.precision_iou if self.measure else None, "epochs": list(self.history)}
+                "precision_iou": s.precision_iou if self.measure else None,
+                "per_class": per_class_totals(self.history), "epochs": list(self.history)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -316,3 +354,7 @@ class SelfTrainingModule(DetectionModule):
         if state and fitting:
             self.history = list(state["history"])
             self._stats_images, self._stats_epoch, self._stats = state["images"], state["epoch"], state["stats"]
+            if self._stats is not None and self._stats.dim() != 2:  # totals only (saved before per-class records)
+                log.warning("self-training: this checkpoint's statistics of the unfinished epoch %s are totals, "
+                            "not per class; that epoch's record starts again from here", self._stats_epoch)
+                self._stats, self._stats_images = None, 0

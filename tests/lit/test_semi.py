@@ -21,7 +21,9 @@ from detkit.data.synthetic import make_synthetic_coco
 from detkit.data.weak_strong import UnlabeledBatch, UnlabeledPairs, WeakStrongViews, unlabeled_collate
 from detkit.lit.detection_module import DetectionModule
 from detkit.lit.semi import SelfTraining, SelfTrainingModule
-from detkit.models.detection.pseudo_labels import match_pseudo_labels, pseudo_label_targets, score_thresholds
+from detkit.lit.semi import per_class_totals
+from detkit.models.detection.pseudo_labels import (match_pseudo_labels, on_other_class, per_class_counts,
+                                                   pseudo_label_targets, score_thresholds)
 from detkit.paths import config_dir
 from detkit.structures import Detections, Targets
 from tests.helpers import TINY, TINY_FRCNN, data_args
@@ -71,6 +73,36 @@ def test_pseudo_labels_are_matched_class_aware_one_to_one_at_iou_half():
     # overlaps nothing; the fifth (IoU 0.4) is too loose; padding rows never count
     assert tp[0].tolist() == [True, False, False, False, False, False, False, False]
     assert tp.sum() / pseudo.valid.sum() == pytest.approx(0.2)
+
+
+def test_a_pseudo_label_on_another_classs_object_is_a_class_confusion_not_a_localisation_error():
+    box, far = [0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]
+    truth = Targets.from_list([{"boxes": torch.tensor([box, [20.0, 20, 30, 30]]), "labels": torch.tensor([0, 1])},
+                               {"boxes": torch.tensor([box]), "labels": torch.tensor([2])}])
+    pseudo = Targets.from_list([
+        {"boxes": torch.tensor([box, [20.0, 20, 30, 30], far, [0.0, 0, 10, 4]]), "labels": torch.tensor([1, 1, 0, 1])},
+        {"boxes": torch.tensor([box, box]), "labels": torch.tensor([0, 2])}])
+    other = on_other_class(pseudo, truth, 0.5)
+    # image 0: class 1 on the class-0 box (a confusion); class 1 on its own box (no); on nothing (no); IoU 0.4 with
+    # the class-0 box (too loose to say). Image 1: class 0 on the class-2 box (yes); class 2 on it (its own: no)
+    assert other[:, :4].tolist() == [[True, False, False, False], [True, False, False, False]]
+    assert not other[:, 4:].any()  # padding rows (from image 1's third slot on) are never confusions ...
+    counts = per_class_counts(pseudo.labels, pseudo.valid, 3)  # ... and never count
+    assert counts.tolist() == [2, 3, 1]
+    assert per_class_counts(pseudo.labels, other, 3).tolist() == [1, 1, 0]
+    assert per_class_counts(truth.labels, truth.valid, 3).tolist() == [1, 1, 1]
+
+
+def test_the_runs_per_class_totals_sum_the_epochs_exactly():
+    row = lambda name, n, t, o, g: {"name": name, "pseudo_labels": n, "true_positives": t, "on_other_class": o,
+                                    "ground_truth_boxes": g}
+    epochs = [{"per_class": [row("a", 3, 2, 1, 10), row("<b>", 0, 0, 0, 5)]},
+              {"per_class": [row("a", 1, 1, 0, 10), row("<b>", 4, 1, 3, 5)]}]
+    totals = per_class_totals(epochs)
+    assert totals[0] == {**row("a", 4, 3, 1, 20), "precision": 0.75, "recall": 0.15, "other_class": 0.25}
+    assert totals[1] == {**row("<b>", 4, 1, 3, 10), "precision": 0.25, "recall": 0.1, "other_class": 0.75}
+    assert per_class_totals([{"per_class": [{"name": "a", "pseudo_labels": 2}]}]) == [
+        {"name": "a", "pseudo_labels": 2}]  # without labels for the unlabeled images: counts only
 
 
 # ---- the unlabeled views and their stream ------------------------------------------------------------------------
@@ -244,7 +276,16 @@ def check_records(metrics: dict, out: Path, model: str, burn_in: int) -> None:
     assert [e["epoch"] for e in st["epochs"]] == [0, 1]
     assert [e["unlabeled_images"] for e in st["epochs"]] == [2 * (4 - burn_in), 8]
     assert st["epochs"][1]["pseudo_labels"] > 0
-    assert all(set(e) >= {"pseudo_labels", "pseudo_labels_per_image", "precision", "recall"} for e in st["epochs"])
+    assert all(set(e) >= {"pseudo_labels", "pseudo_labels_per_image", "precision", "recall", "other_class"}
+               for e in st["epochs"])
+    for e in st["epochs"]:  # per class, summing to the epoch's totals
+        assert [r["name"] for r in e["per_class"]] == [c["name"] for c in CATEGORIES]
+        assert sum(r["pseudo_labels"] for r in e["per_class"]) == e["pseudo_labels"]
+        assert sum(r["ground_truth_boxes"] for r in e["per_class"]) == e["ground_truth_boxes"]
+        tp = sum(r["true_positives"] for r in e["per_class"])
+        assert e["precision"] == (round(tp / e["pseudo_labels"], 4) if e["pseudo_labels"] else None)
+    assert [r["pseudo_labels"] for r in st["per_class"]] == [
+        sum(e["per_class"][k]["pseudo_labels"] for e in st["epochs"]) for k in range(len(CATEGORIES))]
     rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
     unsup = "train/unsup_loss_classifier" if model == "faster_rcnn" else "train/unsup_loss_cls"
     steps = {int(r["step"]) for r in rows if r.get(unsup)}

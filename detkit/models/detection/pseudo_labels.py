@@ -93,3 +93,20 @@ def match_pseudo_labels(pseudo: Targets, truth: Targets, iou_threshold: float = 
     if not hits:
         return torch.zeros_like(pseudo.valid)
     return torch.stack(hits, dim=1)
+
+
+def on_other_class(pseudo: Targets, truth: Targets, iou_threshold: float = 0.5) -> torch.Tensor:
+    """Which pseudo-labels lie on an object of *another* class: ``bool [B, G_pseudo]``, true where a valid
+    pseudo-label overlaps a ground-truth box of a different class at IoU ``iou_threshold`` or more and no box of its
+    own class (a class confusion, e.g. a platelet pseudo-labelled as a red cell; not counted as a localisation
+    error). Batched, no host synchronisation."""
+    iou = batched_box_iou(pseudo.boxes, truth.boxes)  # [B, P, G]
+    same = pseudo.labels[:, :, None] == truth.labels[:, None, :]
+    near = (iou >= iou_threshold) & pseudo.valid[:, :, None] & truth.valid[:, None, :]
+    return (near & ~same).any(2) & ~(near & same).any(2)
+
+
+def per_class_counts(labels: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``int64 [C]``: how many entries of ``labels`` (any shape) are set in ``mask`` (same shape), per class."""
+    classes = torch.arange(num_classes, device=labels.device)
+    return ((labels[..., None] == classes) & mask[..., None]).flatten(0, -2).sum(0)
