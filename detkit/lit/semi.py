@@ -56,8 +56,9 @@ from detkit.errors import UserError
 from detkit.lit.detection_module import CUDA_GRAPH_MODES, DetectionModule, plain_config
 from detkit.lit.optim import total_training_steps
 from detkit.models.detection.postprocess import PostProcess
-from detkit.models.detection.pseudo_labels import (match_pseudo_labels, on_other_class, per_class_counts,
-                                                   pseudo_label_targets, score_thresholds)
+from detkit.models.detection.pseudo_labels import (adaptive_thresholds, class_confidence, match_pseudo_labels,
+                                                   on_other_class, per_class_counts, pseudo_label_targets,
+                                                   score_thresholds)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,14 @@ class SelfTraining:
         batch_size: unlabeled images per step (``null``: the labeled batch size).
         burn_in: supervised-only optimiser steps before self-training starts: a count (>= 1) or a fraction of the
             run (< 1), as the learning-rate warm-up.
-        score_threshold: a teacher detection above this becomes a pseudo-label: one value, or one per class.
+        score_threshold: a teacher detection above this becomes a pseudo-label: one value, or one per class. With
+            ``adaptive_threshold`` one value: the most confident class's threshold.
+        adaptive_threshold: class-wise thresholds from the teacher's own scores (FreeMatch-style): class ``c`` gets
+            ``score_threshold * confidence[c] / max(confidence)``, where a class's confidence is the mean over images
+            of the teacher's highest score for it, averaged over steps with ``adaptive_decay``
+            (:func:`~detkit.models.detection.pseudo_labels.adaptive_thresholds`).
+        adaptive_floor: the lowest threshold an adaptive class threshold may take.
+        adaptive_decay: the moving average of the class confidences (per optimiser step).
         max_pseudo_labels: pseudo-labels per image at most (the highest-scoring; the fixed padded size).
         unsup_weight: weight of the unsupervised terms (Unbiased Teacher: 4).
         unsup_losses: the detector's loss terms trained on pseudo-labels (``null``: Faster R-CNN
@@ -126,6 +134,9 @@ class SelfTraining:
     batch_size: int | None = None
     burn_in: float = 0.3
     score_threshold: float | Sequence[float] = 0.7
+    adaptive_threshold: bool = False
+    adaptive_floor: float = 0.1
+    adaptive_decay: float = 0.9
     max_pseudo_labels: int = 32
     unsup_weight: float = 4.0
     unsup_losses: Sequence[str] | None = None
@@ -144,6 +155,13 @@ class SelfTraining:
                                     f"{self.burn_in}")
         if not 0.0 <= self.teacher_decay < 1.0:
             raise SelfTrainingError(f"semi.teacher_decay must lie in [0, 1), got {self.teacher_decay}")
+        if self.adaptive_threshold and not isinstance(self.score_threshold, (int, float)):
+            raise SelfTrainingError(f"semi.adaptive_threshold=true sets each class's threshold from the teacher's "
+                                    f"scores: give semi.score_threshold as one value (the most confident class's), "
+                                    f"not {list(self.score_threshold)}")
+        if not 0.0 <= self.adaptive_floor <= 1.0 or not 0.0 <= self.adaptive_decay < 1.0:
+            raise SelfTrainingError(f"semi.adaptive_floor must lie in [0, 1] and semi.adaptive_decay in [0, 1), got "
+                                    f"{self.adaptive_floor} and {self.adaptive_decay}")
         if self.max_pseudo_labels < 1:
             raise SelfTrainingError(f"semi.max_pseudo_labels must be >= 1, got {self.max_pseudo_labels}")
 
@@ -209,6 +227,7 @@ class SelfTrainingModule(DetectionModule):
         self._stats_images = 0  # unlabeled images pseudo-labelled since the last record (host)
         self._stats_epoch: int | None = None
         self._pseudo_count: torch.Tensor | None = None  # this step's pseudo-labels (logged)
+        self._confidence: torch.Tensor | None = None  # [C] the classes' confidence levels (adaptive thresholds)
         self.history: list[dict[str, Any]] = []  # one record per epoch (metrics.json "self_training")
 
     # ---- schedule ---------------------------------------------------------------------------------------------
@@ -223,8 +242,10 @@ class SelfTrainingModule(DetectionModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        log.info("self-training: %d supervised burn-in steps, then pseudo-labels above %s (at most %d per image) "
+        log.info("self-training: %d supervised burn-in steps, then pseudo-labels above %s%s (at most %d per image) "
                  "train %s with weight %g; teacher decay %g", self.burn_in_steps, self.settings.score_threshold,
+                 " for the most confident class, class-wise thresholds adapted to the teacher's scores" if
+                 self.settings.adaptive_threshold else "",
                  self.settings.max_pseudo_labels, list(self.unsup_losses), self.settings.unsup_weight,
                  self.settings.teacher_decay)
 
@@ -246,7 +267,24 @@ class SelfTrainingModule(DetectionModule):
             teacher.eval()
         with torch.no_grad(), fixed_nms_iterations(teacher, self.settings.teacher_nms_iterations):
             dets = teacher.predict(self._images(unlabeled.weak))
-        return pseudo_label_targets(dets, self.thresholds, self.settings.max_pseudo_labels, like=unlabeled.targets)
+        thresholds = self.thresholds
+        if self.settings.adaptive_threshold:
+            thresholds = self.adapt_thresholds(dets)
+        return pseudo_label_targets(dets, thresholds, self.settings.max_pseudo_labels, like=unlabeled.targets)
+
+    def adapt_thresholds(self, dets) -> torch.Tensor:
+        """Moves the classes' confidence levels toward this batch's (:func:`class_confidence`; the first batch sets
+        them) and returns the class-wise thresholds ``[C]`` they give (on the device, no read-back)."""
+        level = class_confidence(dets, len(self.categories))
+        if self._confidence is None:
+            self._confidence = level
+        else:
+            self._confidence = torch.lerp(level, self._confidence.to(level.device), self.settings.adaptive_decay)
+        return self.class_thresholds()
+
+    def class_thresholds(self) -> torch.Tensor:
+        """The adaptive class-wise thresholds ``[C]`` now."""
+        return adaptive_thresholds(self._confidence, float(self.settings.score_threshold), self.settings.adaptive_floor)
 
     def unsupervised_losses(self, unlabeled: UnlabeledBatch) -> dict[str, torch.Tensor]:
         """``{"unsup_<term>": unsup_weight * term}`` for the student on the strong views against the teacher's
@@ -303,7 +341,11 @@ class SelfTrainingModule(DetectionModule):
                           torch.tensor([float(self._stats_images)], dtype=torch.float64, device=self.device)])
         if self._trainer is not None and self.trainer.world_size > 1:
             both = self.trainer.strategy.reduce(both, reduce_op="sum")
+        adaptive = self._confidence is not None and self.settings.adaptive_threshold
+        # read back with the counts (one transfer per epoch); the confidences are the same on every process: the
+        # teacher is, and each process averages its own images' (a per-process estimate, as the EMA of a batch)
         values = [int(v) for v in both.tolist()]
+        thresholds = self.class_thresholds().tolist() if adaptive else None
         table, images = [values[4 * k: 4 * k + 4] for k in range(c)], values[-1]
         count, tp, other, truth = (sum(row[j] for row in table) for j in range(4))
         record: dict[str, Any] = {"epoch": int(epoch), "unlabeled_images": images, "pseudo_labels": count,
@@ -316,6 +358,8 @@ class SelfTrainingModule(DetectionModule):
             if self.measure:
                 row.update(true_positives=t, on_other_class=o, ground_truth_boxes=g)
                 row.update(class_rates(n, t, o, g))
+            if thresholds is not None:
+                row["threshold"] = round(thresholds[len(per_class)], 4)
             per_class.append(row)
         record["per_class"] = per_class
         if images or not any(r["epoch"] == record["epoch"] for r in self.history):
@@ -336,6 +380,7 @@ class SelfTrainingModule(DetectionModule):
         an object of another class, in total and per class under ``per_class``)."""
         s = self.settings
         return {"burn_in_steps": self.burn_in_steps, "score_threshold": s.score_threshold,
+                "adaptive_threshold": s.adaptive_threshold,
                 "max_pseudo_labels": s.max_pseudo_labels, "unsup_weight": s.unsup_weight,
                 "unsup_losses": list(self.unsup_losses), "teacher_decay": s.teacher_decay,
                 "precision_iou": s.precision_iou if self.measure else None,
@@ -345,7 +390,8 @@ class SelfTrainingModule(DetectionModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["self_training"] = {
             "history": list(self.history), "images": self._stats_images, "epoch": self._stats_epoch,
-            "stats": self._stats.detach().cpu() if self._stats is not None else None}
+            "stats": self._stats.detach().cpu() if self._stats is not None else None,
+            "confidence": self._confidence.detach().cpu() if self._confidence is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -354,6 +400,7 @@ class SelfTrainingModule(DetectionModule):
         if state and fitting:
             self.history = list(state["history"])
             self._stats_images, self._stats_epoch, self._stats = state["images"], state["epoch"], state["stats"]
+            self._confidence = state.get("confidence")
             if self._stats is not None and self._stats.dim() != 2:  # totals only (saved before per-class records)
                 log.warning("self-training: this checkpoint's statistics of the unfinished epoch %s are totals, "
                             "not per class; that epoch's record starts again from here", self._stats_epoch)

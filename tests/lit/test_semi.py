@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from detkit.data.weak_strong import UnlabeledBatch, UnlabeledPairs, WeakStrongVi
 from detkit.lit.detection_module import DetectionModule
 from detkit.lit.semi import SelfTraining, SelfTrainingModule
 from detkit.lit.semi import per_class_totals
-from detkit.models.detection.pseudo_labels import (match_pseudo_labels, on_other_class, per_class_counts,
-                                                   pseudo_label_targets, score_thresholds)
+from detkit.models.detection.pseudo_labels import (adaptive_thresholds, class_confidence, match_pseudo_labels,
+                                                   on_other_class, per_class_counts, pseudo_label_targets,
+                                                   score_thresholds)
 from detkit.paths import config_dir
 from detkit.structures import Detections, Targets
 from tests.helpers import TINY, TINY_FRCNN, data_args
@@ -313,7 +315,8 @@ def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_
              f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=2",
              "+callbacks.steps.save_top_k=1", "+callbacks.steps.monitor=step", "+callbacks.steps.mode=min",
              "+callbacks.steps.filename='s{step}'", "data.num_workers=1",
-             "semi.burn_in=1", "semi.score_threshold=0.05"]  # 0.05: the barely trained teacher's detections count
+             "semi.burn_in=1", "semi.score_threshold=0.05",  # 0.05: the barely trained teacher's detections count
+             "semi.adaptive_threshold=true", "semi.adaptive_floor=0.0"]  # its class levels must resume too
     full = run_semi("faster_rcnn", semi_data, tmp_path / "full", *every)
     check_records(full, tmp_path / "full", "faster_rcnn", 1)
     (saved,) = (tmp_path / "steps").glob("*step=2.ckpt")
@@ -327,6 +330,8 @@ def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_
     different = [k for k in a["state_dict"] if not same(a["state_dict"][k], b["state_dict"][k])]
     assert not different, different[:5]
     assert full["self_training"] == resumed["self_training"]
+    assert all("threshold" in r for r in full["self_training"]["epochs"][-1]["per_class"])
+    assert torch.equal(a["self_training"]["confidence"], b["self_training"]["confidence"])  # the class levels
     assert full["AP"] == resumed["AP"]
 
 
@@ -346,3 +351,32 @@ def test_self_training_under_two_process_ddp_sums_its_records_over_processes(sem
     assert metrics["global_step"] == 4
     # epoch 0: step 1 self-trains on 2 processes x 2 images; epoch 1: 2 steps x 2 processes x 2 images
     assert [e["unlabeled_images"] for e in metrics["self_training"]["epochs"]] == [4, 8]
+
+
+# ---- adaptive class-wise thresholds ------------------------------------------------------------------------------
+def test_adaptive_thresholds_scale_with_each_classs_confidence_and_stop_at_the_floor():
+    # image 0: class 0 best 0.9, class 1 best 0.3 (its 0.2 is not its best), no class 2; image 1: class 0 best 0.7,
+    # class 1 best 0.1; the padding slot (score 0.95, invalid) must not count
+    dets = Detections(torch.zeros(2, 3, 4), torch.tensor([[0.9, 0.3, 0.2], [0.7, 0.1, 0.95]]),
+                      torch.tensor([[0, 1, 1], [0, 1, 2]]), torch.tensor([[True, True, True], [True, True, False]]))
+    conf = class_confidence(dets, 3)
+    assert conf.tolist() == pytest.approx([0.8, 0.2, 0.0])
+    thresholds = adaptive_thresholds(conf, 0.7, floor=0.1)
+    assert thresholds.tolist() == pytest.approx([0.7, 0.175, 0.1])  # 0.7 * 0.2 / 0.8; class 2 at the floor
+    # the pseudo-labels they give: image 0 keeps all three (class 1's 0.3 and 0.2 are above 0.175); image 1 none
+    # (0.7 is not above class 0's 0.7, 0.1 is below class 1's 0.175)
+    kept = pseudo_label_targets(dets, thresholds, 4)
+    assert kept.valid.sum(1).tolist() == [3, 0]
+    assert adaptive_thresholds(torch.zeros(3), 0.7, 0.1).tolist() == pytest.approx([0.1] * 3)  # nothing seen yet
+
+
+def test_the_adaptive_class_levels_are_a_moving_average_seeded_by_the_first_batch():
+    module = SimpleNamespace(settings=SelfTraining(unlabeled_images="x", adaptive_threshold=True, adaptive_decay=0.5),
+                             categories=[0, 1], _confidence=None)
+    module.class_thresholds = lambda: SelfTrainingModule.class_thresholds(module)
+    one = Detections(torch.zeros(1, 2, 4), torch.tensor([[0.8, 0.4]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))
+    two = Detections(torch.zeros(1, 2, 4), torch.tensor([[0.8, 0.0]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))
+    assert SelfTrainingModule.adapt_thresholds(module, one).tolist() == pytest.approx([0.7, 0.35])
+    assert SelfTrainingModule.adapt_thresholds(module, two).tolist() == pytest.approx([0.7, 0.175])  # (0.4 + 0) / 2
+    with pytest.raises(ValueError, match="one value"):
+        SelfTraining(unlabeled_images="x", adaptive_threshold=True, score_threshold=[0.5, 0.6])

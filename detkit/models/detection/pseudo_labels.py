@@ -9,7 +9,11 @@ images), so they run inside a training step without a host synchronisation.
 ground truth. A fixed threshold is the default because it needs nothing estimated: class-wise thresholds (e.g.
 set from each class's precision on a validation split, or adapted to each class's score distribution as in
 Consistent-Teacher) help when classes are very unequally confident, but with a handful of labeled images the
-estimates they rest on are themselves noisy. ``thresholds`` also takes one value per class for that case.
+estimates they rest on are themselves noisy. ``thresholds`` also takes one value per class for that case, and
+:func:`class_confidence` with :func:`adaptive_thresholds` set them from the teacher's own scores (FreeMatch's
+self-adaptive class thresholds, Wang et al. 2023, applied to a detector's per-class scores): a class the teacher
+scores lower than the others, as a small rare class is while it is still being learnt, gets a proportionally
+lower threshold instead of never being pseudo-labelled.
 """
 
 from __future__ import annotations
@@ -110,3 +114,21 @@ def per_class_counts(labels: torch.Tensor, mask: torch.Tensor, num_classes: int)
     """``int64 [C]``: how many entries of ``labels`` (any shape) are set in ``mask`` (same shape), per class."""
     classes = torch.arange(num_classes, device=labels.device)
     return ((labels[..., None] == classes) & mask[..., None]).flatten(0, -2).sum(0)
+
+
+def class_confidence(dets: Detections, num_classes: int) -> torch.Tensor:
+    """How confident the teacher is in each class: ``[C]``, the mean over the ``B`` images of its highest score for
+    that class in the image (0 where it has no detection of the class). Batched; no host synchronisation."""
+    classes = torch.arange(num_classes, device=dets.labels.device)
+    of_class = (dets.labels[..., None] == classes) & dets.valid[..., None]  # [B, K, C]
+    best = (dets.scores.detach().float()[..., None] * of_class).amax(dim=1)  # [B, C] (scores are >= 0)
+    return best.mean(0)
+
+
+def adaptive_thresholds(confidence: torch.Tensor, threshold: float, floor: float) -> torch.Tensor:
+    """Per-class thresholds ``[C]`` from the classes' confidence levels ``[C]`` (:func:`class_confidence`, averaged
+    over steps): ``threshold`` for the most confident class, and for class ``c`` ``threshold * confidence[c] /
+    max(confidence)``, never below ``floor`` (a class the teacher does not see at all would otherwise take every
+    detection above 0) unless ``threshold`` itself is lower."""
+    relative = confidence / confidence.amax().clamp(min=1e-6)
+    return (threshold * relative).clamp(min=min(floor, threshold), max=threshold)
