@@ -219,6 +219,18 @@ def test_burn_in_trains_on_labels_only_then_adds_the_unsupervised_terms():
         build("yolo", "semi.unsup_losses=[loss_classifier]")
 
 
+def test_the_unsupervised_weight_defaults_per_detector_and_scales_every_unsupervised_term():
+    frcnn, yolo = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0"), build("yolo", "semi.burn_in=0")
+    assert (frcnn.unsup_weight, yolo.unsup_weight) == (4.0, 1.0)  # Unbiased Teacher's 4; YOLO 1 (STUDY.md)
+    assert frcnn.summary()["unsup_weight"] == 4.0
+    half = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0", "semi.unsup_weight=0.5")
+    a, b = frcnn.training_losses(semi_batch())[0], half.training_losses(semi_batch())[0]  # same seed, same weights
+    for k in ("unsup_loss_objectness", "unsup_loss_classifier"):
+        assert float(a[k]) > 0 and float(b[k]) == pytest.approx(float(a[k]) / 8)  # 0.5 / 4
+    with pytest.raises(Exception, match="unsup_weight"):
+        build("yolo", "semi.unsup_weight=-1")
+
+
 def test_the_teacher_is_the_students_ema_and_receives_no_gradient():
     module = build("faster_rcnn", "semi.burn_in=1", "semi.teacher_decay=0.9", "semi.score_threshold=0.0")
     teacher, student = module.ema.module, module.detector
