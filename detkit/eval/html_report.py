@@ -129,11 +129,15 @@ def _self_training_table(info: dict | None) -> str:
     body = "".join("<tr><td>" + html.escape(str(e.get("epoch"))) + "</td>"
                    + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in cols) + "</tr>" for e in info.get("epochs", []))
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
-    note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {info.get('score_threshold')}, "
+    above = (f"{info.get('score_threshold')} for the most confident class, class-wise thresholds adapted to the "
+             f"teacher's scores" if info.get("adaptive_threshold") else f"{info.get('score_threshold')}")
+    note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {above}, "
             f"precision at IoU {info.get('precision_iou')}")
     per_class = ""
     if info.get("per_class"):  # the run's totals per class (category names come from the dataset: escaped)
         pcols = ["pseudo_labels", "precision", "recall", "other_class"]
+        if any("last_threshold" in r for r in info["per_class"]):
+            pcols.append("last_threshold")
         rows = "".join("<tr><td>" + html.escape(str(r.get("name"))) + "</td>"
                        + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in pcols) + "</tr>" for r in info["per_class"])
         per_class = ("<h3>Per class, whole run</h3><table><tr><th>class</th>"

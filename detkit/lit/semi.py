@@ -84,14 +84,18 @@ def class_rates(pseudo: int, tp: int, other: int, truth: int) -> dict[str, float
 
 
 def per_class_totals(epochs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-class records of ``epochs`` (``metrics.json`` ``self_training.epochs``) summed over the run."""
-    totals: dict[str, dict[str, Any]] = {}
+    """The per-class records of ``epochs`` (``metrics.json`` ``self_training.epochs``) summed over the run (epochs
+    recorded without them, by a version before per-class records, are not in the sums), with the last adaptive
+    threshold of each class when there is one."""
+    totals: dict[int, dict[str, Any]] = {}  # by class index: two categories may share a name
     for e in epochs:
-        for row in e.get("per_class", []):
-            t = totals.setdefault(row["name"], {"name": row["name"]})
-            for k in ("pseudo_labels", "true_positives", "on_other_class", "ground_truth_boxes"):
-                if k in row:
-                    t[k] = t.get(k, 0) + row[k]
+        for k, row in enumerate(e.get("per_class", [])):
+            t = totals.setdefault(k, {"name": row["name"]})
+            for key in ("pseudo_labels", "true_positives", "on_other_class", "ground_truth_boxes"):
+                if key in row:
+                    t[key] = t.get(key, 0) + row[key]
+            if "threshold" in row:
+                t["last_threshold"] = row["threshold"]  # the adaptive threshold at the end of the run
     for t in totals.values():
         if "true_positives" in t:
             t.update(class_rates(t["pseudo_labels"], t["true_positives"], t["on_other_class"],
@@ -164,6 +168,10 @@ class SelfTraining:
             raise SelfTrainingError(f"semi.adaptive_threshold=true sets each class's threshold from the teacher's "
                                     f"scores: give semi.score_threshold as one value (the most confident class's), "
                                     f"not {list(self.score_threshold)}")
+        if self.adaptive_threshold and self.adaptive_floor > self.score_threshold:
+            raise SelfTrainingError(f"semi.adaptive_floor={self.adaptive_floor} is above semi.score_threshold="
+                                    f"{self.score_threshold}: every class would get {self.score_threshold} (no "
+                                    f"adaptation); give a floor below it")
         if not 0.0 <= self.adaptive_floor <= 1.0 or not 0.0 <= self.adaptive_decay < 1.0:
             raise SelfTrainingError(f"semi.adaptive_floor must lie in [0, 1] and semi.adaptive_decay in [0, 1), got "
                                     f"{self.adaptive_floor} and {self.adaptive_decay}")
@@ -286,6 +294,10 @@ class SelfTrainingModule(DetectionModule):
         """Moves the classes' confidence levels toward this batch's (:func:`class_confidence`; the first batch sets
         them) and returns the class-wise thresholds ``[C]`` they give (on the device, no read-back)."""
         level = class_confidence(dets, len(self.categories))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # one level for all processes (a collective, not a host read-back): every process then keeps the same
+            # thresholds, and the checkpoint's (rank 0's) confidences are every process's when a run resumes
+            level = self.trainer.strategy.reduce(level, reduce_op="mean")
         if self._confidence is None:
             self._confidence = level
         else:
@@ -352,8 +364,8 @@ class SelfTrainingModule(DetectionModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             both = self.trainer.strategy.reduce(both, reduce_op="sum")
         adaptive = self._confidence is not None and self.settings.adaptive_threshold
-        # read back with the counts (one transfer per epoch); the confidences are the same on every process: the
-        # teacher is, and each process averages its own images' (a per-process estimate, as the EMA of a batch)
+        # two read-backs per epoch: the counts, and the thresholds (the same on every process: their levels are
+        # averaged over processes at every step, adapt_thresholds)
         values = [int(v) for v in both.tolist()]
         thresholds = self.class_thresholds().tolist() if adaptive else None
         table, images = [values[4 * k: 4 * k + 4] for k in range(c)], values[-1]
@@ -411,6 +423,10 @@ class SelfTrainingModule(DetectionModule):
             self.history = list(state["history"])
             self._stats_images, self._stats_epoch, self._stats = state["images"], state["epoch"], state["stats"]
             self._confidence = state.get("confidence")
+            if self._trainer is not None and self.trainer.global_rank != 0:
+                # the checkpoint holds rank 0's part of the unfinished epoch: restored on every process, the
+                # epoch's sum over processes would count it world_size times (the others' parts are not saved)
+                self._stats, self._stats_images = None, 0
             if self._stats is not None and self._stats.dim() != 2:  # totals only (saved before per-class records)
                 log.warning("self-training: this checkpoint's statistics of the unfinished epoch %s are totals, "
                             "not per class; that epoch's record starts again from here", self._stats_epoch)

@@ -219,3 +219,18 @@ def test_a_saved_run_config_loads_in_a_fresh_process_that_imported_no_command(de
     images, output_dir = r.stdout.split()[-2:]
     assert Path(images).resolve() == (ROOT / "data" / "bccd" / "images").resolve()
     assert Path(output_dir).resolve() == default_run.resolve()
+
+
+def test_the_self_training_table_shows_hostile_class_names_as_text():
+    import html as html_lib
+
+    from detkit.eval.html_report import _self_training_table
+    rows = [{"name": s, "pseudo_labels": 3, "precision": 0.5, "recall": 0.1, "other_class": 0.0,
+             "last_threshold": 0.35} for s in XSS]
+    info = {"burn_in_steps": 2, "score_threshold": 0.7, "adaptive_threshold": True, "precision_iou": 0.5,
+            "per_class": rows, "epochs": [{"epoch": 0, "unlabeled_images": 4, "pseudo_labels": 3}]}
+    table = _self_training_table(info)
+    for s in XSS:
+        assert f"<td>{html_lib.escape(s)}</td>" in table  # each name once, escaped
+    assert not any(s in table for s in XSS if "<" in s)  # never as markup
+    assert "<th>last threshold</th>" in table and "class-wise thresholds adapted" in table

@@ -107,6 +107,28 @@ def test_the_runs_per_class_totals_sum_the_epochs_exactly():
         {"name": "a", "pseudo_labels": 2}]  # without labels for the unlabeled images: counts only
 
 
+def test_an_epochs_record_counts_each_class_exactly():
+    module = build("yolo", "semi.unlabeled_ann=unused.json")  # with labels: precision, recall and confusions
+    a, b, far = [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 60.0, 60.0]
+    truth = Targets.from_list([{"boxes": torch.tensor([a, b]), "labels": torch.tensor([0, 1])},
+                               {"boxes": torch.tensor([a]), "labels": torch.tensor([2])}])
+    pseudo = Targets.from_list([  # image 0: class 1 on the class-0 object, class 1 on its own, class 0 on nothing;
+        {"boxes": torch.tensor([a, b, far]), "labels": torch.tensor([1, 1, 0])},  # image 1: class 2 right, then
+        {"boxes": torch.tensor([a, a]), "labels": torch.tensor([2, 2])}])  # its duplicate (a false positive)
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    module._record(pseudo, UnlabeledBatch(images, images, truth))
+    module._record(pseudo, UnlabeledBatch(images, images, truth))  # a second step adds to the first
+    module.flush_statistics()
+    (record,) = module.history
+    rows = {r["name"]: r for r in record["per_class"]}
+    got = {n: (r["pseudo_labels"], r["true_positives"], r["on_other_class"], r["ground_truth_boxes"])
+           for n, r in rows.items()}
+    assert got == {"class0": (2, 0, 0, 2), "class1": (4, 2, 2, 2), "class2": (4, 2, 0, 2)}
+    assert (record["unlabeled_images"], record["pseudo_labels"], record["ground_truth_boxes"]) == (4, 10, 6)
+    assert record["precision"] == 0.4 and record["recall"] == round(4 / 6, 4) and record["other_class"] == 0.2
+    assert rows["class1"]["other_class"] == 0.5 and rows["class0"]["precision"] == 0.0
+
+
 # ---- the unlabeled views and their stream ------------------------------------------------------------------------
 def known_image() -> tuple[np.ndarray, np.ndarray]:
     """A 100 x 200 dark image with one bright box at x 20-60, y 30-70."""
@@ -226,7 +248,14 @@ def test_the_unsupervised_weight_defaults_per_detector_and_scales_every_unsuperv
     half = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0", "semi.unsup_weight=0.5")
     a, b = frcnn.training_losses(semi_batch())[0], half.training_losses(semi_batch())[0]  # same seed, same weights
     for k in ("unsup_loss_objectness", "unsup_loss_classifier"):
-        assert float(a[k]) > 0 and float(b[k]) == pytest.approx(float(a[k]) / 8)  # 0.5 / 4
+        assert float(a[k].detach()) > 0 and float(b[k].detach()) == pytest.approx(float(a[k].detach()) / 8)  # 0.5 / 4
+    yolo_four = build("yolo", "semi.burn_in=0", "semi.unsup_weight=4")  # YOLO's default scales as 1, not 4
+    low = ["model.detector.inference.score_thresh=0.0", "semi.score_threshold=0.0"]  # (its untrained scores ~1e-4)
+    c, d = build("yolo", "semi.burn_in=0", *low), build("yolo", "semi.burn_in=0", "semi.unsup_weight=4", *low)
+    assert yolo_four.unsup_weight == 4.0
+    c, d = c.training_losses(semi_batch())[0], d.training_losses(semi_batch())[0]
+    for k in ("unsup_loss_cls", "unsup_loss_box"):
+        assert float(c[k]) > 0 and float(d[k]) == pytest.approx(4 * float(c[k]))
     with pytest.raises(Exception, match="unsup_weight"):
         build("yolo", "semi.unsup_weight=-1")
 
@@ -383,12 +412,15 @@ def test_adaptive_thresholds_scale_with_each_classs_confidence_and_stop_at_the_f
 
 
 def test_the_adaptive_class_levels_are_a_moving_average_seeded_by_the_first_batch():
-    module = SimpleNamespace(settings=SelfTraining(unlabeled_images="x", adaptive_threshold=True, adaptive_decay=0.5),
-                             categories=[0, 1], _confidence=None)
+    module = SimpleNamespace(settings=SelfTraining(unlabeled_images="x", adaptive_threshold=True, adaptive_decay=0.75),
+                             categories=[0, 1], _confidence=None, _trainer=None)
     module.class_thresholds = lambda: SelfTrainingModule.class_thresholds(module)
     one = Detections(torch.zeros(1, 2, 4), torch.tensor([[0.8, 0.4]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))
     two = Detections(torch.zeros(1, 2, 4), torch.tensor([[0.8, 0.0]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))
     assert SelfTrainingModule.adapt_thresholds(module, one).tolist() == pytest.approx([0.7, 0.35])
-    assert SelfTrainingModule.adapt_thresholds(module, two).tolist() == pytest.approx([0.7, 0.175])  # (0.4 + 0) / 2
+    # the levels move a quarter of the way: class 1's from 0.4 to 0.75 * 0.4 + 0.25 * 0 = 0.3 (of class 0's 0.8)
+    assert SelfTrainingModule.adapt_thresholds(module, two).tolist() == pytest.approx([0.7, 0.2625])
     with pytest.raises(ValueError, match="one value"):
         SelfTraining(unlabeled_images="x", adaptive_threshold=True, score_threshold=[0.5, 0.6])
+    with pytest.raises(ValueError, match="above semi.score_threshold"):  # the floor would switch adaptation off
+        SelfTraining(unlabeled_images="x", adaptive_threshold=True, score_threshold=0.05, adaptive_floor=0.1)
