@@ -25,6 +25,14 @@ foreground/background target over *every* cell normalised by the number of posit
 image each object the teacher missed (scored below the threshold) becomes a negative at all its cells, and a batch
 with few pseudo-boxes would weigh those negatives by up to a thousand times; ``semi.unsup_losses`` can add it.
 
+**How much, and for which classes.** The unsupervised weight defaults to 1, not Unbiased Teacher's 4 (set for
+180,000-step COCO runs): on a small dataset and a short run, 4 let the pseudo-labelled classes crowd out a class
+the teacher never labels (STUDY.md: YOLO lost BCCD's platelets in every seed). The per-class records
+(``metrics.json`` ``self_training.per_class``: count, precision, recall, share on another class's object) show
+such a class. ``adaptive_threshold`` lowers its threshold in proportion to the teacher's confidence in it
+(FreeMatch's self-adaptive thresholds, on a detector's per-class scores); it is off by default because the
+pseudo-labels it adds for a class the teacher barely knows are mostly wrong (23% precision in that study).
+
 **Teacher updates.** During burn-in the teacher copies the student after every step, so at the end of burn-in it
 *is* the burned-in student (Unbiased Teacher initialises it so) and any evaluation during burn-in sees the student.
 Afterwards ``teacher = d * teacher + (1 - d) * student`` after every optimiser step with a fixed ``d =
