@@ -231,6 +231,6 @@ def test_the_self_training_table_shows_hostile_class_names_as_text():
             "per_class": rows, "epochs": [{"epoch": 0, "unlabeled_images": 4, "pseudo_labels": 3}]}
     table = _self_training_table(info)
     for s in XSS:
-        assert f"<td>{html_lib.escape(s)}</td>" in table  # each name once, escaped
+        assert table.count(f"<td>{html_lib.escape(s)}</td>") == 1  # each name once, escaped
     assert not any(s in table for s in XSS if "<" in s)  # never as markup
     assert "<th>last threshold</th>" in table and "class-wise thresholds adapted" in table

@@ -105,6 +105,13 @@ def test_the_runs_per_class_totals_sum_the_epochs_exactly():
     assert totals[1] == {**row("<b>", 4, 1, 3, 10), "precision": 0.25, "recall": 0.1, "other_class": 0.75}
     assert per_class_totals([{"per_class": [{"name": "a", "pseudo_labels": 2}]}]) == [
         {"name": "a", "pseudo_labels": 2}]  # without labels for the unlabeled images: counts only
+    twins = [{"per_class": [{"name": "x", "pseudo_labels": 1, "threshold": 0.7},
+                            {"name": "x", "pseudo_labels": 5, "threshold": 0.2}]},
+             {"per_class": [{"name": "x", "pseudo_labels": 2, "threshold": 0.7},
+                            {"name": "x", "pseudo_labels": 0, "threshold": 0.3}]}]
+    assert per_class_totals(twins) == [  # two categories named alike stay apart (by class index) ...
+        {"name": "x", "pseudo_labels": 3, "last_threshold": 0.7},
+        {"name": "x", "pseudo_labels": 5, "last_threshold": 0.3}]  # ... with the adaptive threshold at the end
 
 
 def test_an_epochs_record_counts_each_class_exactly():
@@ -127,6 +134,17 @@ def test_an_epochs_record_counts_each_class_exactly():
     assert (record["unlabeled_images"], record["pseudo_labels"], record["ground_truth_boxes"]) == (4, 10, 6)
     assert record["precision"] == 0.4 and record["recall"] == round(4 / 6, 4) and record["other_class"] == 0.2
     assert rows["class1"]["other_class"] == 0.5 and rows["class0"]["precision"] == 0.0
+
+
+def test_a_resumed_ddp_process_other_than_rank_0_does_not_restore_rank_0s_unfinished_counts():
+    saved = {"self_training": {"history": [{"epoch": 0}], "images": 6, "epoch": 1, "stats": torch.ones(3, 4),
+                               "confidence": torch.tensor([0.5, 0.2, 0.1])}}
+    for rank, kept in ((0, True), (1, False)):
+        module = build("yolo")
+        module._trainer = SimpleNamespace(global_rank=rank, state=SimpleNamespace(fn="fit"))
+        SelfTrainingModule.on_load_checkpoint(module, dict(saved))
+        assert (module._stats is not None, module._stats_images) == ((True, 6) if kept else (False, 0))
+        assert module.history == [{"epoch": 0}] and module._confidence.tolist() == pytest.approx([0.5, 0.2, 0.1])
 
 
 # ---- the unlabeled views and their stream ------------------------------------------------------------------------
@@ -418,5 +436,13 @@ def test_the_adaptive_class_levels_are_a_moving_average_seeded_by_the_first_batc
     assert SelfTrainingModule.adapt_thresholds(module, two).tolist() == pytest.approx([0.7, 0.2625])
     with pytest.raises(ValueError, match="one value"):
         SelfTraining(unlabeled_images="x", adaptive_threshold=True, score_threshold=[0.5, 0.6])
+    ddp = SimpleNamespace(settings=module.settings, categories=[0, 1], _confidence=None,
+                          _trainer=SimpleNamespace(world_size=2))
+    ddp.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        reduce=lambda t, reduce_op: torch.tensor([0.6, 0.15]) if reduce_op == "mean" else None))
+    ddp.class_thresholds = lambda: SelfTrainingModule.class_thresholds(ddp)
+    # under DDP the level is the processes' mean (here 0.6 / 0.15), not this process's own (0.8 / 0.4)
+    assert SelfTrainingModule.adapt_thresholds(ddp, one).tolist() == pytest.approx([0.7, 0.175])
+    assert ddp._confidence.tolist() == pytest.approx([0.6, 0.15])
     with pytest.raises(ValueError, match="above semi.score_threshold"):  # the floor would switch adaptation off
         SelfTraining(unlabeled_images="x", adaptive_threshold=True, score_threshold=0.05, adaptive_floor=0.1)
