@@ -180,6 +180,9 @@ class SelfTraining:
         if not 0.0 <= self.adaptive_floor <= 1.0 or not 0.0 <= self.adaptive_decay < 1.0:
             raise SelfTrainingError(f"semi.adaptive_floor must lie in [0, 1] and semi.adaptive_decay in [0, 1), got "
                                     f"{self.adaptive_floor} and {self.adaptive_decay}")
+        if self.unsup_weight is None:  # a config saved while null meant "the detector's default" (4 / 1)
+            raise SelfTrainingError("semi.unsup_weight must be a number: 1 is the default, 4 Unbiased Teacher's (and "
+                                    "Faster R-CNN's before 2026-12-01)")
         if self.unsup_weight < 0:
             raise SelfTrainingError(f"semi.unsup_weight must be >= 0, got {self.unsup_weight}")
         if self.max_pseudo_labels < 1:

@@ -444,5 +444,7 @@ def test_the_adaptive_class_levels_are_a_moving_average_seeded_by_the_first_batc
     # under DDP the level is the processes' mean (here 0.6 / 0.15), not this process's own (0.8 / 0.4)
     assert SelfTrainingModule.adapt_thresholds(ddp, one).tolist() == pytest.approx([0.7, 0.175])
     assert ddp._confidence.tolist() == pytest.approx([0.6, 0.15])
+    with pytest.raises(ValueError, match="must be a number"):
+        SelfTraining(unlabeled_images="x", unsup_weight=None)
     with pytest.raises(ValueError, match="above semi.score_threshold"):  # the floor would switch adaptation off
         SelfTraining(unlabeled_images="x", adaptive_threshold=True, score_threshold=0.05, adaptive_floor=0.1)
