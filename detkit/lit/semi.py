@@ -63,6 +63,7 @@ from detkit.data.weak_strong import UnlabeledBatch
 from detkit.errors import UserError
 from detkit.lit.detection_module import CUDA_GRAPH_MODES, DetectionModule, plain_config
 from detkit.lit.optim import total_training_steps
+from detkit.models.detection.boxes import batched_box_iou
 from detkit.models.detection.postprocess import PostProcess
 from detkit.models.detection.pseudo_labels import (adaptive_thresholds, class_confidence, match_pseudo_labels,
                                                    on_other_class, per_class_counts, pseudo_label_targets,
@@ -332,8 +333,9 @@ class SelfTrainingModule(DetectionModule):
         c = len(self.categories)
         count = per_class_counts(pseudo.labels, pseudo.valid, c)
         if self.measure:
-            tp = per_class_counts(pseudo.labels, match_pseudo_labels(pseudo, truth, self.settings.precision_iou), c)
-            other = per_class_counts(pseudo.labels, on_other_class(pseudo, truth, self.settings.precision_iou), c)
+            iou, at = batched_box_iou(pseudo.boxes, truth.boxes), self.settings.precision_iou  # [B, P, G], once
+            tp = per_class_counts(pseudo.labels, match_pseudo_labels(pseudo, truth, at, iou=iou), c)
+            other = per_class_counts(pseudo.labels, on_other_class(pseudo, truth, at, iou=iou), c)
         else:
             tp = other = torch.zeros_like(count)
         step = torch.stack([count, tp, other, per_class_counts(truth.labels, truth.valid, c)], dim=1)  # [C, 4]

@@ -75,15 +75,17 @@ def pseudo_label_targets(dets: Detections, thresholds: torch.Tensor | float, max
     return Targets(boxes, labels, valid, image_ids, orig_sizes, scales)
 
 
-def match_pseudo_labels(pseudo: Targets, truth: Targets, iou_threshold: float = 0.5) -> torch.Tensor:
+def match_pseudo_labels(pseudo: Targets, truth: Targets, iou_threshold: float = 0.5,
+                        iou: torch.Tensor | None = None) -> torch.Tensor:
     """Which pseudo-labels are true positives against ground truth ``truth``: ``bool [B, G_pseudo]``.
 
     Class-aware one-to-one matching as COCO evaluation does it: pseudo-labels in their order (by decreasing score,
     as :func:`pseudo_label_targets` returns them) each take the unmatched ground-truth box of their class they
     overlap most, if that IoU is at least ``iou_threshold``. Precision is ``tp.sum() / pseudo.valid.sum()``; recall
     ``tp.sum() / truth.valid.sum()``. Batched; loops over the ``G_pseudo`` slots (a fixed count), not over images.
+    ``iou``: the pseudo-labels' IoU with the truth ``[B, P, G]`` when already computed.
     """
-    iou = batched_box_iou(pseudo.boxes, truth.boxes)  # [B, P, G]
+    iou = batched_box_iou(pseudo.boxes, truth.boxes) if iou is None else iou  # [B, P, G]
     same = pseudo.labels[:, :, None] == truth.labels[:, None, :]
     ok = (iou >= iou_threshold) & same & pseudo.valid[:, :, None] & truth.valid[:, None, :]
     taken = torch.zeros_like(truth.valid)
@@ -99,12 +101,13 @@ def match_pseudo_labels(pseudo: Targets, truth: Targets, iou_threshold: float = 
     return torch.stack(hits, dim=1)
 
 
-def on_other_class(pseudo: Targets, truth: Targets, iou_threshold: float = 0.5) -> torch.Tensor:
+def on_other_class(pseudo: Targets, truth: Targets, iou_threshold: float = 0.5,
+                   iou: torch.Tensor | None = None) -> torch.Tensor:
     """Which pseudo-labels lie on an object of *another* class: ``bool [B, G_pseudo]``, true where a valid
     pseudo-label overlaps a ground-truth box of a different class at IoU ``iou_threshold`` or more and no box of its
     own class (a class confusion, e.g. a platelet pseudo-labelled as a red cell; not counted as a localisation
-    error). Batched, no host synchronisation."""
-    iou = batched_box_iou(pseudo.boxes, truth.boxes)  # [B, P, G]
+    error). Batched, no host synchronisation. ``iou`` as in :func:`match_pseudo_labels`."""
+    iou = batched_box_iou(pseudo.boxes, truth.boxes) if iou is None else iou  # [B, P, G]
     same = pseudo.labels[:, :, None] == truth.labels[:, None, :]
     near = (iou >= iou_threshold) & pseudo.valid[:, :, None] & truth.valid[:, None, :]
     return (near & ~same).any(2) & ~(near & same).any(2)
