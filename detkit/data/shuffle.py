@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from detkit.data.transforms import epoch_base
 
 
 class EpochShuffle(Sampler[int]):
@@ -16,10 +18,11 @@ class EpochShuffle(Sampler[int]):
     ``RandomSampler`` with a loader generator draws each epoch from a stream that continues across epochs. When a
     run is resumed from an end-of-epoch checkpoint, Lightning does not restore the (exhausted) loader's state, so
     the resumed run would start that stream over and replay epoch 0's order and augmentations. Here Lightning's
-    ``set_epoch(epoch)`` call (made before each epoch's iterator is created) reseeds both the permutation and
-    ``generator`` — the loader's own generator, from which PyTorch draws the workers' base seed, i.e. the
-    augmentation seeds of :func:`detkit.data.transforms.item_seed`. Mid-epoch resumes still go through
-    ``StatefulDataLoader``'s saved state, which replays this sampler to the saved position.
+    ``set_epoch(epoch)`` call (made before each epoch's iterator is created) reseeds the permutation, the epoch's
+    augmentation base seed (:meth:`base_seed`, sent with every index by :class:`SeededIndices`, from which
+    :func:`detkit.data.transforms.item_seed` derives each item's seed) and ``generator``, the loader's own
+    generator. Mid-epoch resumes still go through ``StatefulDataLoader``'s saved state, which replays this sampler
+    to the saved position.
 
     Lightning creates a run's first iterator before its first ``set_epoch`` call, so the sampler must be built
     with the epoch the run starts at (:func:`starting_epoch`), not 0.
@@ -41,6 +44,13 @@ class EpochShuffle(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.generator.manual_seed(self._epoch_seed())
+
+    def base_seed(self) -> int:
+        """This epoch's augmentation base seed: the first number ``generator`` gives after :meth:`set_epoch`, which
+        is the base seed a non-persistent loader iterator draws for its workers, so runs made when workers restarted
+        every epoch (and took their item seeds from it) are reproduced exactly."""
+        g = torch.Generator().manual_seed(self._epoch_seed())
+        return int(torch.empty((), dtype=torch.int64).random_(generator=g))
 
     def __len__(self) -> int:
         return self.num_items
@@ -83,6 +93,42 @@ class EpochStream(EpochShuffle):
         yield from items[offset: offset + self.per_epoch]
 
 
+class SeededIndices(Sampler[tuple[int, int]]):
+    """Yields ``(index, base_seed)`` for each index of an :class:`EpochShuffle` (or :class:`EpochStream`): the
+    epoch's augmentation seed travels with the index to whichever process loads it, so the loader's workers can
+    persist across epochs. ``set_epoch`` is forwarded (Lightning calls it on the loader's sampler, and on the
+    sampler inside its DDP wrapper)."""
+
+    def __init__(self, sampler: EpochShuffle) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = self.sampler.base_seed()
+        return ((index, base) for index in self.sampler)
+
+
+class SeededItems(Dataset):
+    """``SeededItems(dataset)[(index, base_seed)]`` is ``dataset[index]`` loaded with :func:`item_seed
+    <detkit.data.transforms.item_seed>` derived from ``base_seed`` (see :class:`SeededIndices`)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, base = key
+        with epoch_base(base):
+            return self.dataset[index]
+
+
 def starting_epoch(trainer) -> int:
     """The epoch a Lightning ``trainer`` is about to train (after restoring a checkpoint), or 0 outside ``fit``.
 
@@ -97,9 +143,11 @@ def starting_epoch(trainer) -> int:
 
 def epoch_shuffled_loader(dataset, seed: int, trainer, batch_size: int, per_epoch: int | None = None,
                           **kwargs: Any) -> StatefulDataLoader:
-    """The training loader of both data modules: :class:`EpochShuffle` order, its generator as the loader's, and
-    non-persistent workers (each epoch draws a new base seed for :func:`detkit.data.transforms.item_seed`).
-    ``per_epoch``: draw that many items per epoch from an :class:`EpochStream` instead (no batch dropped)."""
+    """The training loader of both data modules: :class:`EpochShuffle` order, its generator as the loader's, each
+    index sent with the epoch's augmentation base seed (:class:`SeededIndices`, :class:`SeededItems`), and
+    persistent workers (started once per run, not once per epoch: on a small dataset, whose epochs last a few
+    steps, restarting them dominated the run time). ``per_epoch``: draw that many items per epoch from an
+    :class:`EpochStream` instead (no batch dropped)."""
     generator = torch.Generator()
     epoch = starting_epoch(trainer)
     if per_epoch is not None:
@@ -107,5 +155,6 @@ def epoch_shuffled_loader(dataset, seed: int, trainer, batch_size: int, per_epoc
         drop_last = False
     else:
         sampler, drop_last = EpochShuffle(len(dataset), seed, generator, epoch), len(dataset) > batch_size
-    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                              persistent_workers=False, generator=generator, **kwargs)
+    return StatefulDataLoader(SeededItems(dataset), batch_size=batch_size, sampler=SeededIndices(sampler),
+                              drop_last=drop_last, persistent_workers=kwargs.get("num_workers", 0) > 0,
+                              generator=generator, **kwargs)

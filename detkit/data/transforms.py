@@ -8,7 +8,8 @@ the scale alone.
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import os
 import random
@@ -30,19 +31,39 @@ def _letterbox(size: int) -> list[A.BasicTransform]:
     ]
 
 
-def item_seed(index: int) -> int | None:
-    """The random seed of dataset item ``index`` in this epoch, or ``None`` in the main process.
+#: The augmentation base seed of the epoch being loaded, set around each training item by
+#: :class:`detkit.data.shuffle.SeededItems` (``None`` outside a training loader).
+_epoch_base: int | None = None
 
-    In a data-loader worker it is a function of the epoch's base seed (``worker_info.seed - worker_info.id``,
-    drawn from the loader's generator, which :class:`detkit.data.shuffle.EpochShuffle` reseeds from the run seed and
-    the epoch, and restored by ``StatefulDataLoader`` on a mid-epoch resume) and the item index alone,
-    so an item gets the same augmentation whichever worker loads it, and a resumed run reproduces the interrupted
-    one exactly (this needs non-persistent workers, so that each epoch draws a new base seed).
+
+@contextmanager
+def epoch_base(seed: int) -> Iterator[None]:
+    """Within this block :func:`item_seed` derives item seeds from ``seed`` (an epoch's base seed)."""
+    global _epoch_base
+    previous, _epoch_base = _epoch_base, int(seed)
+    try:
+        yield
+    finally:
+        _epoch_base = previous
+
+
+def item_seed(index: int) -> int | None:
+    """The random seed of dataset item ``index`` in this epoch, or ``None`` when no epoch seed is known.
+
+    In a training loader (:func:`detkit.data.shuffle.epoch_shuffled_loader`) the sampler sends each index with the
+    epoch's base seed (a function of the run seed and the epoch, see :class:`detkit.data.shuffle.EpochShuffle`),
+    and the seed is a function of that base and the index alone: an item gets the same augmentation whichever
+    worker loads it (or the main process, with ``num_workers=0``), workers can persist across epochs, and a resumed
+    run reproduces the interrupted one exactly. Elsewhere, in a data-loader worker, the worker's base seed
+    (``worker_info.seed - worker_info.id``) takes the epoch base's place; in the main process it is ``None``.
     """
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return None
-    return hash((info.seed - info.id, index)) % 2**32
+    base = _epoch_base
+    if base is None:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return None
+        base = info.seed - info.id
+    return hash((base, index)) % 2**32
 
 
 class SeededPipeline:

@@ -145,15 +145,18 @@ def test_the_same_encoder_file_loads_into_both_detectors(tmp_path: Path):
 
 
 def test_pretraining_views_change_from_epoch_to_epoch(tmp_path: Path):
-    """Augmentation seeds come from each epoch's worker base seed: with persistent workers every epoch would
-    repeat the same views (only shuffled). Compare the multiset of views across two epochs."""
+    """Augmentation seeds come from each epoch's base seed, sent by the sampler to the (persistent) workers: were
+    they the workers' own seeds, every epoch would repeat the same views (only shuffled). Compare the multiset of
+    views across two epochs."""
     from detkit.data.datamodule import PretrainDataModule
     from detkit.data.synthetic import make_synthetic_coco
 
     _, root = make_synthetic_coco(tmp_path / "d", num_images=6)
     dm = PretrainDataModule(str(root), image_size=32, batch_size=6, num_workers=1, seed=0)
     loader, epochs = dm.train_dataloader(), []  # one loader for the run, as Lightning uses it
-    for _ in range(2):
+    assert loader.persistent_workers
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)  # as Lightning's fit loop does before each epoch
         (v1, v2), = list(loader)
         epochs.append([sorted(v.flatten(1).long().sum(1).tolist()) for v in (v1, v2)])
     assert epochs[0][0] != epochs[1][0] and epochs[0][1] != epochs[1][1]  # both views

@@ -1,0 +1,83 @@
+"""The training loader's augmentation seeds: carried by the sampler, so workers persist across epochs while every
+epoch still draws new augmentations, and runs made when workers restarted every epoch are reproduced exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from detkit.data.shuffle import EpochShuffle, EpochStream, epoch_shuffled_loader
+from detkit.data.transforms import item_seed
+
+
+class Seeds(Dataset):
+    """Item ``i`` is ``(i, item_seed(i), worker pid)``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        info = torch.utils.data.get_worker_info()
+        return index, item_seed(index), (0 if info is None else __import__("os").getpid())
+
+
+def _collate(items):
+    return items
+
+
+def _epochs(loader, sampler, epochs: int) -> list[list[tuple[int, int, int]]]:
+    out = []
+    for e in range(epochs):
+        sampler.set_epoch(e)  # what Lightning does before each epoch's iterator
+        out.append([item for batch in loader for item in batch])
+    return out
+
+
+def _old_loader(n: int, seed: int, per_epoch: int | None = None):
+    """The loader as it was before persistent workers: the item seed came from the workers' base seed, which
+    each epoch's (non-persistent) iterator drew from the reseeded loader generator."""
+    g = torch.Generator()
+    sampler = EpochShuffle(n, seed, g) if per_epoch is None else EpochStream(n, per_epoch, seed, g)
+    return StatefulDataLoader(Seeds(n), batch_size=3, sampler=sampler, num_workers=2, persistent_workers=False,
+                              drop_last=per_epoch is None,
+                              generator=g, collate_fn=_collate), sampler
+
+
+def _new_loader(n: int, seed: int, per_epoch: int | None = None, num_workers: int = 2):
+    loader = epoch_shuffled_loader(Seeds(n), seed, None, 3, per_epoch=per_epoch, num_workers=num_workers,
+                                   collate_fn=_collate)
+    return loader, loader.sampler
+
+
+def _without_pid(epochs):
+    return [[item[:2] for item in epoch] for epoch in epochs]
+
+
+def test_item_seeds_equal_those_of_the_per_epoch_worker_loader_in_every_epoch():
+    for per_epoch in (None, 7):
+        old = _epochs(*_old_loader(10, seed=5, per_epoch=per_epoch), epochs=3)
+        new = _epochs(*_new_loader(10, seed=5, per_epoch=per_epoch), epochs=3)
+        assert _without_pid(new) == _without_pid(old), per_epoch
+        assert all(s is not None for epoch in new for _, s, _ in epoch)
+        # every epoch draws new seeds for the same item
+        for a, b in zip(new, new[1:]):
+            assert {i: s for i, s, _ in a} != {i: s for i, s, _ in b}
+
+
+def test_workers_persist_across_epochs():
+    loader, sampler = _new_loader(10, seed=1)
+    assert loader.persistent_workers
+    pids = [{pid for _, _, pid in epoch} for epoch in _epochs(loader, sampler, 3)]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+
+
+def test_the_main_process_draws_the_workers_seeds():
+    """With ``num_workers=0`` the items get the same seeds as from workers (so a resumed run is exact there too)."""
+    workers = _epochs(*_new_loader(10, seed=2), epochs=2)
+    main = _epochs(*_new_loader(10, seed=2, num_workers=0), epochs=2)
+    assert _without_pid(main) == _without_pid(workers)
+    assert item_seed(3) is None  # outside a training loader the main process has no epoch seed
