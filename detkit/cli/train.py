@@ -269,7 +269,8 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
     best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor), "")
     trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     result, val_results = model.last_eval, model.last_results
-    extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
+    extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step,
+             "evaluated_on": "holdout" if getattr(datamodule, "holdout_fraction", 0) else "val"}
     if self_training is not None:
         extra["self_training"] = self_training
     if cfg.get("test") and datamodule.paths["test"][0]:

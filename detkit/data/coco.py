@@ -110,6 +110,10 @@ class CocoDetection(Dataset):
         check_images: open every image during validation (existence, decodability, size).
         subset_fraction: keep this fraction of the images (a fixed random subset drawn with ``subset_seed``),
             e.g. for label-budget studies.
+        holdout_fraction: set aside this fraction of the images (a fixed random subset drawn with
+            ``subset_seed``, independent of ``subset_fraction``'s draw) for model selection on the training split
+            (see :func:`split_holdout`); ``subset_fraction`` then applies to the images left.
+        holdout: be that held-out part (``True``) instead of the rest.
     """
 
     def __init__(
@@ -121,6 +125,8 @@ class CocoDetection(Dataset):
         check_images: bool = True,
         subset_fraction: float = 1.0,
         subset_seed: int = 0,
+        holdout_fraction: float = 0.0,
+        holdout: bool = False,
     ) -> None:
         self.ann_file, self.image_root = Path(ann_file), Path(image_root)
         self.transform = transform
@@ -133,7 +139,10 @@ class CocoDetection(Dataset):
             log.warning("%s\n%s", summary, report.format(max_lines=20))
         if not 0.0 < subset_fraction <= 1.0:
             raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
-        if subset_fraction < 1.0:
+        if holdout or holdout_fraction:
+            rest, held = split_holdout(data, holdout_fraction, subset_seed, self.ann_file)
+            data = held if holdout else rest
+        if subset_fraction < 1.0 and not holdout:
             data = _subset(data, subset_fraction, subset_seed)
         self.coco_data = data
         self.categories = CategoryMap(data["categories"])
@@ -185,6 +194,34 @@ class CocoDetection(Dataset):
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor, target
+
+
+#: Offsets ``subset_seed`` for the holdout draw, so that the held-out images are not the head of the label-budget draw.
+HOLDOUT_SEED_OFFSET = 104_729
+
+
+def _restrict(data: dict, keep: list[int]) -> dict:
+    images = [data["images"][i] for i in sorted(keep)]
+    ids = {im["id"] for im in images}
+    return {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+
+
+def split_holdout(data: dict, fraction: float, seed: int, source: Path | str = "the annotation file") -> tuple[dict, dict]:
+    """Split a COCO dict's images into ``(rest, held_out)``: ``round(fraction * N)`` images drawn with ``seed`` are
+    held out, with their annotations, for choosing settings (learning rates, warm-up, schedules) on the training
+    split instead of on val. Both parts keep every category. Raises ``ValueError`` (naming ``source``) unless
+    both parts get at least one image."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction} ({source})")
+    n = len(data["images"])
+    held = round(n * fraction)
+    if held < 1 or held > n - 1:
+        raise ValueError(f"a holdout of {fraction} of {n} images in {source} leaves {held} held out and {n - held} "
+                         "to train on: each part needs at least one image")
+    rng = np.random.default_rng(seed + HOLDOUT_SEED_OFFSET)
+    chosen = rng.permutation(n)[:held].tolist()
+    rest = sorted(set(range(n)) - set(chosen))
+    return _restrict(data, rest), _restrict(data, chosen)
 
 
 def _subset(data: dict, fraction: float, seed: int) -> dict:

@@ -40,6 +40,10 @@ class DetectionDataModule(L.LightningDataModule):
         skip_invalid: drop invalid images/annotations (with a summary) instead of refusing the dataset.
         check_images: decode every image during validation.
         train_fraction, subset_seed: keep a fixed random fraction of the training images (label budget).
+        holdout_fraction: choose settings on the training split, never on val: this fraction of the training
+            images (drawn with ``subset_seed``, before ``train_fraction`` is applied to the rest) is never trained
+            on and becomes the "val" split (validation, checkpoint monitor, final metrics); ``val_ann`` is then
+            not read. 0 (default): no holdout.
         mosaic: probability of a 2x2 mosaic per training item (0 disables; see :class:`detkit.data.mosaic.Mosaic`).
         seed: with the epoch, fixes the shuffle order and the workers' seeds (and so the augmentations) of every
             epoch (:class:`detkit.data.shuffle.EpochShuffle`), so resumed runs reproduce uninterrupted ones.
@@ -64,6 +68,7 @@ class DetectionDataModule(L.LightningDataModule):
         check_images: bool = True,
         train_fraction: float = 1.0,
         subset_seed: int = 0,
+        holdout_fraction: float = 0.0,
         mosaic: float = 0.0,
         seed: int = 0,
         pin_memory: bool | None = None,
@@ -80,6 +85,15 @@ class DetectionDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.skip_invalid, self.check_images = skip_invalid, check_images
         self.train_fraction, self.subset_seed = train_fraction, subset_seed
+        self.holdout_fraction = float(holdout_fraction or 0.0)
+        if self.holdout_fraction:
+            if train_ann is None or train_images is None:
+                raise ValueError("data.holdout_fraction holds out part of the training split: set data.train_ann "
+                                 "and data.train_images")
+            if val_ann is not None:
+                log.warning("data.holdout_fraction=%g: validating on held-out training images; data.val_ann=%s is "
+                            "not used", self.holdout_fraction, val_ann)
+            self.paths["val"] = (train_ann, train_images)
         self.datasets: dict[str, CocoDetection] = {}
         self.unlabeled: Dataset | None = None
         self.unlabeled_collate: Callable | None = None
@@ -104,12 +118,15 @@ class DetectionDataModule(L.LightningDataModule):
         if images is None:
             raise ValueError(f"data.{split}_images must be set together with data.{split}_ann={ann}")
         train = split == "train"
+        holdout = split == "val" and bool(self.holdout_fraction)
         dataset = CocoDetection(
             Path(ann), Path(images), transform=self.train_transform if train else self.eval_transform,
             skip_invalid=self.skip_invalid, check_images=self.check_images,
             subset_fraction=self.train_fraction if train else 1.0, subset_seed=self.subset_seed,
+            holdout_fraction=self.holdout_fraction if split in ("train", "val") else 0.0, holdout=holdout,
         )
-        log.info("%s split: %d images, %d classes (%s)", split, len(dataset), dataset.num_classes, ann)
+        what = f"held out of the training split (data.holdout_fraction={self.holdout_fraction:g})" if holdout else ann
+        log.info("%s split: %d images, %d classes (%s)", split, len(dataset), dataset.num_classes, what)
         self.datasets[split] = dataset
         return dataset
 

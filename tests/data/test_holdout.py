@@ -1,0 +1,77 @@
+"""Settings chosen on the training split (issue 29: "a backbone learning-rate multiplier and warm-up chosen on the
+train split, never on val"): ``data.holdout_fraction`` sets training images aside, never trains on them, and
+validates and scores on them instead of val."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from detkit.data.coco import split_holdout
+from detkit.data.datamodule import DetectionDataModule
+from detkit.data.synthetic import make_synthetic_coco
+from tests.helpers import TINY_FRCNN, cli, data_args, load
+
+
+def _coco(n: int) -> dict:
+    return {"images": [{"id": 100 + i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(n)],
+            "annotations": [{"id": 1000 + i, "image_id": 100 + i // 2, "bbox": [0, 0, 2, 2], "category_id": 1}
+                            for i in range(2 * n)],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def test_split_holdout_partitions_the_images_and_their_annotations():
+    data = _coco(20)
+    rest, held = split_holdout(data, 0.25, seed=3)
+    held_ids, rest_ids = {im["id"] for im in held["images"]}, {im["id"] for im in rest["images"]}
+    assert len(held_ids) == 5 and len(rest_ids) == 15 and not held_ids & rest_ids
+    assert held_ids | rest_ids == {im["id"] for im in data["images"]}
+    for part, ids in ((held, held_ids), (rest, rest_ids)):
+        assert {a["image_id"] for a in part["annotations"]} == ids  # every image's two boxes go with it
+        assert len(part["annotations"]) == 2 * len(ids)
+        assert part["categories"] == data["categories"]
+    assert split_holdout(data, 0.25, seed=3) == (rest, held)  # a function of the seed
+    assert {im["id"] for im in split_holdout(data, 0.25, seed=4)[1]["images"]} != held_ids
+    assert held_ids != {100, 101, 102, 103, 104}  # drawn at random, not the head of the file
+
+
+@pytest.mark.parametrize("fraction, n", [(0.01, 20), (0.99, 20), (0.5, 1), (0.0, 20), (1.0, 20)])
+def test_a_holdout_that_leaves_a_part_empty_is_refused_with_the_file_named(fraction: float, n: int):
+    with pytest.raises(ValueError, match="train.json"):
+        split_holdout(_coco(n), fraction, seed=0, source="data/x/train.json")
+
+
+def test_the_data_module_trains_on_the_rest_and_validates_on_the_held_out_images(tmp_path: Path):
+    ann, root = make_synthetic_coco(tmp_path / "d", num_images=20, first_id=0, empty_every=0)
+    ids = lambda ds: {r.image_id for r in ds.records}  # noqa: E731
+    dm = DetectionDataModule(str(ann), str(root), val_ann=str(tmp_path / "never_read.json"), val_images=str(root),
+                             image_size=64, holdout_fraction=0.2, check_images=False)
+    dm.setup("fit")
+    train, val = ids(dm.datasets["train"]), ids(dm.datasets["val"])
+    assert len(val) == 4 and len(train) == 16 and not train & val
+    assert dm.datasets["val"].transform is dm.eval_transform
+    assert dm.paths["val"] == (str(ann), str(root))  # the report's images are the held-out ones
+    # the label budget is drawn from the images left: still disjoint from the holdout, which does not change
+    small = DetectionDataModule(str(ann), str(root), image_size=64, holdout_fraction=0.2, train_fraction=0.5,
+                                check_images=False)
+    small.setup("fit")
+    assert len(ids(small.datasets["train"])) == 8 and not ids(small.datasets["train"]) & val
+    assert ids(small.datasets["val"]) == val
+    plain = DetectionDataModule(str(ann), str(root), val_ann=str(ann), val_images=str(root), image_size=64,
+                                check_images=False)
+    plain.setup("fit")
+    assert ids(plain.datasets["train"]) == ids(plain.datasets["val"]) == train | val
+
+
+def test_detkit_train_scores_the_holdout_and_says_so(synthetic_set, tmp_path: Path):
+    ann, root = synthetic_set
+    out = tmp_path / "run"
+    r = cli("detkit-train", *data_args(ann, root), *TINY_FRCNN, "trainer.max_epochs=1", "data.holdout_fraction=0.25",
+            f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.output[-3000:]
+    metrics = load(out / "metrics.json")
+    assert metrics["evaluated_on"] == "holdout"
+    predicted = {p["image_id"] for p in load(out / "predictions.json")}
+    held = {im["id"] for im in split_holdout(load(ann), 0.25, seed=0)[1]["images"]}
+    assert predicted and predicted <= held  # only the 2 held-out images were scored
