@@ -110,7 +110,13 @@ class SeededIndices(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = self.sampler.base_seed()
-        return ((index, base) for index in self.sampler)
+        drawn: dict[int, int] = {}
+        for index in self.sampler:
+            # An EpochStream over fewer items than an epoch draws gives an index more than once: its k-th draw in
+            # the epoch (k >= 1) gets its own base, so it is a new augmentation, not a copy of the first draw.
+            k = drawn.get(index, 0)
+            drawn[index] = k + 1
+            yield index, base if k == 0 else hash((base, k)) % 2**63
 
 
 class SeededItems(Dataset):

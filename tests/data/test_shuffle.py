@@ -57,11 +57,25 @@ def _without_pid(epochs):
     return [[item[:2] for item in epoch] for epoch in epochs]
 
 
+def _first_draws(epochs):
+    """Each epoch's draws without the pid, an index's repeats within the epoch dropped."""
+    out = []
+    for epoch in _without_pid(epochs):
+        seen: set[int] = set()
+        out.append([d for d in epoch if not (d[0] in seen or seen.add(d[0]))])
+    return out
+
+
 def test_item_seeds_equal_those_of_the_per_epoch_worker_loader_in_every_epoch():
     for per_epoch in (None, 7):
         old = _epochs(*_old_loader(10, seed=5, per_epoch=per_epoch), epochs=3)
         new = _epochs(*_new_loader(10, seed=5, per_epoch=per_epoch), epochs=3)
-        assert _without_pid(new) == _without_pid(old), per_epoch
+        # the same items in the same order, and each item's first draw in an epoch has the old loader's seed (the
+        # old loader repeated that seed when the stream drew an item twice in an epoch: see the test below)
+        assert [[i for i, _ in e] for e in _without_pid(new)] == [[i for i, _ in e] for e in _without_pid(old)]
+        assert _first_draws(new) == _first_draws(old), per_epoch
+        if per_epoch is None:
+            assert _without_pid(new) == _without_pid(old)
         assert all(s is not None for epoch in new for _, s, _ in epoch)
         # every epoch draws new seeds for the same item
         for a, b in zip(new, new[1:]):
@@ -81,3 +95,16 @@ def test_the_main_process_draws_the_workers_seeds():
     main = _epochs(*_new_loader(10, seed=2, num_workers=0), epochs=2)
     assert _without_pid(main) == _without_pid(workers)
     assert item_seed(3) is None  # outside a training loader the main process has no epoch seed
+
+
+def test_an_item_drawn_twice_in_an_epoch_gets_a_new_augmentation_each_time():
+    """A stream of 7 draws per epoch over 3 unlabeled images gives each image 2 or 3 times per epoch: every draw
+    has its own seed (first draws keep the epoch's seed, as checked against the old loader above)."""
+    old = _epochs(*_old_loader(3, seed=4, per_epoch=7), epochs=1)[0]
+    assert len({s for _, s, _ in old}) == 3  # the old loader: 7 draws, 3 augmentations
+    for num_workers in (0, 2):
+        epochs = _epochs(*_new_loader(3, seed=4, per_epoch=7, num_workers=num_workers), epochs=3)
+        for epoch in epochs:
+            assert sorted(i for i, _, _ in epoch) != sorted(set(i for i, _, _ in epoch))  # repeats happen
+            seeds = [s for _, s, _ in epoch]
+            assert len(set(seeds)) == len(seeds) == 7, epoch
