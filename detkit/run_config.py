@@ -34,6 +34,9 @@ def _product(*values: float) -> float:
 #: Below this many images per device a batch's statistics are too noisy for BatchNorm (Wu & He 2018, GroupNorm).
 MIN_BATCHNORM_BATCH = 16
 
+#: A ``data.holdout_fraction`` run's scored images' COCO ground truth, written beside its ``metrics.json``.
+HOLDOUT_GT = "holdout_ground_truth.json"
+
 
 def norm_for_batch(batch_size: int) -> str:
     """``"bn"`` from :data:`MIN_BATCHNORM_BATCH` images per device up, ``"gn"`` (GroupNorm) below."""

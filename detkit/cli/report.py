@@ -1,6 +1,7 @@
 """``detkit-report RUN``: (re)write ``RUN/report.html``, the results browser of an evaluated run (see
 :mod:`detkit.eval.html_report`), from the run's ``metrics.json``, ``predictions.json`` and ``.hydra/config.yaml``
-(for the ground truth and the images: ``data.val_ann`` and ``data.val_images``; ``--ann``/``--images`` override),
+(for the ground truth and the images: ``data.val_ann`` and ``data.val_images``, or for a ``data.holdout_fraction``
+run ``holdout_ground_truth.json`` and ``data.train_images``; ``--ann``/``--images`` override),
 loaded with :func:`detkit.run_config.load_run_config`.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from detkit.eval.html_report import build_report
-from detkit.run_config import load_run_config
+from detkit.run_config import HOLDOUT_GT, load_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +31,15 @@ def main(argv: list[str] | None = None) -> int:
             if not (run / name).is_file():
                 raise FileNotFoundError(f"{run / name} does not exist: is {run} an evaluated detkit run?")
         cfg = load_run_config(run)
-        ann = args.ann or OmegaConf.select(cfg, "data.val_ann") or OmegaConf.select(cfg, "ground_truth")
-        images = args.images or OmegaConf.select(cfg, "data.val_images")
+        if OmegaConf.select(cfg, "data.holdout_fraction"):  # scored on held-out training images
+            ann = args.ann or run / HOLDOUT_GT
+            if not Path(ann).is_file():
+                raise FileNotFoundError(f"{ann} does not exist: {run} was scored on held-out training images "
+                                        "(data.holdout_fraction); give --ann GT.json --images DIR")
+            images = args.images or OmegaConf.select(cfg, "data.train_images")
+        else:
+            ann = args.ann or OmegaConf.select(cfg, "data.val_ann") or OmegaConf.select(cfg, "ground_truth")
+            images = args.images or OmegaConf.select(cfg, "data.val_images")
         if not ann or not images:
             raise FileNotFoundError(f"{run}: cannot tell the ground truth and images from its config; give --ann "
                                     "GT.json --images DIR")

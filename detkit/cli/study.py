@@ -1156,6 +1156,11 @@ def main(argv: list[str] | None = None) -> int:
     semi_inits = _split(args.semi_inits, ("scratch", *SSL_METHODS), "--semi-inits")
     if missing := [i for i in semi_inits if i in SSL_METHODS and i not in ssl]:
         raise SystemExit(f"detkit-study: --semi-inits {args.semi_inits}: {missing} needs its encoder: add it to --ssl")
+    if any(_key(o) == "data.holdout_fraction" for o in [*args.overrides, *(a for arm in args.arm for a in
+                                                                          arm.split()[1:])]):
+        raise SystemExit("detkit-study: data.holdout_fraction is for choosing settings with `detkit-train -m` (STUDY.md, "
+                         "the holdout sweep); the study scores val and draws its unlabeled pools from the whole "
+                         "training file, so a holdout would leak into them")
     out = Path(args.out).resolve()
     arms = [parse_arm(a) for a in args.arm]
     if len({name for name, _ in arms}) != len(arms):

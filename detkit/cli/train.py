@@ -32,6 +32,7 @@ from detkit.lit.optim import plot_lr_schedule, total_training_steps
 from detkit.models.backbones import EncoderLoadError
 from detkit.models.detection.anchor_fit import decide_anchors, size_range_report
 from detkit.paths import config_dir
+from detkit.run_config import HOLDOUT_GT
 
 log = logging.getLogger("detkit")
 
@@ -222,8 +223,9 @@ def add_unlabeled_images(cfg: DictConfig, datamodule) -> dict:
     from detkit.lit.semi import SelfTraining
 
     settings = SelfTraining.from_config(cfg.semi)
+    held_out = [r.path for r in datamodule.datasets["val"].records] if datamodule.holdout_fraction else []
     pairs = UnlabeledPairs(settings.unlabeled_images, instantiate(cfg.semi.views), settings.unlabeled_ann,
-                           datamodule.categories, settings.skip_invalid)
+                           datamodule.categories, settings.skip_invalid, exclude=held_out)
     datamodule.add_unlabeled(pairs, unlabeled_collate, settings.batch_size)
     return {"_target_": "detkit.lit.semi.SelfTrainingModule", "semi": OmegaConf.to_container(cfg.semi, resolve=True)}
 
@@ -279,6 +281,8 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
         extra["test"] = model.last_eval.to_json()
     if trainer.global_rank != 0:  # under DDP every process has evaluated the gathered results; one writes the files
         return result.to_json()
+    if extra["evaluated_on"] == "holdout":  # the scored images' ground truth, for detkit-report
+        (out / HOLDOUT_GT).write_text(json.dumps(datamodule.datasets["val"].coco_data))
     val_images = Path(datamodule.paths["val"][1]) if cfg.get("report") else None
     paths = write_evaluation(out, result, datamodule.datasets["val"].coco_data, val_results, extra,
                              **cfg.analysis, html_images=val_images, title=f"detkit-train {out}")

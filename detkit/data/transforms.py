@@ -70,9 +70,9 @@ class SeededPipeline:
     """An albumentations ``Compose`` with reproducible randomness.
 
     albumentations 2.x seeds every ``Compose`` from OS entropy, so two runs with the same ``seed`` would differ.
-    Called with ``seed`` (see :func:`item_seed`), the pipeline is reseeded for that call; without one (the main
-    process, ``num_workers=0``) it is seeded once from ``torch.initial_seed()`` and its ``stream`` id and then draws a
-    continuing stream (reproducible from the run's seed, but a resumed run then draws differently). Every step of
+    Called with ``seed`` (see :func:`item_seed`; training loaders always give one, in workers and in the main
+    process), the pipeline is reseeded for that call; without one (a dataset read outside a training loader) it is
+    seeded once from ``torch.initial_seed()`` and its ``stream`` id and then draws a continuing stream. Every step of
     the pipeline draws from the same stream, so the steps' draws are independent of each other.
     """
 

@@ -67,7 +67,7 @@ class SimCLRViews:
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views drawn independently: with an item ``seed`` (loader workers), each view from its own seed
-        (:func:`view_seeds`); without one (the main process), both from the pipeline's continuing stream.
+        (:func:`view_seeds`); without one (outside a training loader), both from the pipeline's continuing stream.
 
         (Drawing view 2 unseeded after a seeded view 1 would reseed it from the worker's constant
         ``torch.initial_seed()``: every item of a worker's epoch would then get the same second view.)

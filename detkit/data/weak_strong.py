@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import albumentations as A
 import numpy as np
@@ -82,7 +82,7 @@ class WeakStrongViews:
         ]
         if erasing:
             photometric += [A.Erasing(scale=scale, ratio=ratio, fill="random", p=p) for p, scale, ratio in ERASING]
-        # its own stream in the main process: seeded like `geometry` from torch.initial_seed(), the two would read
+        # its own stream when no seed is given: seeded like `geometry` from torch.initial_seed(), the two would read
         # the same numbers (the first hflip test would decide the first jitter test)
         self.photometric = SeededPipeline(A.Compose(photometric), stream=1)
 
@@ -112,11 +112,13 @@ class UnlabeledPairs(Dataset):
     images; validated like a training set, :class:`~detkit.data.coco.CocoDetection`) its images are used and
     their boxes come along in each item, to measure the pseudo-labels against; they are never trained on. Its
     categories must be the training set's (``categories``). A file that becomes unreadable during the run is
-    warned about once and another image stands in for it, so batches keep their size.
+    warned about once and another image stands in for it, so batches keep their size. ``exclude``: image files
+    never used (compared resolved), e.g. the held-out training images of ``data.holdout_fraction``, which are scored.
     """
 
     def __init__(self, root: str | Path, views: WeakStrongViews, ann_file: str | Path | None = None,
-                 categories: CategoryMap | None = None, skip_invalid: bool = True) -> None:
+                 categories: CategoryMap | None = None, skip_invalid: bool = True,
+                 exclude: Iterable[str | Path] = ()) -> None:
         self.root, self.views = Path(root), views
         self.labeled = ann_file is not None
         if ann_file is None:
@@ -140,6 +142,17 @@ class UnlabeledPairs(Dataset):
             self.labels = [r.labels for r in coco.records]
             self.image_ids = [r.image_id for r in coco.records]
             self.sizes = [(r.height, r.width) for r in coco.records]
+        excluded = {Path(f).resolve() for f in exclude}
+        if excluded:
+            keep = [i for i, f in enumerate(self.files) if Path(f).resolve() not in excluded]
+            if not keep:
+                raise FileNotFoundError(f"semi.unlabeled_images={root}: every image is excluded (held out for "
+                                        "scoring)")
+            if len(keep) < len(self.files):
+                log.info("self-training: %d of the unlabeled images are held out for scoring and not used",
+                         len(self.files) - len(keep))
+            for name in ("files", "boxes", "labels", "image_ids", "sizes"):
+                setattr(self, name, [getattr(self, name)[i] for i in keep])
         log.info("self-training on %d unlabeled images from %s%s", len(self.files), self.root,
                  f" (labels from {ann_file}, used only to measure the pseudo-labels)" if ann_file else "")
 

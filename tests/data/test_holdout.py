@@ -4,6 +4,7 @@ validates and scores on them instead of val."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,37 @@ def test_detkit_train_scores_the_holdout_and_says_so(synthetic_set, tmp_path: Pa
     predicted = {p["image_id"] for p in load(out / "predictions.json")}
     held = {im["id"] for im in split_holdout(load(ann), 0.25, seed=0)[1]["images"]}
     assert predicted and predicted <= held  # only the 2 held-out images were scored
+    assert {im["id"] for im in load(out / "holdout_ground_truth.json")["images"]} == held
+    # detkit-report rebuilds the page against the held-out images, not the run's data.val_ann (all 8 images)
+    shutil.rmtree(out / "report")
+    (out / "report.html").unlink()
+    r = cli("detkit-report", str(out))
+    assert r.returncode == 0, r.output
+    assert {int(p.stem) for p in (out / "report").rglob("*.jpg")} == held
+
+
+def test_self_training_never_uses_the_held_out_images(tmp_path: Path):
+    from detkit.data.weak_strong import UnlabeledPairs, WeakStrongViews
+
+    ann, root = make_synthetic_coco(tmp_path / "u", num_images=6, first_id=0, empty_every=0)
+    files = sorted(root.glob("*.png"))
+    views = WeakStrongViews(size=32)
+    pool = UnlabeledPairs(root, views, exclude=[files[1], root / ".." / root.name / files[4].name])
+    assert len(pool) == 4 and {Path(f).resolve() for f in pool.files} == {f.resolve() for f in files} - {
+        files[1].resolve(), files[4].resolve()}
+    labeled = UnlabeledPairs(root, views, ann_file=ann, exclude=[files[1]])
+    assert len(labeled) == 5 and files[1].resolve() not in {Path(f).resolve() for f in labeled.files}
+    assert len(labeled.boxes) == len(labeled.labels) == len(labeled.image_ids) == 5
+    excluded_id = next(im["id"] for im in load(ann)["images"] if im["file_name"] == files[1].name)
+    assert excluded_id not in labeled.image_ids
+    with pytest.raises(FileNotFoundError, match="excluded"):
+        UnlabeledPairs(root, views, exclude=files)
+
+
+def test_the_study_refuses_a_holdout(tmp_path: Path):
+    from detkit.cli.study import main
+
+    for args in (["--", "data.holdout_fraction=0.2"], ["--arm", "h model=yolo data.holdout_fraction=0.2"]):
+        with pytest.raises(SystemExit, match="holdout would leak"):
+            main(["--out", str(tmp_path / "s"), *args])
+    assert not (tmp_path / "s").exists()  # refused before anything ran

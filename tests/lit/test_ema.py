@@ -41,10 +41,12 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b  # the EMA's counter is extra state
 
 
+@pytest.mark.parametrize("workers", [1, 0])
 def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_uninterrupted_weights_and_ema(synthetic_set,
-                                                                                                tmp_path):
-    # one loader worker: augmentations seeded per item (with num_workers=0 they are a stream a resume restarts)
-    cfg = compose_train(synthetic_set, *RUN, "data.num_workers=1", fast=TINY)
+                                                                                                tmp_path, workers):
+    # augmentations are seeded per item from the epoch's seed, which the sampler sends with each index: in a
+    # worker and in the main process alike, so a resume redraws exactly what the interrupted run drew
+    cfg = compose_train(synthetic_set, *RUN, f"data.num_workers={workers}", fast=TINY)
     full, trainer = fit(cfg, 3, ckpt_dir=tmp_path / "ckpt")  # a checkpoint at step 2, mid-epoch
     assert trainer.global_step == 3
     saved = torch.load(tmp_path / "ckpt" / "step=2.ckpt", map_location="cpu", weights_only=True)
