@@ -147,13 +147,17 @@ def run_torchvision(args, ann: Path) -> dict:
                        box_score_thresh=args.tv_score_thresh)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.tv_lr, momentum=0.9, weight_decay=1e-4)
-    warm = min(1000, len(dm.train_dataloader()) - 1)
+    loader = dm.train_dataloader()  # one loader for the run; set_epoch gives each epoch its order, as Lightning does
+    warm = min(1000, len(loader) - 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (0.001 * (1 - s / warm) + s / warm) if s < warm else 1.0)
     gt = dm.datasets["val"].coco_data
     points, t_train, n_train, step, diverged_at = {}, 0.0, 0, 0, None
+    epoch = 0
     while step < max(steps):
-        for images, targets in dm.train_dataloader():
+        loader.sampler.set_epoch(epoch)
+        epoch += 1
+        for images, targets in loader:
             model.train()
             t0 = time.perf_counter()
             tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1}

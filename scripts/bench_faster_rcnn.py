@@ -121,7 +121,8 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     builders = {"detkit": lambda: build_detkit(len(cats)), "yolo": lambda: build_yolo(len(cats)),
                 "torchvision": lambda: build_torchvision(len(cats), args.image_size)}
     model = builders[impl]()
-    steps = args.epochs * len(dm.train_dataloader())
+    loader = dm.train_dataloader()  # one loader for the run; set_epoch gives each epoch its order, as Lightning does
+    steps = args.epochs * len(loader)
     opt = torch.optim.SGD(param_groups(model.named_parameters(), 1e-4, args.lr), lr=args.lr, momentum=0.9)
     sched = WarmupSchedule("cosine", warmup=args.warmup, min_ratio=args.min_lr_ratio).build(opt, steps)
     curve, diverged = [], None
@@ -129,7 +130,8 @@ def run_one(impl: str, args: argparse.Namespace) -> dict:
     train_time, train_images, step = 0.0, 0, 0
     model.train()
     for epoch in range(args.epochs):
-        for images, targets in dm.train_dataloader():
+        loader.sampler.set_epoch(epoch)
+        for images, targets in loader:
             t0 = time.perf_counter()
             if impl != "torchvision":
                 losses = model.loss(images, targets)
