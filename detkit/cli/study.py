@@ -1156,11 +1156,6 @@ def main(argv: list[str] | None = None) -> int:
     semi_inits = _split(args.semi_inits, ("scratch", *SSL_METHODS), "--semi-inits")
     if missing := [i for i in semi_inits if i in SSL_METHODS and i not in ssl]:
         raise SystemExit(f"detkit-study: --semi-inits {args.semi_inits}: {missing} needs its encoder: add it to --ssl")
-    if any(_key(o) == "data.holdout_fraction" for o in [*args.overrides, *(a for arm in args.arm for a in
-                                                                          arm.split()[1:])]):
-        raise SystemExit("detkit-study: data.holdout_fraction is for choosing settings with `detkit-train -m` (STUDY.md, "
-                         "the holdout sweep); the study scores val and draws its unlabeled pools from the whole "
-                         "training file, so a holdout would leak into them")
     out = Path(args.out).resolve()
     arms = [parse_arm(a) for a in args.arm]
     if len({name for name, _ in arms}) != len(arms):
@@ -1170,6 +1165,11 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = run_record(out) if args.report_only else {}
     if not args.report_only:
         cfg = _compose_finetune(args.experiment, args.overrides)
+        if any(v not in ("0", "0.0", "None", "null") for v in sweep_values(cfg, args.overrides,
+                                                                            "data.holdout_fraction")):
+            raise SystemExit("detkit-study: data.holdout_fraction is for choosing settings with `detkit-train -m` "
+                             "(README.md, Sweeps); the study scores val and draws its unlabeled pools from the whole "
+                             "training file, so a holdout would leak into them")
         data = cfg.data
         fractions = sorted({float(f) for f in sweep_values(cfg, args.overrides, "data.train_fraction")})
         small = [f for f in fractions if f < 1.0] if semi_inits else []

@@ -106,7 +106,25 @@ def test_self_training_never_uses_the_held_out_images(tmp_path: Path):
 def test_the_study_refuses_a_holdout(tmp_path: Path):
     from detkit.cli.study import main
 
-    for args in (["--", "data.holdout_fraction=0.2"], ["--arm", "h model=yolo data.holdout_fraction=0.2"]):
+    for sweep in ("data.holdout_fraction=0.2", "data.holdout_fraction=0,0.2"):
         with pytest.raises(SystemExit, match="holdout would leak"):
-            main(["--out", str(tmp_path / "s"), *args])
-    assert not (tmp_path / "s").exists()  # refused before anything ran
+            main(["--out", str(tmp_path / "s"), "--", sweep])
+    assert not (tmp_path / "s" / "unlabeled").exists()  # refused before any pool was written
+
+
+def test_detkit_train_keeps_the_held_out_images_out_of_the_self_training_pool(tmp_path: Path):
+    from hydra.utils import instantiate
+
+    from detkit.cli.train import add_unlabeled_images
+    from tests.helpers import TINY, compose_train
+
+    ann, root = make_synthetic_coco(tmp_path / "d", num_images=8, first_id=0, empty_every=0)
+    cfg = compose_train((ann, root), "data.holdout_fraction=0.25", "semi=teacher", f"semi.unlabeled_images={root}",
+                        fast=TINY)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    add_unlabeled_images(cfg, dm)
+    held = {r.path.resolve() for r in dm.datasets["val"].records}
+    pool = {Path(f).resolve() for f in dm.unlabeled.files}
+    assert len(held) == 2 and not pool & held
+    assert pool == {f.resolve() for f in root.glob("*.png")} - held  # the training images stay in the pool
