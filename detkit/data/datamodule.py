@@ -125,7 +125,7 @@ class DetectionDataModule(L.LightningDataModule):
             subset_fraction=self.train_fraction if train else 1.0, subset_seed=self.subset_seed,
             holdout_fraction=self.holdout_fraction if split in ("train", "val") else 0.0, holdout=holdout,
         )
-        what = f"held out of the training split (data.holdout_fraction={self.holdout_fraction:g})" if holdout else ann
+        what = f"held out of {ann}: data.holdout_fraction={self.holdout_fraction:g}" if holdout else ann
         log.info("%s split: %d images, %d classes (%s)", split, len(dataset), dataset.num_classes, what)
         self.datasets[split] = dataset
         return dataset
