@@ -227,7 +227,4 @@ def split_holdout(data: dict, fraction: float, seed: int, source: Path | str = "
 def _subset(data: dict, fraction: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     n = max(1, round(len(data["images"]) * fraction))
-    keep = sorted(rng.choice(len(data["images"]), size=n, replace=False).tolist())
-    images = [data["images"][i] for i in keep]
-    ids = {im["id"] for im in images}
-    return {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    return _restrict(data, rng.choice(len(data["images"]), size=n, replace=False).tolist())
