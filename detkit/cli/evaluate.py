@@ -20,6 +20,7 @@ from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
 from detkit.eval.coco_eval import EvalResult, PredictionError, evaluate_coco
 from detkit.eval.outputs import write_evaluation
 from detkit.paths import config_dir
+from detkit.run_config import HOLDOUT_GT
 
 log = logging.getLogger("detkit")
 
@@ -57,7 +58,11 @@ def evaluate_checkpoint(cfg: DictConfig, out: Path) -> tuple[EvalResult, dict, l
         if cfg.data.image_size is None:
             cfg.data.image_size = module.hparams.get("image_size") or 320
     if not cfg.data.val_ann:
-        raise FileNotFoundError("checkpoint mode needs data.val_ann=GT.json and data.val_images=DIR")
+        run = Path(cfg.checkpoint).resolve().parent.parent  # RUN/checkpoints/best.ckpt
+        hint = (f"; {run} was scored on held-out training images (data.holdout_fraction): score them again with "
+                f"data.val_ann={run / HOLDOUT_GT} and data.val_images=its data.train_images"
+                if (run / HOLDOUT_GT).is_file() else "")
+        raise FileNotFoundError(f"checkpoint mode needs data.val_ann=GT.json and data.val_images=DIR{hint}")
     datamodule = instantiate(cfg.data)
     datamodule.setup("validate")
     module.categories = module.categories.mapped_to(datamodule.categories, cfg.category_mapping,

@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detkit.cli.common import check_torchvision_ops, clean_errors, instantiate_dict, output_dir
-from detkit.data.box_stats import box_sizes, choose_image_size, letterboxed_boxes
-from detkit.data.validate import load_coco_json
+from detkit.data.box_stats import MIN_SIZE, box_sizes, choose_image_size, letterboxed_boxes
+from detkit.data.transforms import DetectionTransform
 from detkit.errors import USER_ERRORS, UserError
 from detkit.eval.outputs import write_evaluation
 from detkit.lit.optim import plot_lr_schedule, total_training_steps
@@ -153,14 +153,26 @@ def _check_init_choice(cfg: DictConfig) -> None:
                                f"(written by detkit-pretrain{job})")
 
 
-def _choose_image_size(cfg: DictConfig) -> None:
-    """``data.image_size: null`` -> a size chosen from the training boxes (:func:`choose_image_size`)."""
-    if cfg.data.get("image_size") is None and cfg.data.get("train_ann"):
-        size = choose_image_size(load_coco_json(Path(cfg.data.train_ann)))
+def build_datamodule(cfg: DictConfig):
+    """Instantiate ``cfg.data`` and build (validate) the training and validation splits; a broken dataset stops here,
+    before any training starts. ``data.image_size: null`` -> a size chosen from the boxes of the images trained on
+    (:func:`choose_image_size`: after the label budget and the holdout, so the held-out and the budget's unused
+    images decide nothing), recorded in ``cfg`` and set in the splits' transforms."""
+    auto = cfg.data.get("image_size") is None and bool(cfg.data.get("train_ann"))
+    if auto:
         with open_dict(cfg):
-            cfg.data.image_size = size
+            cfg.data.image_size = MIN_SIZE  # provisional: the splits are built once, then given the chosen size
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    if auto:
+        size = choose_image_size(datamodule.datasets["train"].coco_data)
+        cfg.data.image_size = size
+        given = {"train": cfg.data.get("train_transform"), "eval": cfg.data.get("eval_transform")}
+        datamodule.set_transforms(*(instantiate(t) if t is not None else DetectionTransform(size, train=k == "train")
+                                    for k, t in given.items()))
         log.info("data.image_size not set: training at %d px, chosen from the training boxes (the smallest objects "
                  "keep >= 8 px; see detkit/data/box_stats.py)", size)
+    return datamodule
 
 
 def fit_priors(cfg: DictConfig, data: dict) -> dict:
@@ -245,9 +257,7 @@ def train(cfg: DictConfig, out: Path | None = None) -> dict:
             cfg.model.detector.backbone.init = str(encoder)
         L.seed_everything(cfg.seed, workers=True)
     _check_init_choice(cfg)
-    _choose_image_size(cfg)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # validates the dataset: a broken one stops here, before any training
+    datamodule = build_datamodule(cfg)  # validates the dataset: a broken one stops here, before any training
     priors = fit_priors(cfg, datamodule.datasets["train"].coco_data)
     saved_config = out / ".hydra" / "config.yaml"
     if saved_config.is_file():  # the run's config records what was trained (fitted anchors, chosen size)

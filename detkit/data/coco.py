@@ -140,7 +140,7 @@ class CocoDetection(Dataset):
         if not 0.0 < subset_fraction <= 1.0:
             raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
         if holdout or holdout_fraction:
-            rest, held = split_holdout(data, holdout_fraction, subset_seed, self.ann_file)
+            rest, held = split_holdout(data, holdout_fraction, subset_seed, self.ann_file, self.image_root)
             data = held if holdout else rest
         if subset_fraction < 1.0 and not holdout:
             data = _subset(data, subset_fraction, subset_seed)
@@ -206,20 +206,38 @@ def _restrict(data: dict, keep: list[int]) -> dict:
     return {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
 
 
-def split_holdout(data: dict, fraction: float, seed: int, source: Path | str = "the annotation file") -> tuple[dict, dict]:
+def split_holdout(data: dict, fraction: float, seed: int, source: Path | str = "the annotation file",
+                  image_root: Path | str | None = None) -> tuple[dict, dict]:
     """Split a COCO dict's images into ``(rest, held_out)``: ``round(fraction * N)`` images drawn with ``seed`` are
     held out, with their annotations, for choosing settings (learning rates, warm-up, schedules) on the training
     split instead of on val. Both parts keep every category. Raises ``ValueError`` (naming ``source``) unless
-    both parts get at least one image."""
+    both parts get at least one image.
+
+    Images are drawn by file, not by id: entries naming the same file (under ``image_root``, resolved; the
+    ``file_name`` string without it) fall on the same side, so a picture listed twice is never trained on and
+    scored at once. The draw takes whole files in a random order until ``round(fraction * N)`` entries are held
+    out (more when the last file drawn has several entries); without such repeats it is a plain random subset."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction} ({source})")
-    n = len(data["images"])
-    held = round(n * fraction)
-    if held < 1 or held > n - 1:
-        raise ValueError(f"a holdout of {fraction} of {n} images in {source} leaves {held} held out and {n - held} "
-                         "to train on: each part needs at least one image")
+    images = data["images"]
+    n = len(images)
+    target = round(n * fraction)
+    groups: dict[Any, list[int]] = {}
+    for i, im in enumerate(images):
+        path = resolve_image_path(Path(image_root), im["file_name"])[0] if image_root is not None else None
+        groups.setdefault(path if path is not None else ("file_name", str(im["file_name"])), []).append(i)
+    files = list(groups.values())
     rng = np.random.default_rng(seed + HOLDOUT_SEED_OFFSET)
-    chosen = rng.permutation(n)[:held].tolist()
+    chosen: list[int] = []
+    if target >= 1:
+        for g in rng.permutation(len(files)).tolist():
+            chosen += files[g]
+            if len(chosen) >= target:
+                break
+    if not 1 <= len(chosen) <= n - 1:
+        raise ValueError(f"a holdout of {fraction} of {n} images in {source} leaves {len(chosen)} held out and "
+                         f"{n - len(chosen)} to train on: each part needs at least one image"
+                         + (f" ({n} entries name {len(files)} distinct files)" if len(files) < n else ""))
     rest = sorted(set(range(n)) - set(chosen))
     return _restrict(data, rest), _restrict(data, chosen)
 

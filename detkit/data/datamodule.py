@@ -99,6 +99,13 @@ class DetectionDataModule(L.LightningDataModule):
         self.unlabeled_collate: Callable | None = None
         self.unlabeled_batch_size = batch_size
 
+    def set_transforms(self, train_transform: Callable, eval_transform: Callable) -> None:
+        """Replace the transforms, also in the splits already built (``detkit-train`` with ``data.image_size:
+        null`` builds and validates the splits first, then chooses the size from the training split's boxes)."""
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        for split, dataset in self.datasets.items():
+            dataset.transform = train_transform if split == "train" else eval_transform
+
     def add_unlabeled(self, dataset: Dataset, collate_fn: Callable, batch_size: int | None = None) -> None:
         """Self-training: the training loader yields ``{"labeled": (images, Targets), "unlabeled": batch}``
         (Lightning combines the two loaders), the unlabeled batches (``batch_size``, default the labeled one)

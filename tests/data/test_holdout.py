@@ -37,6 +37,28 @@ def test_split_holdout_partitions_the_images_and_their_annotations():
     assert held_ids != {100, 101, 102, 103, 104}  # drawn at random, not the head of the file
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_entries_naming_the_same_file_fall_on_the_same_side(tmp_path: Path, seed: int):
+    """A picture listed under two ids (a merged export; ``./a.jpg`` and ``a.jpg`` are one file) must not be trained
+    on and scored at once."""
+    data = _coco(24)
+    for i, im in enumerate(data["images"]):  # 8 files, each listed three times, spelled three ways
+        im["file_name"] = [f"f{i % 8}.jpg", f"./f{i % 8}.jpg", f"sub/../f{i % 8}.jpg"][i // 8]
+    rest, held = split_holdout(data, 0.25, seed=seed, image_root=tmp_path)
+    file_of = lambda im: im["file_name"].split("/")[-1]  # noqa: E731
+    held_files, rest_files = {file_of(im) for im in held["images"]}, {file_of(im) for im in rest["images"]}
+    assert held_files and rest_files and not held_files & rest_files
+    assert len(held["images"]) == 6 and len(rest["images"]) == 18  # two whole files of three entries each
+    assert len(held["annotations"]) == 12
+
+
+def test_without_repeated_files_the_holdout_is_a_plain_random_subset(tmp_path: Path):
+    data = _coco(20)
+    by_name = split_holdout(data, 0.25, seed=3)
+    assert split_holdout(data, 0.25, seed=3, image_root=tmp_path) == by_name  # the image root changes nothing
+    assert len(by_name[1]["images"]) == 5
+
+
 @pytest.mark.parametrize("fraction, n", [(0.01, 20), (0.99, 20), (0.5, 1), (0.0, 20), (1.0, 20)])
 def test_a_holdout_that_leaves_a_part_empty_is_refused_with_the_file_named(fraction: float, n: int):
     with pytest.raises(ValueError, match="train.json"):
@@ -83,6 +105,19 @@ def test_detkit_train_scores_the_holdout_and_says_so(synthetic_set, tmp_path: Pa
     r = cli("detkit-report", str(out))
     assert r.returncode == 0, r.output
     assert {int(p.stem) for p in (out / "report").rglob("*.jpg")} == held
+    # detkit-eval: without data.val_ann it says how to score the held-out images; so told, it gives the run's AP
+    ckpt = load(out / "run.json")["checkpoint"]
+    r = cli("detkit-eval", f"checkpoint={ckpt}", "device=cpu", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'e0'}")
+    assert r.returncode != 0 and "holdout_ground_truth.json" in r.output, r.output[-2000:]
+    r = cli("detkit-eval", f"checkpoint={ckpt}", "device=cpu", "data.num_workers=0",
+            f"data.val_ann={out / 'holdout_ground_truth.json'}", f"data.val_images={root}",
+            f"hydra.run.dir={tmp_path / 'e1'}")
+    assert r.returncode == 0, r.output[-2000:]
+    assert load(tmp_path / "e1" / "metrics.json")["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    key = lambda p: (p["image_id"], p["category_id"], round(p["score"], 4))  # noqa: E731
+    again = sorted(map(key, load(tmp_path / "e1" / "predictions.json")))
+    before = sorted(map(key, load(out / "predictions.json")))
+    assert again and again == before  # the same model on the same held-out images
 
 
 def test_self_training_never_uses_the_held_out_images(tmp_path: Path):
@@ -128,3 +163,30 @@ def test_detkit_train_keeps_the_held_out_images_out_of_the_self_training_pool(tm
     pool = {Path(f).resolve() for f in dm.unlabeled.files}
     assert len(held) == 2 and not pool & held
     assert pool == {f.resolve() for f in root.glob("*.png")} - held  # the training images stay in the pool
+
+
+def test_the_automatic_image_size_is_chosen_from_the_images_trained_on_only(tmp_path: Path):
+    """``data.image_size: null`` measures the boxes of the training images: not the held-out ones (they are for
+    choosing settings, so they must decide nothing) and not the images a label budget leaves out."""
+    from detkit.cli.train import build_datamodule
+    from detkit.data.box_stats import choose_image_size
+    from tests.helpers import compose_train, dump
+
+    ann, root = make_synthetic_coco(tmp_path / "d", num_images=12, size=(640, 480), first_id=1)
+    data = load(ann)
+    held = {im["id"] for im in split_holdout(data, 0.25, seed=0)[1]["images"]}
+    for a in data["annotations"]:  # the held-out images hold tiny objects, the others ordinary ones
+        a["bbox"] = [10, 10, 3, 3] if a["image_id"] in held else [10, 10, 120, 100]
+    dump(data, ann)
+    rest = split_holdout(data, 0.25, seed=0)[0]
+    assert choose_image_size(data) == 640 and choose_image_size(rest) == 320  # the whole file would need 640
+
+    cfg = compose_train((ann, root), "data.image_size=null", "data.holdout_fraction=0.25", "data.num_workers=0",
+                        "data.check_images=false")
+    dm = build_datamodule(cfg)
+    assert cfg.data.image_size == 320
+    assert {r.image_id for r in dm.datasets["val"].records} == held
+    for split in ("train", "val"):  # the splits built before the size was known now transform to it
+        assert dm.datasets[split].transform.size == 320
+    image, _ = dm.datasets["val"][0]
+    assert max(image.shape[1:]) == 320

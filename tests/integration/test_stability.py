@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from detkit.cli.train import _choose_image_size
+from detkit.cli.train import build_datamodule
 from detkit.paths import config_dir
 from tests.helpers import RACCOON
 
@@ -31,9 +31,7 @@ def test_training_at_batch_1_and_2_stays_finite(model, batch_size):
         cfg = compose("train", overrides=[
             "data=coco", f"data.train_ann={ann}", f"data.train_images={RACCOON / 'images'}", f"model={model}",
             f"data.batch_size={batch_size}", "data.num_workers=0", "paths.output_dir=/tmp/x"])
-    _choose_image_size(cfg)  # every default, as detkit-train would run it
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
+    dm = build_datamodule(cfg)  # every default, as detkit-train would run it (the size chosen from the boxes)
     module = instantiate(cfg.model, categories=dm.categories.to_list(), image_size=cfg.data.image_size,
                          _recursive_=False)
     recorder = LossRecorder()
