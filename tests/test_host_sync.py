@@ -66,8 +66,10 @@ def test_a_training_step_has_no_host_synchronisation(model):
     assert sync.total == 0, (dict(sync.counts), dict(sync.sites))
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed_threshold", "adaptive_threshold"])
-@pytest.mark.parametrize("model", ["faster_rcnn", "yolo"])
+@pytest.mark.parametrize("model, adaptive", [("faster_rcnn", False), ("faster_rcnn", True), ("yolo", False),
+                                             ("yolo", True), ("yolo", "dense")],
+                         ids=["faster_rcnn-fixed_threshold", "faster_rcnn-adaptive_threshold", "yolo-fixed_threshold",
+                              "yolo-adaptive_threshold", "yolo-dense"])
 def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
     """The semi-supervised step (semi=teacher after burn-in: the teacher's prediction on the weak views with its
     fixed-iteration NMS, pseudo-labels by top-k and mask, the student's supervised and unsupervised losses, the
@@ -77,9 +79,10 @@ def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
     from detkit.data.weak_strong import UnlabeledBatch
 
     low = ["model.detector.inference.score_thresh=0.0"] if model == "yolo" else []
+    mode = ["semi.pseudo_labels=dense"] if adaptive == "dense" else \
+        [f"semi.adaptive_threshold={str(adaptive).lower()}", "semi.adaptive_floor=0.0"]
     module = build(model, "semi=teacher", "semi.unlabeled_images=unused", "semi.unlabeled_ann=unused.json",
-                   "semi.burn_in=0", "semi.score_threshold=0.0", "semi.max_pseudo_labels=16", *low,
-                   f"semi.adaptive_threshold={str(adaptive).lower()}", "semi.adaptive_floor=0.0")
+                   "semi.burn_in=0", "semi.score_threshold=0.0", "semi.max_pseudo_labels=16", *low, *mode)
     opt = torch.optim.SGD(module.detector.parameters(), lr=0.01, momentum=0.9)
     labeled = batch()
     images, targets = batch()
@@ -94,7 +97,7 @@ def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
             module.update_teacher(step)
     assert {k for k in losses if k.startswith("unsup_")} == {f"unsup_{k}" for k in module.unsup_losses}
     assert torch.isfinite(total) and int(module._stats[:, 0].sum()) > 0  # pseudo-labels were used
-    assert (module._confidence is not None) == adaptive  # the class levels moved on the device
+    assert (module._confidence is not None) == (adaptive is True)  # the class levels moved on the device
     assert sync.total == 0, (dict(sync.counts), dict(sync.sites))
 
 

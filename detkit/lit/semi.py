@@ -33,6 +33,13 @@ such a class. ``adaptive_threshold`` lowers its threshold in proportion to the t
 (FreeMatch's self-adaptive thresholds, on a detector's per-class scores); it is off by default because the
 pseudo-labels it adds for a class the teacher barely knows are mostly wrong (23% precision in that study).
 
+**Dense pseudo-labels** (``semi.pseudo_labels=dense``, YOLO only; Dense Teacher, Zhou et al. 2022): instead of
+thresholded boxes, the student learns the teacher's raw outputs (objectness, class probabilities, boxes) at the cells
+the teacher ranks as foreground, as many per image as the labeled batch has positive cells per image
+(:mod:`detkit.models.detection.dense_teacher`). No threshold, no NMS, and a class the teacher scores low is taught
+at the score it has instead of not at all. Its statistics count cells: a selected cell is right when its centre
+lies in a ground-truth box of the class the teacher gives it.
+
 **Teacher updates.** During burn-in the teacher copies the student after every step, so at the end of burn-in it
 *is* the burned-in student (Unbiased Teacher initialises it so) and any evaluation during burn-in sees the student.
 Afterwards ``teacher = d * teacher + (1 - d) * student`` after every optimiser step with a fixed ``d =
@@ -64,10 +71,14 @@ from detkit.errors import UserError
 from detkit.lit.detection_module import CUDA_GRAPH_MODES, DetectionModule, plain_config
 from detkit.lit.optim import total_training_steps
 from detkit.models.detection.boxes import batched_box_iou
+from detkit.models.detection.dense_teacher import (DenseSelection, cell_hits, dense_pseudo_losses,
+                                                   positives_per_image, select_cells)
 from detkit.models.detection.postprocess import PostProcess
 from detkit.models.detection.pseudo_labels import (adaptive_thresholds, class_confidence, match_pseudo_labels,
                                                    on_other_class, per_class_counts, pseudo_label_targets,
                                                    score_thresholds)
+from detkit.models.detection.yolo import decode_ltrb
+from detkit.structures import as_targets
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +86,22 @@ log = logging.getLogger(__name__)
 LOSS_TERMS = {"FasterRCNN": ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"),
               "YOLO": ("loss_box", "loss_obj", "loss_cls")}
 DEFAULT_UNSUP_LOSSES = {"FasterRCNN": ("loss_objectness", "loss_classifier"), "YOLO": ("loss_cls", "loss_box")}
+#: ``semi.pseudo_labels=dense`` (YOLO only): every term, objectness included (its focal weight and the selection by
+#: rank make it safe there; see :mod:`detkit.models.detection.dense_teacher`).
+DENSE_UNSUP_LOSSES = ("loss_box", "loss_obj", "loss_cls")
+PSEUDO_LABEL_KINDS = ("boxes", "dense")
 
 
 class SelfTrainingError(UserError, ValueError):
     """A ``semi`` setting that cannot work (reported as one line by the entry points)."""
 
 
-def class_rates(pseudo: int, tp: int, other: int, truth: int) -> dict[str, float | None]:
+def class_rates(pseudo: int, tp: int, other: int, truth: int, recall: bool = True) -> dict[str, float | None]:
     """Precision (true positives / pseudo-labels), recall (true positives / ground-truth boxes) and ``other_class``
-    (the share of pseudo-labels lying on an object of another class), rounded; None where undefined."""
-    return {"precision": round(tp / pseudo, 4) if pseudo else None, "recall": round(tp / truth, 4) if truth else None,
+    (the share of pseudo-labels lying on an object of another class), rounded; None where undefined. ``recall=False``
+    (dense pseudo-labels, counted in cells, not boxes): no recall."""
+    return {"precision": round(tp / pseudo, 4) if pseudo else None,
+            "recall": round(tp / truth, 4) if truth and recall else None,
             "other_class": round(other / pseudo, 4) if pseudo else None}
 
 
@@ -101,10 +118,11 @@ def per_class_totals(epochs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     t[key] = t.get(key, 0) + row[key]
             if "threshold" in row:
                 t["last_threshold"] = row["threshold"]  # the adaptive threshold at the end of the run
+    cells = any(e.get("unit") == "cells" for e in epochs)
     for t in totals.values():
         if "true_positives" in t:
             t.update(class_rates(t["pseudo_labels"], t["true_positives"], t["on_other_class"],
-                                 t["ground_truth_boxes"]))
+                                 t["ground_truth_boxes"], recall=not cells))
     return list(totals.values())
 
 
@@ -121,6 +139,10 @@ class SelfTraining:
         batch_size: unlabeled images per step (``null``: the labeled batch size).
         burn_in: supervised-only optimiser steps before self-training starts: a count (>= 1) or a fraction of the
             run (< 1), as the learning-rate warm-up.
+        pseudo_labels: ``boxes`` (the default, both detectors): the teacher's detections above ``score_threshold``
+            after NMS. ``dense`` (YOLO only; Dense Teacher): the teacher's raw per-cell outputs at the cells it ranks
+            as foreground, as soft targets (:mod:`detkit.models.detection.dense_teacher`); no threshold, no NMS, and
+            its statistics count cells.
         score_threshold: a teacher detection above this becomes a pseudo-label: one value, or one per class. With
             ``adaptive_threshold`` one value: the most confident class's threshold.
         adaptive_threshold: class-wise thresholds from the teacher's own scores (FreeMatch-style): class ``c`` gets
@@ -134,7 +156,8 @@ class SelfTraining:
             runs): on BCCD at 5% of the labels and 300 steps (STUDY.md), at 4 YOLO's pseudo-labels dwindled and its
             rarest class was lost in every seed, and Faster R-CNN lost 0.04 AP50 more than at 1 (seed 0).
         unsup_losses: the detector's loss terms trained on pseudo-labels (``null``: Faster R-CNN
-            ``[loss_objectness, loss_classifier]``, YOLO ``[loss_cls, loss_box]``).
+            ``[loss_objectness, loss_classifier]``, YOLO ``[loss_cls, loss_box]``, YOLO with ``pseudo_labels=dense``
+            all three).
         teacher_decay: the teacher's EMA decay after burn-in.
         teacher_nms_iterations: Cluster-NMS iterations of the teacher's post-processing (no host read-back).
         precision_iou: IoU at which a pseudo-label counts as correct (class-aware, one-to-one).
@@ -148,6 +171,7 @@ class SelfTraining:
     unlabeled_ann: str | None = None
     batch_size: int | None = None
     burn_in: float = 0.3
+    pseudo_labels: str = "boxes"
     score_threshold: float | Sequence[float] = 0.7
     adaptive_threshold: bool = False
     adaptive_floor: float = 0.1
@@ -165,6 +189,12 @@ class SelfTraining:
     def __post_init__(self) -> None:
         if self.enabled and not self.unlabeled_images:
             raise SelfTrainingError("semi=teacher needs the unlabeled images: semi.unlabeled_images=DIR")
+        if self.pseudo_labels not in PSEUDO_LABEL_KINDS:
+            raise SelfTrainingError(f"semi.pseudo_labels must be one of {list(PSEUDO_LABEL_KINDS)}, got "
+                                    f"{self.pseudo_labels!r}")
+        if self.pseudo_labels == "dense" and self.adaptive_threshold:
+            raise SelfTrainingError("semi.pseudo_labels=dense has no score threshold to adapt: drop "
+                                    "semi.adaptive_threshold=true (or use semi.pseudo_labels=boxes)")
         if self.burn_in < 0:
             raise SelfTrainingError(f"semi.burn_in must be >= 0 (steps, or a fraction of the run below 1), got "
                                     f"{self.burn_in}")
@@ -234,8 +264,13 @@ class SelfTrainingModule(DetectionModule):
         super().__init__(*args, **kwargs)
         self.hparams["semi"] = semi
         kind = type(self.detector).__name__
+        self.dense = self.settings.pseudo_labels == "dense"
+        if self.dense and kind != "YOLO":
+            raise SelfTrainingError(f"semi.pseudo_labels=dense trains on a one-stage detector's per-cell outputs "
+                                    f"(model=yolo); {kind} takes semi.pseudo_labels=boxes")
         terms = self.settings.unsup_losses
-        self.unsup_losses = tuple(terms) if terms is not None else DEFAULT_UNSUP_LOSSES.get(kind, ())
+        default = DENSE_UNSUP_LOSSES if self.dense else DEFAULT_UNSUP_LOSSES.get(kind, ())
+        self.unsup_losses = tuple(terms) if terms is not None else default
         self.unsup_weight = float(self.settings.unsup_weight)
         known = LOSS_TERMS.get(kind)
         if not self.unsup_losses or (known is not None and not set(self.unsup_losses) <= set(known)):
@@ -267,6 +302,12 @@ class SelfTrainingModule(DetectionModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.dense:
+            log.info("self-training: %d supervised burn-in steps, then dense pseudo-labels (the teacher's outputs at "
+                     "the cells it ranks foreground, as many per image as the labeled images' positive cells) train "
+                     "%s with weight %g; teacher decay %g", self.burn_in_steps, list(self.unsup_losses),
+                     self.unsup_weight, self.settings.teacher_decay)
+            return
         log.info("self-training: %d supervised burn-in steps, then pseudo-labels above %s%s (at most %d per image) "
                  "train %s with weight %g; teacher decay %g", self.burn_in_steps, self.settings.score_threshold,
                  " for the most confident class, class-wise thresholds adapted to the teacher's scores" if
@@ -282,14 +323,24 @@ class SelfTrainingModule(DetectionModule):
         losses, bs = super().training_losses(batch["labeled"])
         self._pseudo_count = None
         if self.global_step >= self.burn_in_steps:
-            losses.update(self.unsupervised_losses(batch["unlabeled"]))
+            if self.dense:
+                _, targets = batch["labeled"]
+                losses.update(self.dense_unsupervised_losses(batch["unlabeled"], targets))
+            else:
+                losses.update(self.unsupervised_losses(batch["unlabeled"]))
         return losses, bs
+
+    def teacher(self) -> torch.nn.Module:
+        """The teacher (the EMA's module), in eval mode: it is never trained, and a ``LightningModule.train()`` call
+        must not change how it predicts."""
+        teacher = self.ema.module
+        if teacher.training:
+            teacher.eval()
+        return teacher
 
     def pseudo_labels(self, unlabeled: UnlabeledBatch):
         """The teacher's pseudo-labels for the weak views (:class:`~detkit.structures.Targets`, fixed shape)."""
-        teacher = self.ema.module
-        if teacher.training:  # never trained; a LightningModule.train() call must not change how it predicts
-            teacher.eval()
+        teacher = self.teacher()
         with torch.no_grad(), fixed_nms_iterations(teacher, self.settings.teacher_nms_iterations):
             dets = teacher.predict(self._images(unlabeled.weak))
         thresholds = self.thresholds
@@ -325,10 +376,39 @@ class SelfTrainingModule(DetectionModule):
         w = self.unsup_weight
         return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
 
+    def dense_unsupervised_losses(self, unlabeled: UnlabeledBatch, labeled_targets: Any) -> dict[str, torch.Tensor]:
+        """``semi.pseudo_labels=dense`` (YOLO): ``{"unsup_<term>": unsup_weight * term}`` for the student on the
+        strong views against the teacher's raw outputs on the weak views, at the cells the teacher ranks foreground,
+        as many per image as the labeled batch has positive cells per image
+        (:mod:`detkit.models.detection.dense_teacher`); records the selected cells' statistics."""
+        student, teacher = self.detector, self.teacher()
+        with torch.no_grad():
+            t_raw, grid = teacher.forward_raw(self._images(unlabeled.weak))
+            t_boxes = decode_ltrb(grid.points, grid.strides, t_raw[..., :4])
+            labeled = as_targets(labeled_targets, t_raw.device)
+            count = positives_per_image(student.assigner(grid.points, grid.strides, grid.level, labeled.boxes,
+                                                         labeled.valid))
+            selection = select_cells(t_raw, count)
+        s_raw, s_grid = student.forward_raw(self._images(unlabeled.strong))
+        s_boxes = decode_ltrb(s_grid.points, s_grid.strides, s_raw[..., :4])
+        raw = dense_pseudo_losses(s_raw, t_raw, s_boxes, t_boxes, selection, student.box_loss, student.weights)
+        self._record_cells(selection, grid.points, unlabeled)
+        w = self.unsup_weight
+        return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
+
+    def _record_cells(self, selection: DenseSelection, points: torch.Tensor, unlabeled: UnlabeledBatch) -> None:
+        """Dense pseudo-labels' statistics, in cells: selected cells per class (the teacher's best class), those
+        inside a ground-truth box of that class, and those inside only another class's boxes."""
+        truth, c = unlabeled.targets, len(self.categories)
+        count = per_class_counts(selection.label, selection.selected, c)
+        if self.measure:
+            same, other_only = cell_hits(points, selection, truth)
+            tp, other = per_class_counts(selection.label, same, c), per_class_counts(selection.label, other_only, c)
+        else:
+            tp = other = torch.zeros_like(count)
+        self._accumulate(count, tp, other, truth, int(unlabeled.weak.shape[0]))
+
     def _record(self, pseudo, unlabeled: UnlabeledBatch) -> None:
-        if self._stats_epoch is not None and self._stats_epoch != self.current_epoch:
-            self.flush_statistics()  # an epoch whose end was not seen by this process (resumed)
-        self._stats_epoch = self.current_epoch
         truth = unlabeled.targets
         c = len(self.categories)
         count = per_class_counts(pseudo.labels, pseudo.valid, c)
@@ -338,9 +418,17 @@ class SelfTrainingModule(DetectionModule):
             other = per_class_counts(pseudo.labels, on_other_class(pseudo, truth, at, iou=iou), c)
         else:
             tp = other = torch.zeros_like(count)
+        self._accumulate(count, tp, other, truth, int(unlabeled.weak.shape[0]))
+
+    def _accumulate(self, count: torch.Tensor, tp: torch.Tensor, other: torch.Tensor, truth, images: int) -> None:
+        """Add one step's per-class counts ``[C]`` to the epoch's table (on the device)."""
+        if self._stats_epoch is not None and self._stats_epoch != self.current_epoch:
+            self.flush_statistics()  # an epoch whose end was not seen by this process (resumed)
+        self._stats_epoch = self.current_epoch
+        c = len(self.categories)
         step = torch.stack([count, tp, other, per_class_counts(truth.labels, truth.valid, c)], dim=1)  # [C, 4]
         self._stats = step if self._stats is None else self._stats.to(step.device) + step
-        self._stats_images += int(unlabeled.weak.shape[0])
+        self._stats_images += images
         self._pseudo_count = count.sum()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -380,14 +468,16 @@ class SelfTrainingModule(DetectionModule):
         count, tp, other, truth = (sum(row[j] for row in table) for j in range(4))
         record: dict[str, Any] = {"epoch": int(epoch), "unlabeled_images": images, "pseudo_labels": count,
                                   "pseudo_labels_per_image": round(count / images, 4) if images else 0.0}
+        if self.dense:
+            record["unit"] = "cells"
         if self.measure:
-            record.update(class_rates(count, tp, other, truth), ground_truth_boxes=truth)
+            record.update(class_rates(count, tp, other, truth, recall=not self.dense), ground_truth_boxes=truth)
         per_class = []
         for name, (n, t, o, g) in zip(self.categories.names, table):
             row: dict[str, Any] = {"name": name, "pseudo_labels": n}
             if self.measure:
                 row.update(true_positives=t, on_other_class=o, ground_truth_boxes=g)
-                row.update(class_rates(n, t, o, g))
+                row.update(class_rates(n, t, o, g, recall=not self.dense))
             if thresholds is not None:
                 row["threshold"] = round(thresholds[len(per_class)], 4)
             per_class.append(row)
@@ -409,7 +499,8 @@ class SelfTrainingModule(DetectionModule):
         pseudo-labelled, pseudo-labels used, and with ``unlabeled_ann`` their precision, recall and the share lying on
         an object of another class, in total and per class under ``per_class``)."""
         s = self.settings
-        return {"burn_in_steps": self.burn_in_steps, "score_threshold": s.score_threshold,
+        return {"burn_in_steps": self.burn_in_steps, "pseudo_labels": s.pseudo_labels,
+                "unit": "cells" if self.dense else "boxes", "score_threshold": s.score_threshold,
                 "adaptive_threshold": s.adaptive_threshold,
                 "max_pseudo_labels": s.max_pseudo_labels, "unsup_weight": self.unsup_weight,
                 "unsup_losses": list(self.unsup_losses), "teacher_decay": s.teacher_decay,

@@ -308,6 +308,36 @@ def test_settings_are_checked():
         SelfTraining(unlabeled_images="x", teacher_decay=1.0)
 
 
+def test_dense_pseudo_labels_teach_every_yolo_term_at_as_many_cells_as_the_labeled_images_positives():
+    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense", "semi.unlabeled_ann=unused.json")
+    batch = semi_batch()
+    losses, _ = module.training_losses(batch)
+    assert {k for k in losses if k.startswith("unsup_")} == {"unsup_loss_box", "unsup_loss_obj", "unsup_loss_cls"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    images, targets = batch["labeled"]
+    det = module.detector
+    with torch.no_grad():
+        _, grid = det.forward_raw(images)
+    positives = (det.assigner(grid.points, grid.strides, grid.level, targets.boxes, targets.valid) >= 0).sum(1)
+    per_image = round(float(positives.float().mean()))
+    assert per_image > 0 and int(module._stats[:, 0].sum()) == 2 * per_image  # both unlabeled images
+    module.flush_statistics()
+    (record,) = module.history
+    assert record["unit"] == "cells" and record["recall"] is None and record["pseudo_labels"] == 2 * per_image
+    assert module.summary()["unit"] == "cells"
+    boxes = build("yolo", "semi.burn_in=0", "semi.score_threshold=0.0", "model.detector.inference.score_thresh=0.0")
+    assert boxes.summary()["unit"] == "boxes"
+
+
+def test_dense_pseudo_labels_are_refused_where_they_cannot_work():
+    with pytest.raises(Exception, match="model=yolo"):
+        build("faster_rcnn", "semi.pseudo_labels=dense")
+    with pytest.raises(Exception, match="adaptive"):
+        build("yolo", "semi.pseudo_labels=dense", "semi.adaptive_threshold=true")
+    with pytest.raises(ValueError, match="pseudo_labels"):
+        SelfTraining(unlabeled_images="x", pseudo_labels="soft")
+
+
 # ---- real runs ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def semi_data(tmp_path_factory) -> dict[str, Path]:
@@ -360,6 +390,19 @@ def test_a_short_yolo_self_training_run_records_its_pseudo_labels(semi_data, tmp
     check_records(metrics, tmp_path, "yolo", 2)
     page = (tmp_path / "report.html").read_text()  # the results browser shows the same records
     assert "Self-training: pseudo-labels per epoch" in page and "burn-in 2 steps" in page
+
+
+def test_a_short_yolo_run_with_dense_pseudo_labels_records_cells(semi_data, tmp_path):
+    metrics = run_semi("yolo", semi_data, tmp_path, "semi.burn_in=2", "semi.pseudo_labels=dense")
+    st = metrics["self_training"]
+    assert st["pseudo_labels"] == "dense" and st["unit"] == "cells"
+    assert [e["unlabeled_images"] for e in st["epochs"]] == [4, 8]
+    assert all(e["pseudo_labels"] > 0 and e["unit"] == "cells" and e["recall"] is None for e in st["epochs"])
+    assert all(r["recall"] is None for r in st["per_class"])
+    rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
+    steps = {int(r["step"]) for r in rows if r.get("train/unsup_loss_obj")}
+    assert steps and min(steps) == 2
+    assert DetectionModule.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt").ema is not None
 
 
 def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_path):

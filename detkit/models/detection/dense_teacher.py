@@ -1,0 +1,108 @@
+"""Dense pseudo-labels for the one-stage detector (Dense Teacher, Zhou et al., ECCV 2022): the student learns the
+teacher's raw per-cell outputs instead of boxes that survive a score threshold and NMS.
+
+Why. Box pseudo-labels (:mod:`detkit.models.detection.pseudo_labels`) keep only what the teacher is sure of, so a
+class it scores low (a small, rare class early in training) gets no pseudo-label at all while the classes it knows
+get more: on BCCD at 5% of the labels YOLO's teacher pseudo-labelled almost no platelets and self-training traded
+them for red cells (STUDY.md). Dense pseudo-labels pass on the teacher's whole class distribution at every cell it
+ranks as foreground (soft targets), so a platelet cell scored 0.3 platelet / 0.5 red cell is taught as exactly that,
+not as a red cell and not as nothing; and there is no threshold or NMS to tune.
+
+**Which cells (region selection).** Per image, the teacher's cells ranked by score ``max_c sigmoid(obj) *
+sigmoid(cls_c)``; the top ``count`` are the foreground. Dense Teacher takes a fixed top 1% of the cells, tuned on
+COCO; how many cells an object covers depends on the data (BCCD's cells cover ~18% of the grid at 320 px under
+detkit's centre sampling, COCO's objects far less), so ``count`` is instead the number of cells the detector's own
+assigner makes positive per *labeled* image of the same step (:func:`positives_per_image`): the unlabeled images
+come from the same distribution, so their expected foreground is the labeled images'. Computed on the device, with a
+rank comparison instead of a data-dependent ``topk`` size: fixed shapes, no host read-back.
+
+**The losses** (over the student's outputs on the strong view; the teacher's on the weak view, same geometry):
+
+- ``loss_obj``: objectness against the teacher's objectness probability at the selected cells and 0 elsewhere,
+  with the quality focal weight ``|p - target|^gamma`` (Dense Teacher's QFL): over all cells, so easy background is
+  down-weighted and an object the teacher ranked just below ``count`` is not a full-weight negative.
+- ``loss_cls``: the classes against the teacher's class probabilities (soft, multi-label BCE) at the selected cells.
+- ``loss_box``: the student's decoded box against the teacher's at the selected cells (GIoU/CIoU as the detector's),
+  weighted by the teacher's score, so a cell ranked foreground with a low score moves the boxes little.
+
+Each is normalised as the supervised one and weighted by the detector's own ``box/obj/cls`` weights.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from detkit.models.detection.losses import iou_loss
+from detkit.structures import Targets
+
+
+class DenseSelection(NamedTuple):
+    """The teacher's foreground cells of a batch (all ``[B, A]``): ``selected`` (bool), ``score`` (the teacher's best
+    class score at each cell) and ``label`` (that class)."""
+
+    selected: torch.Tensor
+    score: torch.Tensor
+    label: torch.Tensor
+
+
+def positives_per_image(assigned: torch.Tensor) -> torch.Tensor:
+    """The mean number of positive cells per image of an assignment ``[B, A]`` (``-1``: background), as a 0-d float
+    tensor on its device."""
+    return (assigned >= 0).float().sum(1).mean()
+
+
+def select_cells(teacher_raw: torch.Tensor, count: torch.Tensor | float) -> DenseSelection:
+    """Per image, the ``count`` cells (rounded; a 0-d tensor or a number) the teacher scores highest.
+
+    ``teacher_raw``: ``[B, A, 5 + C]`` raw outputs (``ltrb``, objectness logit, class logits). The rank of every cell
+    is computed by one sort, and a cell is selected where its rank is below ``count``: the count may live on the
+    device (no ``topk`` of a data-dependent size, no read-back)."""
+    probs = teacher_raw[..., 4:5].float().sigmoid() * teacher_raw[..., 5:].float().sigmoid()  # [B, A, C]
+    score, label = probs.max(dim=-1)
+    order = score.argsort(dim=1, descending=True)
+    ranks = torch.arange(score.shape[1], device=score.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
+    count = torch.as_tensor(count, dtype=torch.float32, device=score.device).round()
+    return DenseSelection(rank < count, score, label)
+
+
+def dense_pseudo_losses(student_raw: torch.Tensor, teacher_raw: torch.Tensor, student_boxes: torch.Tensor,
+                        teacher_boxes: torch.Tensor, selection: DenseSelection, box_loss: str = "giou",
+                        weights: tuple[float, float, float] = (5.0, 1.0, 1.0),
+                        gamma: float = 2.0) -> dict[str, torch.Tensor]:
+    """The student's dense unsupervised losses ``loss_box``, ``loss_obj``, ``loss_cls`` (weighted by ``weights`` =
+    box, obj, cls) against the teacher's outputs at ``selection`` (see the module docstring).
+
+    ``student_raw`` / ``teacher_raw``: ``[B, A, 5 + C]``; ``student_boxes`` / ``teacher_boxes``: their decoded boxes
+    ``[B, A, 4]`` (``xyxy`` input pixels). Nothing flows back into the teacher."""
+    teacher_raw, teacher_boxes = teacher_raw.detach().float(), teacher_boxes.detach().float()
+    sel = selection.selected
+    n = sel.float().sum().clamp(min=1.0)
+    t_obj = torch.where(sel, teacher_raw[..., 4].sigmoid(), torch.zeros_like(teacher_raw[..., 4]))
+    s_obj = student_raw[..., 4].float()
+    focal = (s_obj.sigmoid() - t_obj).abs().pow(gamma).detach()
+    loss_obj = (focal * F.binary_cross_entropy_with_logits(s_obj, t_obj, reduction="none")).sum() / n
+    cls = F.binary_cross_entropy_with_logits(student_raw[..., 5:].float(), teacher_raw[..., 5:].sigmoid(),
+                                             reduction="none").sum(-1)
+    loss_cls = (cls * sel).sum() / n
+    weight = selection.score.detach() * sel
+    loss_box = (iou_loss(student_boxes.float(), teacher_boxes, box_loss) * weight).sum() / weight.sum().clamp(min=1e-6)
+    wb, wo, wc = weights
+    return {"loss_box": wb * loss_box, "loss_obj": wo * loss_obj, "loss_cls": wc * loss_cls}
+
+
+def cell_hits(points: torch.Tensor, selection: DenseSelection, truth: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """How good the selected cells are, against ground truth ``truth`` (``[B, G]``): ``(inside_same,
+    inside_other_only)``, both ``bool [B, A]``: selected cells whose centre (``points [A, 2]``) lies in a box of the
+    class the teacher gives them, and selected cells lying in a box of another class and in none of theirs (a class
+    confusion). Batched ``[B, A, G]`` masks, no host synchronisation."""
+    x, y = points[:, 0][None, :, None], points[:, 1][None, :, None]  # [1, A, 1]
+    b = truth.boxes[:, None]  # [B, 1, G, 4]
+    inside = (x >= b[..., 0]) & (x <= b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 3]) & truth.valid[:, None]
+    same = selection.label[..., None] == truth.labels[:, None]  # [B, A, G]
+    sel = selection.selected[..., None]
+    inside_same = (inside & same & sel).any(2)
+    return inside_same, (inside & ~same & sel).any(2) & ~inside_same
