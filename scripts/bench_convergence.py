@@ -72,7 +72,7 @@ def run_detkit(args, ann: Path, model_name: str) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from detkit.cli.train import _check_init_choice, _choose_image_size, fit_priors
+    from detkit.cli.train import _check_init_choice, build_datamodule, fit_priors
     from detkit.paths import config_dir
 
     steps = sorted(int(s) for s in args.steps.split(","))
@@ -87,9 +87,7 @@ def run_detkit(args, ann: Path, model_name: str) -> dict:
             "trainer.max_epochs=-1", *args.detkit_override])
     L.seed_everything(cfg.seed, workers=True)
     _check_init_choice(cfg)
-    _choose_image_size(cfg)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
+    dm = build_datamodule(cfg)
     fit_priors(cfg, dm.datasets["train"].coco_data)
     module = instantiate(cfg.model, categories=dm.categories.to_list(), image_size=cfg.data.image_size,
                         seed=cfg.seed, _recursive_=False)

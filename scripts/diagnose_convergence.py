@@ -74,7 +74,7 @@ def run(args, overrides: list[str]) -> list[dict]:
     from hydra.utils import instantiate
 
     from bench_convergence import evaluate, subset_ann
-    from detkit.cli.train import _check_init_choice, _choose_image_size, fit_priors
+    from detkit.cli.train import _check_init_choice, build_datamodule, fit_priors
     from detkit.eval.coco_eval import detections_to_results
     from detkit.paths import config_dir
 
@@ -88,9 +88,7 @@ def run(args, overrides: list[str]) -> list[dict]:
             "trainer.max_epochs=-1", *overrides])
     L.seed_everything(cfg.seed, workers=True)
     _check_init_choice(cfg)
-    _choose_image_size(cfg)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
+    dm = build_datamodule(cfg)
     fit_priors(cfg, dm.datasets["train"].coco_data)
     module = instantiate(cfg.model, categories=dm.categories.to_list(), image_size=cfg.data.image_size,
                          seed=cfg.seed, _recursive_=False)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detkit.cli.common import check_torchvision_ops, clean_errors, output_dir
 from detkit.eval.coco_eval import EvalResult, PredictionError, evaluate_coco
 from detkit.eval.outputs import write_evaluation
 from detkit.paths import config_dir
-from detkit.run_config import HOLDOUT_GT
+from detkit.run_config import HOLDOUT_GT, load_run_config
 
 log = logging.getLogger("detkit")
 
@@ -59,9 +59,12 @@ def evaluate_checkpoint(cfg: DictConfig, out: Path) -> tuple[EvalResult, dict, l
             cfg.data.image_size = module.hparams.get("image_size") or 320
     if not cfg.data.val_ann:
         run = Path(cfg.checkpoint).resolve().parent.parent  # RUN/checkpoints/best.ckpt
-        hint = (f"; {run} was scored on held-out training images (data.holdout_fraction): score them again with "
-                f"data.val_ann={run / HOLDOUT_GT} and data.val_images=its data.train_images"
-                if (run / HOLDOUT_GT).is_file() else "")
+        hint = ""
+        if (run / HOLDOUT_GT).is_file():
+            images = OmegaConf.select(load_run_config(run), "data.train_images") \
+                if (run / ".hydra" / "config.yaml").is_file() else None
+            hint = (f"; {run} was scored on held-out training images (data.holdout_fraction): score them again with "
+                    f"data.val_ann={run / HOLDOUT_GT} data.val_images={images or 'its data.train_images'}")
         raise FileNotFoundError(f"checkpoint mode needs data.val_ann=GT.json and data.val_images=DIR{hint}")
     datamodule = instantiate(cfg.data)
     datamodule.setup("validate")

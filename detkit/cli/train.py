@@ -155,9 +155,10 @@ def _check_init_choice(cfg: DictConfig) -> None:
 
 def build_datamodule(cfg: DictConfig):
     """Instantiate ``cfg.data`` and build (validate) the training and validation splits; a broken dataset stops here,
-    before any training starts. ``data.image_size: null`` -> a size chosen from the boxes of the images trained on
-    (:func:`choose_image_size`: after the label budget and the holdout, so the held-out and the budget's unused
-    images decide nothing), recorded in ``cfg`` and set in the splits' transforms."""
+    before any training starts. ``data.image_size: null`` -> a size chosen from the training split's boxes
+    (:func:`choose_image_size`) without the held-out images (``data.holdout_fraction``: they are for choosing
+    settings, so they decide nothing) and before the label budget (so every ``data.train_fraction`` and seed of a
+    study trains at one size), recorded in ``cfg`` and set in the splits' transforms."""
     auto = cfg.data.get("image_size") is None and bool(cfg.data.get("train_ann"))
     if auto:
         with open_dict(cfg):
@@ -165,7 +166,7 @@ def build_datamodule(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     if auto:
-        size = choose_image_size(datamodule.datasets["train"].coco_data)
+        size = choose_image_size(datamodule.datasets["train"].pool_data)
         cfg.data.image_size = size
         given = {"train": cfg.data.get("train_transform"), "eval": cfg.data.get("eval_transform")}
         datamodule.set_transforms(*(instantiate(t) if t is not None else DetectionTransform(size, train=k == "train")

@@ -142,6 +142,9 @@ class CocoDetection(Dataset):
         if holdout or holdout_fraction:
             rest, held = split_holdout(data, holdout_fraction, subset_seed, self.ann_file, self.image_root)
             data = held if holdout else rest
+        #: the images left after validation and the holdout, before the label budget (``subset_fraction``): what
+        #: settings that must not depend on the budget are measured on (the automatic image size)
+        self.pool_data = data
         if subset_fraction < 1.0 and not holdout:
             data = _subset(data, subset_fraction, subset_seed)
         self.coco_data = data
@@ -229,8 +232,10 @@ def split_holdout(data: dict, fraction: float, seed: int, source: Path | str = "
     files = list(groups.values())
     rng = np.random.default_rng(seed + HOLDOUT_SEED_OFFSET)
     chosen: list[int] = []
-    if target >= 1:
+    if 1 <= target <= n - 1:
         for g in rng.permutation(len(files)).tolist():
+            if len(chosen) + len(files[g]) > n - 1:
+                continue  # a file with so many entries that nothing would be left to train on
             chosen += files[g]
             if len(chosen) >= target:
                 break

@@ -79,7 +79,7 @@ class DetectionDataModule(L.LightningDataModule):
                       "test": (test_ann, test_images)}
         if image_size is None and (train_transform is None or eval_transform is None):
             raise ValueError("DetectionDataModule needs image_size to build its transforms (data.image_size: null is "
-                             "chosen from the training boxes by detkit-train before the data module is built)")
+                             "chosen from the training boxes by detkit-train: cli/train.py build_datamodule)")
         self.train_transform = train_transform or DetectionTransform(image_size, train=True)
         self.eval_transform = eval_transform or DetectionTransform(image_size, train=False)
         self.batch_size, self.num_workers = batch_size, num_workers

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from detkit.data.coco import split_holdout
+import numpy as np
+
+from detkit.data.coco import HOLDOUT_SEED_OFFSET, split_holdout
 from detkit.data.datamodule import DetectionDataModule
 from detkit.data.synthetic import make_synthetic_coco
 from tests.helpers import TINY_FRCNN, cli, data_args, load
@@ -56,7 +58,21 @@ def test_without_repeated_files_the_holdout_is_a_plain_random_subset(tmp_path: P
     data = _coco(20)
     by_name = split_holdout(data, 0.25, seed=3)
     assert split_holdout(data, 0.25, seed=3, image_root=tmp_path) == by_name  # the image root changes nothing
-    assert len(by_name[1]["images"]) == 5
+    drawn = np.random.default_rng(3 + HOLDOUT_SEED_OFFSET).permutation(20)[:5]  # the draw before files were grouped
+    assert {im["id"] for im in by_name[1]["images"]} == {100 + int(i) for i in drawn}
+
+
+def test_a_file_that_would_leave_nothing_to_train_on_is_skipped_by_the_draw(tmp_path: Path):
+    data = _coco(4)
+    for i, im in enumerate(data["images"]):  # two files of two entries; 3 of 4 to hold out
+        im["file_name"] = "a.jpg" if i < 2 else "b.jpg"
+    for seed in range(6):  # whichever file is drawn first, the second would empty the training side
+        rest, held = split_holdout(data, 0.75, seed=seed, image_root=tmp_path)
+        assert len(held["images"]) == len(rest["images"]) == 2
+        assert len({im["file_name"] for im in held["images"]}) == 1
+    data["images"][2]["file_name"] = data["images"][3]["file_name"] = "a.jpg"  # one file only: no split
+    with pytest.raises(ValueError, match="1 distinct files"):
+        split_holdout(data, 0.25, seed=0, image_root=tmp_path)
 
 
 @pytest.mark.parametrize("fraction, n", [(0.01, 20), (0.99, 20), (0.5, 1), (0.0, 20), (1.0, 20)])
@@ -108,7 +124,8 @@ def test_detkit_train_scores_the_holdout_and_says_so(synthetic_set, tmp_path: Pa
     # detkit-eval: without data.val_ann it says how to score the held-out images; so told, it gives the run's AP
     ckpt = load(out / "run.json")["checkpoint"]
     r = cli("detkit-eval", f"checkpoint={ckpt}", "device=cpu", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'e0'}")
-    assert r.returncode != 0 and "holdout_ground_truth.json" in r.output, r.output[-2000:]
+    assert r.returncode != 0 and f"data.val_images={root}" in r.output, r.output[-2000:]
+    assert f"data.val_ann={out.resolve() / 'holdout_ground_truth.json'}" in r.output
     r = cli("detkit-eval", f"checkpoint={ckpt}", "device=cpu", "data.num_workers=0",
             f"data.val_ann={out / 'holdout_ground_truth.json'}", f"data.val_images={root}",
             f"hydra.run.dir={tmp_path / 'e1'}")
@@ -165,28 +182,32 @@ def test_detkit_train_keeps_the_held_out_images_out_of_the_self_training_pool(tm
     assert pool == {f.resolve() for f in root.glob("*.png")} - held  # the training images stay in the pool
 
 
-def test_the_automatic_image_size_is_chosen_from_the_images_trained_on_only(tmp_path: Path):
-    """``data.image_size: null`` measures the boxes of the training images: not the held-out ones (they are for
-    choosing settings, so they must decide nothing) and not the images a label budget leaves out."""
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_the_automatic_image_size_ignores_the_held_out_images_and_not_the_label_budget(tmp_path: Path, budget: float):
+    """``data.image_size: null`` measures the training split's boxes without the held-out ones (they are for choosing
+    settings, so they must decide nothing), and before the label budget (every budget of a study trains at one
+    size)."""
     from detkit.cli.train import build_datamodule
-    from detkit.data.box_stats import choose_image_size
+    from detkit.data.box_stats import MIN_SIZE, choose_image_size
     from tests.helpers import compose_train, dump
 
     ann, root = make_synthetic_coco(tmp_path / "d", num_images=12, size=(640, 480), first_id=1)
     data = load(ann)
     held = {im["id"] for im in split_holdout(data, 0.25, seed=0)[1]["images"]}
-    for a in data["annotations"]:  # the held-out images hold tiny objects, the others ordinary ones
-        a["bbox"] = [10, 10, 3, 3] if a["image_id"] in held else [10, 10, 120, 100]
+    for a in data["annotations"]:  # the held-out images hold tiny objects, the others small ones
+        a["bbox"] = [10, 10, 3, 3] if a["image_id"] in held else [10, 10, 14, 14]
     dump(data, ann)
     rest = split_holdout(data, 0.25, seed=0)[0]
-    assert choose_image_size(data) == 640 and choose_image_size(rest) == 320  # the whole file would need 640
+    assert choose_image_size(data) == 640 and choose_image_size(rest) == 384 != MIN_SIZE  # not the provisional size
 
     cfg = compose_train((ann, root), "data.image_size=null", "data.holdout_fraction=0.25", "data.num_workers=0",
-                        "data.check_images=false")
+                        "data.check_images=false", f"data.train_fraction={budget}")
     dm = build_datamodule(cfg)
-    assert cfg.data.image_size == 320
+    assert cfg.data.image_size == 384
     assert {r.image_id for r in dm.datasets["val"].records} == held
+    assert len(dm.datasets["train"]) == round(9 * budget)
     for split in ("train", "val"):  # the splits built before the size was known now transform to it
-        assert dm.datasets[split].transform.size == 320
-    image, _ = dm.datasets["val"][0]
-    assert max(image.shape[1:]) == 320
+        assert dm.datasets[split].transform.size == 384
+    for split in ("train", "val"):
+        image, _ = dm.datasets[split][0]
+        assert max(image.shape[1:]) == 384
