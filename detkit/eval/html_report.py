@@ -129,10 +129,15 @@ def _self_training_table(info: dict | None) -> str:
     body = "".join("<tr><td>" + html.escape(str(e.get("epoch"))) + "</td>"
                    + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in cols) + "</tr>" for e in info.get("epochs", []))
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
-    above = (f"{info.get('score_threshold')} for the most confident class, class-wise thresholds adapted to the "
-             f"teacher's scores" if info.get("adaptive_threshold") else f"{info.get('score_threshold')}")
-    note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {above}, "
-            f"precision at IoU {info.get('precision_iou')}")
+    if info.get("unit") == "cells":  # semi.pseudo_labels=dense: no threshold; counts and precision are per cell
+        note = (f"burn-in {info.get('burn_in_steps')} steps, dense pseudo-labels: the teacher's outputs at the cells "
+                f"it ranks foreground; counts are cells, precision the share of those cells lying inside a box of the "
+                f"class the teacher gives them (no recall)")
+    else:
+        above = (f"{info.get('score_threshold')} for the most confident class, class-wise thresholds adapted to the "
+                 f"teacher's scores" if info.get("adaptive_threshold") else f"{info.get('score_threshold')}")
+        note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {above}, "
+                f"precision at IoU {info.get('precision_iou')}")
     per_class = ""
     if info.get("per_class"):  # the run's totals per class (category names come from the dataset: escaped)
         pcols = ["pseudo_labels", "precision", "recall", "other_class"]

@@ -36,9 +36,10 @@ pseudo-labels it adds for a class the teacher barely knows are mostly wrong (23%
 **Dense pseudo-labels** (``semi.pseudo_labels=dense``, YOLO only; Dense Teacher, Zhou et al. 2022): instead of
 thresholded boxes, the student learns the teacher's raw outputs (objectness, class probabilities, boxes) at the cells
 the teacher ranks as foreground, as many per image as the labeled batch has positive cells per image
-(:mod:`detkit.models.detection.dense_teacher`). No threshold, no NMS, and a class the teacher scores low is taught
-at the score it has instead of not at all. Its statistics count cells: a selected cell is right when its centre
-lies in a ground-truth box of the class the teacher gives it.
+(:mod:`detkit.models.detection.dense_teacher`). No score threshold, no NMS, and a selected cell of a class the
+teacher scores low is taught at that score instead of not at all (cells ranked below the count are taught as
+background, down-weighted). Its statistics count cells: a selected cell is right when its centre lies in a
+ground-truth box of the class the teacher gives it.
 
 **Teacher updates.** During burn-in the teacher copies the student after every step, so at the end of burn-in it
 *is* the burned-in student (Unbiased Teacher initialises it so) and any evaluation during burn-in sees the student.
@@ -324,8 +325,8 @@ class SelfTrainingModule(DetectionModule):
         self._pseudo_count = None
         if self.global_step >= self.burn_in_steps:
             if self.dense:
-                _, targets = batch["labeled"]
-                losses.update(self.dense_unsupervised_losses(batch["unlabeled"], targets))
+                images, targets = batch["labeled"]
+                losses.update(self.dense_unsupervised_losses(batch["unlabeled"], images, targets))
             else:
                 losses.update(self.unsupervised_losses(batch["unlabeled"]))
         return losses, bs
@@ -376,12 +377,18 @@ class SelfTrainingModule(DetectionModule):
         w = self.unsup_weight
         return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
 
-    def dense_unsupervised_losses(self, unlabeled: UnlabeledBatch, labeled_targets: Any) -> dict[str, torch.Tensor]:
+    def dense_unsupervised_losses(self, unlabeled: UnlabeledBatch, labeled_images: torch.Tensor,
+                                  labeled_targets: Any) -> dict[str, torch.Tensor]:
         """``semi.pseudo_labels=dense`` (YOLO): ``{"unsup_<term>": unsup_weight * term}`` for the student on the
         strong views against the teacher's raw outputs on the weak views, at the cells the teacher ranks foreground,
         as many per image as the labeled batch has positive cells per image
         (:mod:`detkit.models.detection.dense_teacher`); records the selected cells' statistics."""
         student, teacher = self.detector, self.teacher()
+        if tuple(labeled_images.shape[-2:]) != tuple(unlabeled.weak.shape[-2:]):  # host-side shapes: no sync
+            raise SelfTrainingError(f"semi.pseudo_labels=dense counts the labeled images' positive cells on the "
+                                    f"unlabeled images' grid, so both must have one size: labeled "
+                                    f"{tuple(labeled_images.shape[-2:])}, unlabeled {tuple(unlabeled.weak.shape[-2:])} "
+                                    f"(semi.views.size must be data.image_size)")
         with torch.no_grad():
             t_raw, grid = teacher.forward_raw(self._images(unlabeled.weak))
             t_boxes = decode_ltrb(grid.points, grid.strides, t_raw[..., :4])
@@ -393,7 +400,9 @@ class SelfTrainingModule(DetectionModule):
         s_boxes = decode_ltrb(s_grid.points, s_grid.strides, s_raw[..., :4])
         raw = dense_pseudo_losses(s_raw, t_raw, s_boxes, t_boxes, selection, student.box_loss, student.weights)
         self._record_cells(selection, grid.points, unlabeled)
-        w = self.unsup_weight
+        # a labeled batch without objects gives a count of 0: nothing selected, and every cell of the unlabeled
+        # images would be taught as background; that step's unsupervised terms are switched off (a multiply, no sync)
+        w = self.unsup_weight * (count >= 0.5).float()
         return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
 
     def _record_cells(self, selection: DenseSelection, points: torch.Tensor, unlabeled: UnlabeledBatch) -> None:
@@ -499,12 +508,13 @@ class SelfTrainingModule(DetectionModule):
         pseudo-labelled, pseudo-labels used, and with ``unlabeled_ann`` their precision, recall and the share lying on
         an object of another class, in total and per class under ``per_class``)."""
         s = self.settings
+        boxes = not self.dense  # the threshold, the cap and the IoU apply to box pseudo-labels only
         return {"burn_in_steps": self.burn_in_steps, "pseudo_labels": s.pseudo_labels,
-                "unit": "cells" if self.dense else "boxes", "score_threshold": s.score_threshold,
+                "unit": "boxes" if boxes else "cells", "score_threshold": s.score_threshold if boxes else None,
                 "adaptive_threshold": s.adaptive_threshold,
-                "max_pseudo_labels": s.max_pseudo_labels, "unsup_weight": self.unsup_weight,
+                "max_pseudo_labels": s.max_pseudo_labels if boxes else None, "unsup_weight": self.unsup_weight,
                 "unsup_losses": list(self.unsup_losses), "teacher_decay": s.teacher_decay,
-                "precision_iou": s.precision_iou if self.measure else None,
+                "precision_iou": s.precision_iou if self.measure and boxes else None,
                 "per_class": per_class_totals(self.history), "epochs": list(self.history)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

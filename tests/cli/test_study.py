@@ -649,3 +649,14 @@ def test_an_encoder_pretrained_with_other_settings_is_not_reused(tmp_path, capsy
         "- pretrain_job=simclr\n- data.crop_scale=[0.4,1.0]\n- trainer.max_epochs=200\n- hydra.sweep.dir=/y\n")
     check_reused_encoder(encoder, [*planned, "hydra.sweep.dir=/z"])  # same settings, any order: reused
     assert "reusing" in capsys.readouterr().out
+
+
+def test_dense_pseudo_labels_are_an_arm_of_their_own():
+    from detkit.cli.study import _arm_of
+
+    base = ["model=yolo", "init=simclr", "semi=teacher", "data.train_fraction=0.1", "seed=2"]
+    assert _arm_of(base, None) == (("yolo", "simclr", "teacher", "none", 0.1), "2")
+    assert _arm_of([*base, "semi.pseudo_labels=boxes"], None)[0] == ("yolo", "simclr", "teacher", "none", 0.1)
+    assert _arm_of([*base, "semi.pseudo_labels=dense"], None)[0] == ("yolo", "simclr", "teacher:dense", "none", 0.1)
+    # without self-training the setting means nothing: still the plain arm
+    assert _arm_of(["model=yolo", "semi=none", "semi.pseudo_labels=dense"], None)[0][2] == "none"

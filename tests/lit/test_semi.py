@@ -324,9 +324,48 @@ def test_dense_pseudo_labels_teach_every_yolo_term_at_as_many_cells_as_the_label
     module.flush_statistics()
     (record,) = module.history
     assert record["unit"] == "cells" and record["recall"] is None and record["pseudo_labels"] == 2 * per_image
-    assert module.summary()["unit"] == "cells"
+    summary = module.summary()
+    assert summary["unit"] == "cells" and summary["score_threshold"] is summary["precision_iou"] is None
     boxes = build("yolo", "semi.burn_in=0", "semi.score_threshold=0.0", "model.detector.inference.score_thresh=0.0")
     assert boxes.summary()["unit"] == "boxes"
+
+
+def test_dense_pseudo_labels_come_from_the_teacher_not_the_student():
+    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense", "semi.unlabeled_ann=unused.json")
+    batch = semi_batch()
+    module.training_losses(batch)
+    before = module._stats.clone()
+    assert int(before[1:, 0].sum()) > 0  # the untrained teacher's selected cells are of several classes
+    module._stats = None
+    with torch.no_grad():  # the teacher (not the student) now scores every cell as class 0
+        head = module.ema.module.head
+        for obj, cls in zip(head.obj_pred, head.cls_pred):
+            obj.bias.fill_(10.0)
+            cls.bias.copy_(torch.tensor([10.0, -10.0, -10.0]))
+            obj.weight.zero_()
+            cls.weight.zero_()
+    module.training_losses(batch)
+    assert int(module._stats[0, 0]) == int(before[:, 0].sum())  # the same count, every selected cell now class 0
+    assert int(module._stats[1:, 0].sum()) == 0
+
+
+def test_a_labeled_batch_without_objects_switches_the_dense_terms_off_for_that_step():
+    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense")
+    batch = semi_batch()
+    images, targets = batch["labeled"]
+    empty = Targets(targets.boxes, targets.labels, torch.zeros_like(targets.valid), targets.image_ids,
+                    targets.orig_sizes, targets.scales)
+    losses, _ = module.training_losses({"labeled": (images, empty), "unlabeled": batch["unlabeled"]})
+    assert all(float(losses[f"unsup_{k}"].detach()) == 0.0 for k in ("loss_box", "loss_obj", "loss_cls"))
+    assert int(module._stats[:, 0].sum()) == 0
+
+
+def test_dense_pseudo_labels_need_labeled_and_unlabeled_images_of_one_size():
+    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense")
+    batch = semi_batch()
+    images, targets = batch["labeled"]
+    with pytest.raises(ValueError, match="one size"):
+        module.training_losses({"labeled": (images[..., :32], targets), "unlabeled": batch["unlabeled"]})
 
 
 def test_dense_pseudo_labels_are_refused_where_they_cannot_work():
@@ -393,7 +432,9 @@ def test_a_short_yolo_self_training_run_records_its_pseudo_labels(semi_data, tmp
 
 
 def test_a_short_yolo_run_with_dense_pseudo_labels_records_cells(semi_data, tmp_path):
-    metrics = run_semi("yolo", semi_data, tmp_path, "semi.burn_in=2", "semi.pseudo_labels=dense")
+    metrics = run_semi("yolo", semi_data, tmp_path, "semi.burn_in=2", "semi.pseudo_labels=dense", "report=true")
+    page = (tmp_path / "report.html").read_text()
+    assert "dense pseudo-labels" in page and "pseudo-labels above" not in page
     st = metrics["self_training"]
     assert st["pseudo_labels"] == "dense" and st["unit"] == "cells"
     assert [e["unlabeled_images"] for e in st["epochs"]] == [4, 8]

@@ -5,8 +5,10 @@ Why. Box pseudo-labels (:mod:`detkit.models.detection.pseudo_labels`) keep only 
 class it scores low (a small, rare class early in training) gets no pseudo-label at all while the classes it knows
 get more: on BCCD at 5% of the labels YOLO's teacher pseudo-labelled almost no platelets and self-training traded
 them for red cells (STUDY.md). Dense pseudo-labels pass on the teacher's whole class distribution at every cell it
-ranks as foreground (soft targets), so a platelet cell scored 0.3 platelet / 0.5 red cell is taught as exactly that,
-not as a red cell and not as nothing; and there is no threshold or NMS to tune.
+ranks as foreground (soft targets), so a selected platelet cell scored 0.3 platelet / 0.5 red cell is taught as
+exactly that, not as a red cell; and there is no score threshold or NMS to tune. What it does not fix: a cell ranked
+below ``count`` is taught as background (objectness target 0, down-weighted by the focal term only), so an object
+the teacher ranks lower than the others' cells is still pushed down, as in Dense Teacher.
 
 **Which cells (region selection).** Per image, the teacher's cells ranked by score ``max_c sigmoid(obj) *
 sigmoid(cls_c)``; the top ``count`` are the foreground. Dense Teacher takes a fixed top 1% of the cells, tuned on
@@ -25,7 +27,9 @@ rank comparison instead of a data-dependent ``topk`` size: fixed shapes, no host
 - ``loss_box``: the student's decoded box against the teacher's at the selected cells (GIoU/CIoU as the detector's),
   weighted by the teacher's score, so a cell ranked foreground with a low score moves the boxes little.
 
-Each is normalised as the supervised one and weighted by the detector's own ``box/obj/cls`` weights.
+``loss_obj`` and ``loss_cls`` are divided by the number of selected cells (the supervised terms by the number of
+positive cells), ``loss_box`` by the sum of its weights (a weighted mean); each is then scaled by the detector's own
+``box/obj/cls`` weights. A soft-target BCE never reaches 0: ``loss_cls`` bottoms out at the teacher's entropy.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def select_cells(teacher_raw: torch.Tensor, count: torch.Tensor | float) -> Dens
     device (no ``topk`` of a data-dependent size, no read-back)."""
     probs = teacher_raw[..., 4:5].float().sigmoid() * teacher_raw[..., 5:].float().sigmoid()  # [B, A, C]
     score, label = probs.max(dim=-1)
-    order = score.argsort(dim=1, descending=True)
+    order = score.argsort(dim=1, descending=True, stable=True)  # ties (letterbox padding) in a fixed order
     ranks = torch.arange(score.shape[1], device=score.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, ranks)
     count = torch.as_tensor(count, dtype=torch.float32, device=score.device).round()
@@ -101,7 +105,8 @@ def cell_hits(points: torch.Tensor, selection: DenseSelection, truth: Targets) -
     confusion). Batched ``[B, A, G]`` masks, no host synchronisation."""
     x, y = points[:, 0][None, :, None], points[:, 1][None, :, None]  # [1, A, 1]
     b = truth.boxes[:, None]  # [B, 1, G, 4]
-    inside = (x >= b[..., 0]) & (x <= b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 3]) & truth.valid[:, None]
+    inside = (x > b[..., 0]) & (x < b[..., 2]) & (y > b[..., 1]) & (y < b[..., 3]) & truth.valid[:, None]  # as the
+    # assigner: a centre on an edge is outside
     same = selection.label[..., None] == truth.labels[:, None]  # [B, A, G]
     sel = selection.selected[..., None]
     inside_same = (inside & same & sel).any(2)

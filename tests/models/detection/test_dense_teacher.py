@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from detkit.models.detection.dense_teacher import (DenseSelection, cell_hits, dense_pseudo_losses,
                                                    positives_per_image, select_cells)
+from detkit.models.detection.yolo import decode_ltrb
 from detkit.structures import Targets
 
 
@@ -69,7 +70,8 @@ def test_only_the_selected_cells_carry_class_and_box_terms_and_the_objectness_ta
     target = torch.where(sel.selected, teacher[..., 4].sigmoid(), torch.zeros(b, a))
     p = student[..., 4].sigmoid()
     bce = F.binary_cross_entropy_with_logits(student[..., 4], target, reduction="none")
-    assert float(losses["loss_obj"].detach()) == pytest.approx(float(((p - target).abs() ** 2 * bce).sum() / 3), rel=1e-5)
+    expected = ((p - target).abs() ** 2 * bce).sum() / 3
+    assert float(losses["loss_obj"].detach()) == pytest.approx(float(expected), rel=1e-5)
     # gradients: class and box terms reach only the selected cells; objectness reaches every cell
     (losses["loss_cls"] + losses["loss_box"]).backward()
     touched = student.grad[..., 5:].abs().sum(-1) > 0
@@ -103,13 +105,15 @@ def test_the_teacher_gets_no_gradient_and_the_detectors_weights_scale_the_terms(
     teacher = torch.randn(1, 4, 7, requires_grad=True)
     student = torch.randn(1, 4, 7, requires_grad=True)
     sel = selection([[True, False, True, True]], [[0.5, 0.2, 0.9, 0.4]])
-    t_boxes, s_boxes = boxes(1, 4), boxes(1, 4) + 3.0
+    points, strides = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]]), torch.full((4,), 8.0)
+    t_boxes = decode_ltrb(points, strides, teacher[..., :4])  # the teacher's boxes carry its graph
+    s_boxes = decode_ltrb(points, strides, student[..., :4])
     one = dense_pseudo_losses(student, teacher, s_boxes, t_boxes, sel, weights=(1.0, 1.0, 1.0))
     scaled = dense_pseudo_losses(student, teacher, s_boxes, t_boxes, sel, weights=(5.0, 2.0, 3.0))
     for k, w in (("loss_box", 5.0), ("loss_obj", 2.0), ("loss_cls", 3.0)):
         assert float(scaled[k].detach()) == pytest.approx(w * float(one[k].detach()), rel=1e-6)
     sum(scaled.values()).backward()
-    assert teacher.grad is None and student.grad is not None
+    assert teacher.grad is None and student.grad is not None and (student.grad[..., :4] != 0).any()
 
 
 def test_cells_are_right_inside_a_box_of_their_class_and_confused_inside_only_another_classs():
