@@ -474,6 +474,29 @@ def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_
     assert full["AP"] == resumed["AP"]
 
 
+def test_a_resumed_dense_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_path):
+    """YOLO with dense pseudo-labels, checkpoint at step 3 (mid-epoch, after burn-in) resumed in a new run: the same
+    weights, teacher and cell records as the run that went on."""
+    every = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+             f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=3",
+             "+callbacks.steps.save_top_k=1", "+callbacks.steps.monitor=step", "+callbacks.steps.mode=min",
+             "+callbacks.steps.filename='s{step}'", "data.num_workers=1", "semi.burn_in=2",
+             "semi.pseudo_labels=dense"]
+    full = run_semi("yolo", semi_data, tmp_path / "full", *every)
+    (saved,) = (tmp_path / "steps").glob("*step=3.ckpt")
+    ckpt = tmp_path / "step3.ckpt"
+    ckpt.write_bytes(saved.read_bytes())
+    resumed = run_semi("yolo", semi_data, tmp_path / "resumed", *every, f"ckpt_path={ckpt}")
+    a = torch.load(tmp_path / "full/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731
+    different = [k for k in a["state_dict"] if not same(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, different[:5]
+    assert full["self_training"] == resumed["self_training"] and full["self_training"]["unit"] == "cells"
+    assert full["self_training"]["epochs"][0]["pseudo_labels"] > 0
+    assert full["AP"] == resumed["AP"]
+
+
 @pytest.mark.slow
 def test_self_training_under_two_process_ddp_sums_its_records_over_processes(semi_data, tmp_path):
     """``trainer=ddp`` on 2 CPU processes (gloo; Lightning's launcher re-runs the command per rank): each process
