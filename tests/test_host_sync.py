@@ -67,9 +67,9 @@ def test_a_training_step_has_no_host_synchronisation(model):
 
 
 @pytest.mark.parametrize("model, adaptive", [("faster_rcnn", False), ("faster_rcnn", True), ("yolo", False),
-                                             ("yolo", True), ("yolo", "dense")],
+                                             ("yolo", True), ("yolo", "dense"), ("yolo", "dense_per_class")],
                          ids=["faster_rcnn-fixed_threshold", "faster_rcnn-adaptive_threshold", "yolo-fixed_threshold",
-                              "yolo-adaptive_threshold", "yolo-dense"])
+                              "yolo-adaptive_threshold", "yolo-dense", "yolo-dense_per_class"])
 def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
     """The semi-supervised step (semi=teacher after burn-in: the teacher's prediction on the weak views with its
     fixed-iteration NMS, pseudo-labels by top-k and mask, the student's supervised and unsupervised losses, the
@@ -79,8 +79,9 @@ def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
     from detkit.data.weak_strong import UnlabeledBatch
 
     low = ["model.detector.inference.score_thresh=0.0"] if model == "yolo" else []
-    mode = ["semi.pseudo_labels=dense"] if adaptive == "dense" else \
-        [f"semi.adaptive_threshold={str(adaptive).lower()}", "semi.adaptive_floor=0.0"]
+    mode = {"dense": ["semi.pseudo_labels=dense"],
+            "dense_per_class": ["semi.pseudo_labels=dense", "semi.dense_per_class=true"]}.get(
+        adaptive, [f"semi.adaptive_threshold={str(adaptive).lower()}", "semi.adaptive_floor=0.0"])
     module = build(model, "semi=teacher", "semi.unlabeled_images=unused", "semi.unlabeled_ann=unused.json",
                    "semi.burn_in=0", "semi.score_threshold=0.0", "semi.max_pseudo_labels=16", *low, *mode)
     opt = torch.optim.SGD(module.detector.parameters(), lr=0.01, momentum=0.9)

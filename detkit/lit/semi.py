@@ -144,6 +144,9 @@ class SelfTraining:
             after NMS. ``dense`` (YOLO only; Dense Teacher): the teacher's raw per-cell outputs at the cells it ranks
             as foreground, as soft targets (:mod:`detkit.models.detection.dense_teacher`); no threshold, no NMS, and
             its statistics count cells.
+        dense_per_class: with ``pseudo_labels=dense``, select each class's cells by that class's score, as many as
+            the labeled batch's positive cells of the class (:func:`~detkit.models.detection.dense_teacher.
+            select_cells`), instead of the best-scored cells of any class.
         score_threshold: a teacher detection above this becomes a pseudo-label: one value, or one per class. With
             ``adaptive_threshold`` one value: the most confident class's threshold.
         adaptive_threshold: class-wise thresholds from the teacher's own scores (FreeMatch-style): class ``c`` gets
@@ -173,6 +176,7 @@ class SelfTraining:
     batch_size: int | None = None
     burn_in: float = 0.3
     pseudo_labels: str = "boxes"
+    dense_per_class: bool = False
     score_threshold: float | Sequence[float] = 0.7
     adaptive_threshold: bool = False
     adaptive_floor: float = 0.1
@@ -193,6 +197,9 @@ class SelfTraining:
         if self.pseudo_labels not in PSEUDO_LABEL_KINDS:
             raise SelfTrainingError(f"semi.pseudo_labels must be one of {list(PSEUDO_LABEL_KINDS)}, got "
                                     f"{self.pseudo_labels!r}")
+        if self.dense_per_class and self.pseudo_labels != "dense":
+            raise SelfTrainingError("semi.dense_per_class=true selects dense pseudo-labels per class: it needs "
+                                    "semi.pseudo_labels=dense")
         if self.pseudo_labels == "dense" and self.adaptive_threshold:
             raise SelfTrainingError("semi.pseudo_labels=dense has no score threshold to adapt: drop "
                                     "semi.adaptive_threshold=true (or use semi.pseudo_labels=boxes)")
@@ -393,8 +400,11 @@ class SelfTrainingModule(DetectionModule):
             t_raw, grid = teacher.forward_raw(self._images(unlabeled.weak))
             t_boxes = decode_ltrb(grid.points, grid.strides, t_raw[..., :4])
             labeled = as_targets(labeled_targets, t_raw.device)
-            count = positives_per_image(student.assigner(grid.points, grid.strides, grid.level, labeled.boxes,
-                                                         labeled.valid))
+            assigned = student.assigner(grid.points, grid.strides, grid.level, labeled.boxes, labeled.valid)
+            if self.settings.dense_per_class:
+                count = positives_per_image(assigned, labeled.labels, len(self.categories))  # [C]
+            else:
+                count = positives_per_image(assigned)
             selection = select_cells(t_raw, count)
         s_raw, s_grid = student.forward_raw(self._images(unlabeled.strong))
         s_boxes = decode_ltrb(s_grid.points, s_grid.strides, s_raw[..., :4])
@@ -402,7 +412,7 @@ class SelfTrainingModule(DetectionModule):
         self._record_cells(selection, grid.points, unlabeled)
         # a labeled batch without objects gives a count of 0: nothing selected, and every cell of the unlabeled
         # images would be taught as background; that step's unsupervised terms are switched off (a multiply, no sync)
-        w = self.unsup_weight * (count >= 0.5).float()
+        w = self.unsup_weight * selection.selected.any().float()
         return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
 
     def _record_cells(self, selection: DenseSelection, points: torch.Tensor, unlabeled: UnlabeledBatch) -> None:
@@ -510,6 +520,7 @@ class SelfTrainingModule(DetectionModule):
         s = self.settings
         boxes = not self.dense  # the threshold, the cap and the IoU apply to box pseudo-labels only
         return {"burn_in_steps": self.burn_in_steps, "pseudo_labels": s.pseudo_labels,
+                "dense_per_class": s.dense_per_class if self.dense else None,
                 "unit": "boxes" if boxes else "cells", "score_threshold": s.score_threshold if boxes else None,
                 "adaptive_threshold": s.adaptive_threshold,
                 "max_pseudo_labels": s.max_pseudo_labels if boxes else None, "unsup_weight": self.unsup_weight,

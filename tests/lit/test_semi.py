@@ -330,6 +330,31 @@ def test_dense_pseudo_labels_teach_every_yolo_term_at_as_many_cells_as_the_label
     assert boxes.summary()["unit"] == "boxes"
 
 
+def test_per_class_dense_pseudo_labels_give_each_class_the_labeled_images_share():
+    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense", "semi.dense_per_class=true")
+    batch = semi_batch()
+    module.training_losses(batch)
+    images, targets = batch["labeled"]
+    det = module.detector
+    with torch.no_grad():
+        _, grid = det.forward_raw(images)
+    assigned = det.assigner(grid.points, grid.strides, grid.level, targets.boxes, targets.valid)
+    cell_labels = targets.labels.gather(1, assigned.clamp(min=0))
+    per_class = [round(float(((assigned >= 0) & (cell_labels == c)).sum()) / 2) for c in range(3)]
+    assert per_class[0] == 0 and per_class[1] > 0 and per_class[2] > 0  # the labeled batch holds classes 1 and 2
+    # each class's top cells by its own score, at its count on both unlabeled images; a cell picked by two classes
+    # is one cell, labelled by the class that scores it higher: so at most the count per class, at least the largest
+    got = module._stats[:, 0].tolist()
+    assert got[0] == 0  # no class-0 cell in the labeled batch: none selected (class-agnostic ranking selects some)
+    assert all(0 < got[c] <= 2 * per_class[c] for c in (1, 2)) and sum(got) >= 2 * max(per_class)
+    agnostic = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense")
+    agnostic.training_losses(batch)
+    assert int(agnostic._stats[0, 0]) > 0  # the same teacher ranking any class: the guard above can fail
+    assert module.summary()["dense_per_class"] is True
+    with pytest.raises(ValueError, match="dense_per_class"):
+        SelfTraining(unlabeled_images="x", dense_per_class=True)
+
+
 def test_dense_pseudo_labels_come_from_the_teacher_not_the_student():
     module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense", "semi.unlabeled_ann=unused.json")
     batch = semi_batch()

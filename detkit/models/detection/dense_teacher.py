@@ -16,7 +16,10 @@ COCO; how many cells an object covers depends on the data (BCCD's cells cover ~1
 detkit's centre sampling, COCO's objects far less), so ``count`` is instead the number of cells the detector's own
 assigner makes positive per *labeled* image of the same step (:func:`positives_per_image`): the unlabeled images
 come from the same distribution, so their expected foreground is the labeled images'. Computed on the device, with a
-rank comparison instead of a data-dependent ``topk`` size: fixed shapes, no host read-back.
+rank comparison instead of a data-dependent ``topk`` size: fixed shapes, no host read-back. ``per_class`` selection
+(``semi.dense_per_class=true``) draws each class's share by that class's own score, as many cells as the labeled
+images' positive cells of that class: a class the teacher scores lower than the others everywhere (a small, rare
+class) is then selected at its labeled share instead of hardly at all.
 
 **The losses** (over the student's outputs on the strong view; the teacher's on the weak view, same geometry):
 
@@ -52,25 +55,47 @@ class DenseSelection(NamedTuple):
     label: torch.Tensor
 
 
-def positives_per_image(assigned: torch.Tensor) -> torch.Tensor:
-    """The mean number of positive cells per image of an assignment ``[B, A]`` (``-1``: background), as a 0-d float
-    tensor on its device."""
-    return (assigned >= 0).float().sum(1).mean()
+def positives_per_image(assigned: torch.Tensor, labels: torch.Tensor | None = None,
+                        num_classes: int | None = None) -> torch.Tensor:
+    """The mean number of positive cells per image of an assignment ``[B, A]`` (``-1``: background, else the index
+    of a ground-truth box) on its device: a 0-d float tensor, or with the boxes' ``labels [B, G]`` and
+    ``num_classes`` one count per class ``[C]``."""
+    positive = assigned >= 0
+    if labels is None:
+        return positive.float().sum(1).mean()
+    cell_labels = labels.gather(1, assigned.clamp(min=0))  # [B, A]
+    classes = torch.arange(int(num_classes), device=assigned.device)
+    return ((cell_labels[..., None] == classes) & positive[..., None]).float().sum(1).mean(0)
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank along dim 1 by decreasing score (0: the highest); one stable sort, so ties (letterbox
+    padding) rank in a fixed order."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    shape = [1] * scores.dim()
+    shape[1] = scores.shape[1]
+    ranks = torch.arange(scores.shape[1], device=scores.device).view(shape).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
 
 
 def select_cells(teacher_raw: torch.Tensor, count: torch.Tensor | float) -> DenseSelection:
-    """Per image, the ``count`` cells (rounded; a 0-d tensor or a number) the teacher scores highest.
+    """Per image, the cells the teacher scores highest: ``count`` of them (a number or a 0-d tensor; rounded), or
+    with ``count`` of shape ``[C]`` (**per class**), for each class ``c`` the ``count[c]`` cells with the highest
+    class-``c`` score, so a class the teacher scores lower than the others everywhere still gets its share.
 
-    ``teacher_raw``: ``[B, A, 5 + C]`` raw outputs (``ltrb``, objectness logit, class logits). The rank of every cell
-    is computed by one sort, and a cell is selected where its rank is below ``count``: the count may live on the
-    device (no ``topk`` of a data-dependent size, no read-back)."""
+    ``teacher_raw``: ``[B, A, 5 + C]`` raw outputs (``ltrb``, objectness logit, class logits). Cells are selected
+    where their rank is below the count: the count may live on the device (no ``topk`` of a data-dependent size, no
+    read-back). A cell's label is its best class (per class: its best class among those that selected it) and its
+    score that class's ``sigmoid(obj) * sigmoid(cls)``."""
     probs = teacher_raw[..., 4:5].float().sigmoid() * teacher_raw[..., 5:].float().sigmoid()  # [B, A, C]
-    score, label = probs.max(dim=-1)
-    order = score.argsort(dim=1, descending=True, stable=True)  # ties (letterbox padding) in a fixed order
-    ranks = torch.arange(score.shape[1], device=score.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, ranks)
-    count = torch.as_tensor(count, dtype=torch.float32, device=score.device).round()
-    return DenseSelection(rank < count, score, label)
+    count = torch.as_tensor(count, dtype=torch.float32, device=probs.device).round()
+    if count.dim() == 0:
+        score, label = probs.max(dim=-1)
+        return DenseSelection(_ranks(score) < count, score, label)
+    chosen = _ranks(probs) < count  # [B, A, C]: among the top count[c] cells of class c
+    selected = chosen.any(-1)
+    label = torch.where(selected, probs.masked_fill(~chosen, -1.0).argmax(-1), probs.argmax(-1))
+    return DenseSelection(selected, probs.gather(-1, label[..., None])[..., 0], label)
 
 
 def dense_pseudo_losses(student_raw: torch.Tensor, teacher_raw: torch.Tensor, student_boxes: torch.Tensor,

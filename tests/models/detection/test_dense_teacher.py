@@ -127,3 +127,28 @@ def test_cells_are_right_inside_a_box_of_their_class_and_confused_inside_only_an
     same, other = cell_hits(points, sel, truth)
     assert same.tolist() == [[True, False, False, False]]
     assert other.tolist() == [[False, True, False, False]]
+
+
+def test_per_class_selection_gives_each_class_its_count_by_its_own_score():
+    # 1 image, 5 cells, 2 classes; class 1 scores below class 0 everywhere, as a rare class the teacher barely knows
+    obj = [[0.9, 0.9, 0.9, 0.9, 0.9]]
+    cls = [[[0.9, 0.05], [0.8, 0.1], [0.7, 0.3], [0.6, 0.2], [0.5, 0.01]]]
+    raw = raw_outputs(obj, cls)
+    assert select_cells(raw, 2.0).label[select_cells(raw, 2.0).selected].tolist() == [0, 0]  # by best score: no 1
+    sel = select_cells(raw, torch.tensor([1.0, 1.0]))  # one cell per class
+    assert sel.selected.tolist() == [[True, False, True, False, False]]
+    assert sel.label[0, [0, 2]].tolist() == [0, 1]  # cell 2 is class 1's best (0.3), taught as class 1
+    assert sel.score[0, 2] == pytest.approx(0.9 * 0.3, rel=1e-5)  # at its class-1 score
+    both = select_cells(raw, torch.tensor([1.0, 3.0]))  # cells 2, 3, 1 for class 1; cell 0 for class 0
+    assert both.selected.tolist() == [[True, True, True, True, False]]
+    assert both.label[0, :4].tolist() == [0, 1, 1, 1]
+    assert select_cells(raw, torch.tensor([0.4, 0.4])).selected.sum() == 0  # each count rounds to 0
+
+
+def test_per_class_positives_count_each_classs_cells_per_image():
+    assigned = torch.tensor([[-1, 0, 0, 1, -1], [2, -1, -1, -1, 0]])
+    labels = torch.tensor([[0, 1, 0], [1, 0, 0]])  # image 0: boxes 0, 1 are classes 0, 1; image 1: box 0 class 1
+    counts = positives_per_image(assigned, labels, 3)
+    # image 0: two class-0 cells, one class-1 cell; image 1: a class-0 cell (box 2) and a class-1 cell (box 0)
+    assert counts.tolist() == pytest.approx([1.5, 1.0, 0.0])
+    assert float(counts.sum()) == pytest.approx(float(positives_per_image(assigned)))
