@@ -389,6 +389,8 @@ def _arm_of(overrides: Sequence[str], arm_name: str | None) -> tuple[tuple, str]
         ov["init"] = f"{ov['init']}:{arm_name}"
     if ov["semi"] != "none" and ov.get("semi.pseudo_labels", "boxes") != "boxes":
         ov["semi"] = f"{ov['semi']}:{ov['semi.pseudo_labels']}"  # dense pseudo-labels are an arm of their own
+        if str(ov.get("semi.dense_per_class", "false")).lower() == "true":
+            ov["semi"] += ":per_class"
     return (ov["model"], ov["init"], ov["semi"], ov["transfer"], float(ov["data.train_fraction"])), ov.get("seed", "")
 
 

@@ -130,9 +130,10 @@ def _self_training_table(info: dict | None) -> str:
                    + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in cols) + "</tr>" for e in info.get("epochs", []))
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
     if info.get("unit") == "cells":  # semi.pseudo_labels=dense: no threshold; counts and precision are per cell
+        how = " per class, by each class's score" if info.get("dense_per_class") else ""
         note = (f"burn-in {info.get('burn_in_steps')} steps, dense pseudo-labels: the teacher's outputs at the cells "
-                f"it ranks foreground; counts are cells, precision the share of those cells lying inside a box of the "
-                f"class the teacher gives them (no recall)")
+                f"it ranks foreground{how}; counts are cells, precision the share of those cells lying inside a box "
+                f"of the class they are taught as (no recall)")
     else:
         above = (f"{info.get('score_threshold')} for the most confident class, class-wise thresholds adapted to the "
                  f"teacher's scores" if info.get("adaptive_threshold") else f"{info.get('score_threshold')}")

@@ -38,8 +38,10 @@ thresholded boxes, the student learns the teacher's raw outputs (objectness, cla
 the teacher ranks as foreground, as many per image as the labeled batch has positive cells per image
 (:mod:`detkit.models.detection.dense_teacher`). No score threshold, no NMS, and a selected cell of a class the
 teacher scores low is taught at that score instead of not at all (cells ranked below the count are taught as
-background, down-weighted). Its statistics count cells: a selected cell is right when its centre lies in a
-ground-truth box of the class the teacher gives it.
+background, down-weighted). ``dense_per_class`` selects each class's cells by that class's own score, as many as
+the labeled images' positive cells of the class (a moving average), so a rare class the teacher scores below the
+others everywhere still gets cells. Its statistics count cells: a selected cell is right when its centre lies in a
+ground-truth box of the class it is taught as.
 
 **Teacher updates.** During burn-in the teacher copies the student after every step, so at the end of burn-in it
 *is* the burned-in student (Unbiased Teacher initialises it so) and any evaluation during burn-in sees the student.
@@ -145,8 +147,10 @@ class SelfTraining:
             as foreground, as soft targets (:mod:`detkit.models.detection.dense_teacher`); no threshold, no NMS, and
             its statistics count cells.
         dense_per_class: with ``pseudo_labels=dense``, select each class's cells by that class's score, as many as
-            the labeled batch's positive cells of the class (:func:`~detkit.models.detection.dense_teacher.
-            select_cells`), instead of the best-scored cells of any class.
+            the labeled images' positive cells of the class per image (a moving average over steps, at least one
+            once the class was seen: :meth:`SelfTrainingModule.class_cell_counts`;
+            :func:`~detkit.models.detection.dense_teacher.select_cells`), instead of the best-scored cells of any
+            class. A cell chosen for two classes is one cell, taught as the one scoring it higher.
         score_threshold: a teacher detection above this becomes a pseudo-label: one value, or one per class. With
             ``adaptive_threshold`` one value: the most confident class's threshold.
         adaptive_threshold: class-wise thresholds from the teacher's own scores (FreeMatch-style): class ``c`` gets
@@ -154,7 +158,8 @@ class SelfTraining:
             of the teacher's highest score for it, averaged over steps with ``adaptive_decay``
             (:func:`~detkit.models.detection.pseudo_labels.adaptive_thresholds`).
         adaptive_floor: the lowest threshold an adaptive class threshold may take.
-        adaptive_decay: the moving average of the class confidences (per optimiser step).
+        adaptive_decay: the moving average of the class confidences (per optimiser step); with ``dense_per_class``
+            also of the per-class cell counts.
         max_pseudo_labels: pseudo-labels per image at most (the highest-scoring; the fixed padded size).
         unsup_weight: weight of the unsupervised terms. 1, not Unbiased Teacher's 4 (set for 180,000-step COCO
             runs): on BCCD at 5% of the labels and 300 steps (STUDY.md), at 4 YOLO's pseudo-labels dwindled and its
@@ -296,6 +301,7 @@ class SelfTrainingModule(DetectionModule):
         self._stats_epoch: int | None = None
         self._pseudo_count: torch.Tensor | None = None  # this step's pseudo-labels (logged)
         self._confidence: torch.Tensor | None = None  # [C] the classes' confidence levels (adaptive thresholds)
+        self._cell_counts: torch.Tensor | None = None  # [C] cells per image and class (dense_per_class)
         self.history: list[dict[str, Any]] = []  # one record per epoch (metrics.json "self_training")
 
     # ---- schedule ---------------------------------------------------------------------------------------------
@@ -312,8 +318,9 @@ class SelfTrainingModule(DetectionModule):
         super().on_fit_start()
         if self.dense:
             log.info("self-training: %d supervised burn-in steps, then dense pseudo-labels (the teacher's outputs at "
-                     "the cells it ranks foreground, as many per image as the labeled images' positive cells) train "
-                     "%s with weight %g; teacher decay %g", self.burn_in_steps, list(self.unsup_losses),
+                     "the cells it ranks foreground, as many per image as the labeled images' positive cells%s) "
+                     "train %s with weight %g; teacher decay %g", self.burn_in_steps,
+                     ", per class" if self.settings.dense_per_class else "", list(self.unsup_losses),
                      self.unsup_weight, self.settings.teacher_decay)
             return
         log.info("self-training: %d supervised burn-in steps, then pseudo-labels above %s%s (at most %d per image) "
@@ -388,8 +395,9 @@ class SelfTrainingModule(DetectionModule):
                                   labeled_targets: Any) -> dict[str, torch.Tensor]:
         """``semi.pseudo_labels=dense`` (YOLO): ``{"unsup_<term>": unsup_weight * term}`` for the student on the
         strong views against the teacher's raw outputs on the weak views, at the cells the teacher ranks foreground,
-        as many per image as the labeled batch has positive cells per image
-        (:mod:`detkit.models.detection.dense_teacher`); records the selected cells' statistics."""
+        as many per image as the labeled batch has positive cells per image (per class with ``dense_per_class``:
+        :meth:`class_cell_counts`; :mod:`detkit.models.detection.dense_teacher`); records the selected cells'
+        statistics."""
         student, teacher = self.detector, self.teacher()
         if tuple(labeled_images.shape[-2:]) != tuple(unlabeled.weak.shape[-2:]):  # host-side shapes: no sync
             raise SelfTrainingError(f"semi.pseudo_labels=dense counts the labeled images' positive cells on the "
@@ -402,7 +410,7 @@ class SelfTrainingModule(DetectionModule):
             labeled = as_targets(labeled_targets, t_raw.device)
             assigned = student.assigner(grid.points, grid.strides, grid.level, labeled.boxes, labeled.valid)
             if self.settings.dense_per_class:
-                count = positives_per_image(assigned, labeled.labels, len(self.categories))  # [C]
+                count = self.class_cell_counts(positives_per_image(assigned, labeled.labels, len(self.categories)))
             else:
                 count = positives_per_image(assigned)
             selection = select_cells(t_raw, count)
@@ -410,14 +418,30 @@ class SelfTrainingModule(DetectionModule):
         s_boxes = decode_ltrb(s_grid.points, s_grid.strides, s_raw[..., :4])
         raw = dense_pseudo_losses(s_raw, t_raw, s_boxes, t_boxes, selection, student.box_loss, student.weights)
         self._record_cells(selection, grid.points, unlabeled)
-        # a labeled batch without objects gives a count of 0: nothing selected, and every cell of the unlabeled
-        # images would be taught as background; that step's unsupervised terms are switched off (a multiply, no sync)
+        # a labeled batch without objects (or, per class, no class seen yet) gives a count of 0: nothing selected, and
+        # every cell of the unlabeled images would be taught as background; that step's unsupervised terms are
+        # switched off (a multiply, no sync)
         w = self.unsup_weight * selection.selected.any().float()
         return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
 
+    def class_cell_counts(self, level: torch.Tensor) -> torch.Tensor:
+        """``semi.dense_per_class``: the cells per image to select for each class ``[C]``, from this step's labeled
+        positive cells per image and class ``level`` ``[C]``: a moving average over steps (``adaptive_decay``; the
+        first step sets it; averaged over processes under DDP and kept in checkpoints), so a class missing from one
+        small labeled batch keeps its share; a class once seen gets at least one cell per image (a count below 0.5
+        would round to none)."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            level = self.trainer.strategy.reduce(level, reduce_op="mean")  # a collective, not a read-back
+        if self._cell_counts is None:
+            self._cell_counts = level
+        else:
+            self._cell_counts = torch.lerp(level, self._cell_counts.to(level.device), self.settings.adaptive_decay)
+        return torch.where(self._cell_counts > 0, self._cell_counts.clamp(min=1.0), self._cell_counts)
+
     def _record_cells(self, selection: DenseSelection, points: torch.Tensor, unlabeled: UnlabeledBatch) -> None:
-        """Dense pseudo-labels' statistics, in cells: selected cells per class (the teacher's best class), those
-        inside a ground-truth box of that class, and those inside only another class's boxes."""
+        """Dense pseudo-labels' statistics, in cells: selected cells per class (the class each is taught as:
+        :class:`~detkit.models.detection.dense_teacher.DenseSelection`), those inside a ground-truth box of that
+        class, and those inside only another class's boxes."""
         truth, c = unlabeled.targets, len(self.categories)
         count = per_class_counts(selection.label, selection.selected, c)
         if self.measure:
@@ -533,7 +557,8 @@ class SelfTrainingModule(DetectionModule):
         checkpoint["self_training"] = {
             "history": list(self.history), "images": self._stats_images, "epoch": self._stats_epoch,
             "stats": self._stats.detach().cpu() if self._stats is not None else None,
-            "confidence": self._confidence.detach().cpu() if self._confidence is not None else None}
+            "confidence": self._confidence.detach().cpu() if self._confidence is not None else None,
+            "cell_counts": self._cell_counts.detach().cpu() if self._cell_counts is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -543,6 +568,7 @@ class SelfTrainingModule(DetectionModule):
             self.history = list(state["history"])
             self._stats_images, self._stats_epoch, self._stats = state["images"], state["epoch"], state["stats"]
             self._confidence = state.get("confidence")
+            self._cell_counts = state.get("cell_counts")
             if self._trainer is not None and self.trainer.global_rank != 0:
                 # the checkpoint holds rank 0's part of the unfinished epoch: restored on every process, the
                 # epoch's sum over processes would count it world_size times (the others' parts are not saved)

@@ -658,5 +658,7 @@ def test_dense_pseudo_labels_are_an_arm_of_their_own():
     assert _arm_of(base, None) == (("yolo", "simclr", "teacher", "none", 0.1), "2")
     assert _arm_of([*base, "semi.pseudo_labels=boxes"], None)[0] == ("yolo", "simclr", "teacher", "none", 0.1)
     assert _arm_of([*base, "semi.pseudo_labels=dense"], None)[0] == ("yolo", "simclr", "teacher:dense", "none", 0.1)
+    assert _arm_of([*base, "semi.pseudo_labels=dense", "semi.dense_per_class=true"], None)[0][2] == \
+        "teacher:dense:per_class"
     # without self-training the setting means nothing: still the plain arm
     assert _arm_of(["model=yolo", "semi=none", "semi.pseudo_labels=dense"], None)[0][2] == "none"

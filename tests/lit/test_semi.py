@@ -333,6 +333,10 @@ def test_dense_pseudo_labels_teach_every_yolo_term_at_as_many_cells_as_the_label
 def test_per_class_dense_pseudo_labels_give_each_class_the_labeled_images_share():
     module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense", "semi.dense_per_class=true")
     batch = semi_batch()
+    u = batch["unlabeled"]
+    other = Targets(u.targets.boxes, torch.zeros_like(u.targets.labels), u.targets.valid, u.targets.image_ids,
+                    u.targets.orig_sizes, u.targets.scales)  # the unlabeled images' own labels (class 0) never count
+    batch["unlabeled"] = UnlabeledBatch(u.weak, u.strong, other)
     module.training_losses(batch)
     images, targets = batch["labeled"]
     det = module.detector
@@ -350,6 +354,17 @@ def test_per_class_dense_pseudo_labels_give_each_class_the_labeled_images_share(
     agnostic = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense")
     agnostic.training_losses(batch)
     assert int(agnostic._stats[0, 0]) > 0  # the same teacher ranking any class: the guard above can fail
+    # the counts are a moving average seeded by the first step, and a class once seen keeps at least one cell
+    assert module._cell_counts.tolist() == pytest.approx(per_class, abs=0.5)
+    images, targets = batch["labeled"]
+    only_2 = Targets(targets.boxes, targets.labels, targets.labels == 2, targets.image_ids, targets.orig_sizes,
+                     targets.scales)  # a batch without class 1: its count decays by 0.9, it is not dropped
+    first = module._cell_counts.clone()
+    counts = module.class_cell_counts(torch.tensor([0.0, 0.0, float(first[2])]))
+    assert float(module._cell_counts[1]) == pytest.approx(0.9 * float(first[1]))
+    assert float(counts[1]) >= 1.0 and float(counts[0]) == 0.0
+    module.training_losses({"labeled": (images, only_2), "unlabeled": batch["unlabeled"]})
+    assert float(module._cell_counts[1]) == pytest.approx(0.81 * float(first[1]))
     assert module.summary()["dense_per_class"] is True
     with pytest.raises(ValueError, match="dense_per_class"):
         SelfTraining(unlabeled_images="x", dense_per_class=True)
@@ -374,8 +389,9 @@ def test_dense_pseudo_labels_come_from_the_teacher_not_the_student():
     assert int(module._stats[1:, 0].sum()) == 0
 
 
-def test_a_labeled_batch_without_objects_switches_the_dense_terms_off_for_that_step():
-    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense")
+@pytest.mark.parametrize("per_class", [False, True])
+def test_a_labeled_batch_without_objects_switches_the_dense_terms_off_for_that_step(per_class):
+    module = build("yolo", "semi.burn_in=0", "semi.pseudo_labels=dense", f"semi.dense_per_class={per_class}")
     batch = semi_batch()
     images, targets = batch["labeled"]
     empty = Targets(targets.boxes, targets.labels, torch.zeros_like(targets.valid), targets.image_ids,
@@ -500,13 +516,13 @@ def test_a_resumed_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_
 
 
 def test_a_resumed_dense_self_training_run_equals_an_uninterrupted_one(semi_data, tmp_path):
-    """YOLO with dense pseudo-labels, checkpoint at step 3 (mid-epoch, after burn-in) resumed in a new run: the same
+    """YOLO with dense pseudo-labels selected per class, checkpoint at step 3 (mid-epoch, after burn-in) resumed in a new run: the same
     weights, teacher and cell records as the run that went on."""
     every = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
              f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=3",
              "+callbacks.steps.save_top_k=1", "+callbacks.steps.monitor=step", "+callbacks.steps.mode=min",
              "+callbacks.steps.filename='s{step}'", "data.num_workers=1", "semi.burn_in=2",
-             "semi.pseudo_labels=dense"]
+             "semi.pseudo_labels=dense", "semi.dense_per_class=true"]  # its class counts must resume too
     full = run_semi("yolo", semi_data, tmp_path / "full", *every)
     (saved,) = (tmp_path / "steps").glob("*step=3.ckpt")
     ckpt = tmp_path / "step3.ckpt"
@@ -519,6 +535,7 @@ def test_a_resumed_dense_self_training_run_equals_an_uninterrupted_one(semi_data
     assert not different, different[:5]
     assert full["self_training"] == resumed["self_training"] and full["self_training"]["unit"] == "cells"
     assert full["self_training"]["epochs"][0]["pseudo_labels"] > 0
+    assert torch.equal(a["self_training"]["cell_counts"], b["self_training"]["cell_counts"])
     assert full["AP"] == resumed["AP"]
 
 

@@ -17,9 +17,11 @@ detkit's centre sampling, COCO's objects far less), so ``count`` is instead the 
 assigner makes positive per *labeled* image of the same step (:func:`positives_per_image`): the unlabeled images
 come from the same distribution, so their expected foreground is the labeled images'. Computed on the device, with a
 rank comparison instead of a data-dependent ``topk`` size: fixed shapes, no host read-back. ``per_class`` selection
-(``semi.dense_per_class=true``) draws each class's share by that class's own score, as many cells as the labeled
-images' positive cells of that class: a class the teacher scores lower than the others everywhere (a small, rare
-class) is then selected at its labeled share instead of hardly at all.
+(``semi.dense_per_class=true``) draws each class's cells by that class's own score, as many as the labeled images'
+positive cells of that class per image (averaged over steps by the caller): a class the teacher scores lower than
+the others everywhere (a small, rare class) is then selected at about its labeled share instead of hardly at all. A
+cell chosen for two classes is one cell, taught as the class scoring it higher, so a class's recorded cells can fall
+below its count.
 
 **The losses** (over the student's outputs on the strong view; the teacher's on the weak view, same geometry):
 
@@ -47,8 +49,9 @@ from detkit.structures import Targets
 
 
 class DenseSelection(NamedTuple):
-    """The teacher's foreground cells of a batch (all ``[B, A]``): ``selected`` (bool), ``score`` (the teacher's best
-    class score at each cell) and ``label`` (that class)."""
+    """The teacher's foreground cells of a batch (all ``[B, A]``): ``selected`` (bool), ``label`` (the class each cell
+    is taught as: the teacher's best class, or with per-class selection the best of the classes that selected it)
+    and ``score`` (the teacher's score of that class at the cell)."""
 
     selected: torch.Tensor
     score: torch.Tensor

@@ -143,6 +143,20 @@ def test_per_class_selection_gives_each_class_its_count_by_its_own_score():
     assert both.selected.tolist() == [[True, True, True, True, False]]
     assert both.label[0, :4].tolist() == [0, 1, 1, 1]
     assert select_cells(raw, torch.tensor([0.4, 0.4])).selected.sum() == 0  # each count rounds to 0
+    shared = select_cells(raw, torch.tensor([2.0, 3.0]))  # class 0: cells 0, 1; class 1: cells 2, 3, 1
+    assert shared.selected.tolist() == [[True, True, True, True, False]]
+    # cell 1 is chosen by both: taught as class 0, which scores it higher (0.8 against 0.1), at that score
+    assert shared.label[0, :4].tolist() == [0, 0, 1, 1]
+    assert shared.score[0, 1] == pytest.approx(0.9 * 0.8, rel=1e-5)
+
+
+def test_per_class_selection_ranks_within_each_image():
+    obj = [[0.9, 0.9, 0.9], [0.9, 0.9, 0.9]]
+    cls = [[[0.9, 0.1], [0.2, 0.3], [0.1, 0.2]],  # image 0: class 1's best cell is cell 1
+           [[0.1, 0.2], [0.2, 0.1], [0.9, 0.8]]]  # image 1: cell 2 is best for both classes
+    sel = select_cells(raw_outputs(obj, cls), torch.tensor([1.0, 1.0]))
+    assert sel.selected.tolist() == [[True, True, False], [False, False, True]]
+    assert sel.label[0, :2].tolist() == [0, 1] and int(sel.label[1, 2]) == 0
 
 
 def test_per_class_positives_count_each_classs_cells_per_image():
