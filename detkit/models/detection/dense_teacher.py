@@ -44,7 +44,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from detkit.models.detection.losses import iou_loss
+from detkit.models.detection.losses import iou_loss, masked_mean
+from detkit.models.detection.pseudo_labels import per_class_counts
+from detkit.models.detection.yolo import centres_inside
 from detkit.structures import Targets
 
 
@@ -67,8 +69,7 @@ def positives_per_image(assigned: torch.Tensor, labels: torch.Tensor | None = No
     if labels is None:
         return positive.float().sum(1).mean()
     cell_labels = labels.gather(1, assigned.clamp(min=0))  # [B, A]
-    classes = torch.arange(int(num_classes), device=assigned.device)
-    return ((cell_labels[..., None] == classes) & positive[..., None]).float().sum(1).mean(0)
+    return per_class_counts(cell_labels, positive, int(num_classes)).float() / assigned.shape[0]
 
 
 def _ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ def dense_pseudo_losses(student_raw: torch.Tensor, teacher_raw: torch.Tensor, st
     loss_obj = (focal * F.binary_cross_entropy_with_logits(s_obj, t_obj, reduction="none")).sum() / n
     cls = F.binary_cross_entropy_with_logits(student_raw[..., 5:].float(), teacher_raw[..., 5:].sigmoid(),
                                              reduction="none").sum(-1)
-    loss_cls = (cls * sel).sum() / n
+    loss_cls = masked_mean(cls, sel, n)
     weight = selection.score.detach() * sel
     loss_box = (iou_loss(student_boxes.float(), teacher_boxes, box_loss) * weight).sum() / weight.sum().clamp(min=1e-6)
     wb, wo, wc = weights
@@ -131,10 +132,7 @@ def cell_hits(points: torch.Tensor, selection: DenseSelection, truth: Targets) -
     inside_other_only)``, both ``bool [B, A]``: selected cells whose centre (``points [A, 2]``) lies in a box of the
     class the teacher gives them, and selected cells lying in a box of another class and in none of theirs (a class
     confusion). Batched ``[B, A, G]`` masks, no host synchronisation."""
-    x, y = points[:, 0][None, :, None], points[:, 1][None, :, None]  # [1, A, 1]
-    b = truth.boxes[:, None]  # [B, 1, G, 4]
-    inside = (x > b[..., 0]) & (x < b[..., 2]) & (y > b[..., 1]) & (y < b[..., 3]) & truth.valid[:, None]  # as the
-    # assigner: a centre on an edge is outside
+    inside = centres_inside(points, truth.boxes).transpose(1, 2) & truth.valid[:, None]  # [B, A, G], as the assigner
     same = selection.label[..., None] == truth.labels[:, None]  # [B, A, G]
     sel = selection.selected[..., None]
     inside_same = (inside & same & sel).any(2)

@@ -110,6 +110,14 @@ def encode_ltrb(points: torch.Tensor, strides: torch.Tensor, boxes: torch.Tensor
     return torch.log(torch.expm1(d.clamp(min=1e-4)))
 
 
+def centres_inside(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``bool [B, G, A]``: which cell centres ``points [A, 2]`` lie strictly inside which ``xyxy`` boxes
+    ``[B, G, 4]`` (a centre on an edge is outside)."""
+    x, y = points[:, 0], points[:, 1]
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # [B, G, 1]
+    return (x > x0) & (x < x1) & (y > y0) & (y < y1)
+
+
 class CentreSamplingAssigner:
     """Assigns cells to ground-truth boxes by geometry (see the module docstring), batched.
 
@@ -150,7 +158,7 @@ class CentreSamplingAssigner:
         """
         x, y = points[:, 0], points[:, 1]
         x0, y0, x1, y1 = (gt_boxes[..., i, None] for i in range(4))  # [B, G, 1]
-        inside = (x > x0) & (x < x1) & (y > y0) & (y < y1)  # [B, G, A]
+        inside = centres_inside(points, gt_boxes)  # [B, G, A]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         r = self.center_radius * strides
         near = ((x - cx).abs() < r) & ((y - cy).abs() < r)
