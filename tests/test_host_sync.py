@@ -66,9 +66,11 @@ def test_a_training_step_has_no_host_synchronisation(model):
     assert sync.total == 0, (dict(sync.counts), dict(sync.sites))
 
 
-@pytest.mark.parametrize("model, adaptive", [("faster_rcnn", False), ("faster_rcnn", True), ("yolo", False),
+@pytest.mark.parametrize("model, adaptive", [("faster_rcnn", False), ("faster_rcnn", True),
+                                             ("faster_rcnn", "soft_background"), ("yolo", False),
                                              ("yolo", True), ("yolo", "dense"), ("yolo", "dense_per_class")],
-                         ids=["faster_rcnn-fixed_threshold", "faster_rcnn-adaptive_threshold", "yolo-fixed_threshold",
+                         ids=["faster_rcnn-fixed_threshold", "faster_rcnn-adaptive_threshold",
+                              "faster_rcnn-soft_background", "yolo-fixed_threshold",
                               "yolo-adaptive_threshold", "yolo-dense", "yolo-dense_per_class"])
 def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
     """The semi-supervised step (semi=teacher after burn-in: the teacher's prediction on the weak views with its
@@ -80,7 +82,8 @@ def test_a_self_training_step_has_no_host_synchronisation(model, adaptive):
 
     low = ["model.detector.inference.score_thresh=0.0"] if model == "yolo" else []
     mode = {"dense": ["semi.pseudo_labels=dense"],
-            "dense_per_class": ["semi.pseudo_labels=dense", "semi.dense_per_class=true"]}.get(
+            "dense_per_class": ["semi.pseudo_labels=dense", "semi.dense_per_class=true"],
+            "soft_background": ["semi.soft_background=true"]}.get(
         adaptive, [f"semi.adaptive_threshold={str(adaptive).lower()}", "semi.adaptive_floor=0.0"])
     module = build(model, "semi=teacher", "semi.unlabeled_images=unused", "semi.unlabeled_ann=unused.json",
                    "semi.burn_in=0", "semi.score_threshold=0.0", "semi.max_pseudo_labels=16", *low, *mode)

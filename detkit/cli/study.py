@@ -391,6 +391,8 @@ def _arm_of(overrides: Sequence[str], arm_name: str | None) -> tuple[tuple, str]
         ov["semi"] = f"{ov['semi']}:{ov['semi.pseudo_labels']}"  # dense pseudo-labels are an arm of their own
         if str(ov.get("semi.dense_per_class", "false")).lower() == "true":
             ov["semi"] += ":per_class"
+    if ov["semi"] != "none" and str(ov.get("semi.soft_background", "false")).lower() == "true":
+        ov["semi"] += ":soft_background"  # Faster R-CNN's soft background weights are an arm of their own
     return (ov["model"], ov["init"], ov["semi"], ov["transfer"], float(ov["data.train_fraction"])), ov.get("seed", "")
 
 

@@ -25,6 +25,13 @@ foreground/background target over *every* cell normalised by the number of posit
 image each object the teacher missed (scored below the threshold) becomes a negative at all its cells, and a batch
 with few pseudo-boxes would weigh those negatives by up to a thousand times; ``semi.unsup_losses`` can add it.
 
+**Soft background** (``semi.soft_background=true``, Faster R-CNN; Soft Teacher, Xu et al. 2021): the student's RoIs
+sampled as background on an unlabeled image (IoU below 0.5 with every pseudo-box) include objects the teacher scored
+below the threshold. With it, each such RoI's classification loss is weighted by the teacher's own background
+probability for that box (the teacher's RoI head on the weak view's features, which the pseudo-labels already
+computed: the strong view has the same geometry), so a missed object costs little; foreground RoIs keep weight 1.
+This loss call runs eagerly even with ``model.compile`` (a per-step function argument would recompile).
+
 **How much, and for which classes.** The unsupervised weight defaults to 1, not Unbiased Teacher's 4 (set for
 180,000-step COCO runs): on a small dataset and a short run, 4 let the pseudo-labelled classes crowd out a class
 the teacher never labels (STUDY.md: YOLO lost BCCD's platelets in every seed). The per-class records
@@ -64,7 +71,7 @@ import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -81,7 +88,7 @@ from detkit.models.detection.pseudo_labels import (adaptive_thresholds, class_co
                                                    on_other_class, per_class_counts, pseudo_label_targets,
                                                    score_thresholds)
 from detkit.models.detection.yolo import decode_ltrb
-from detkit.structures import as_targets
+from detkit.structures import Targets, as_targets
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +153,8 @@ class SelfTraining:
             after NMS. ``dense`` (YOLO only; Dense Teacher): the teacher's raw per-cell outputs at the cells it ranks
             as foreground, as soft targets (:mod:`detkit.models.detection.dense_teacher`); no threshold, no NMS, and
             its statistics count cells.
+        soft_background: Faster R-CNN: weight each background RoI's classification loss on an unlabeled image by
+            the teacher's background probability for that box (Soft Teacher; see the module docstring).
         dense_per_class: with ``pseudo_labels=dense``, select each class's cells by that class's score, as many as
             the labeled images' positive cells of the class per image (a moving average over steps, at least one
             once the class was seen: :meth:`SelfTrainingModule.class_cell_counts`;
@@ -182,6 +191,7 @@ class SelfTraining:
     burn_in: float = 0.3
     pseudo_labels: str = "boxes"
     dense_per_class: bool = False
+    soft_background: bool = False
     score_threshold: float | Sequence[float] = 0.7
     adaptive_threshold: bool = False
     adaptive_floor: float = 0.1
@@ -205,6 +215,10 @@ class SelfTraining:
         if self.dense_per_class and self.pseudo_labels != "dense":
             raise SelfTrainingError("semi.dense_per_class=true selects dense pseudo-labels per class: it needs "
                                     "semi.pseudo_labels=dense")
+        if self.pseudo_labels == "dense" and self.soft_background:
+            raise SelfTrainingError("semi.soft_background=true weights Faster R-CNN's background RoIs under box "
+                                    "pseudo-labels; semi.pseudo_labels=dense (YOLO) already teaches soft targets: "
+                                    "drop one of them")
         if self.pseudo_labels == "dense" and self.adaptive_threshold:
             raise SelfTrainingError("semi.pseudo_labels=dense has no score threshold to adapt: drop "
                                     "semi.adaptive_threshold=true (or use semi.pseudo_labels=boxes)")
@@ -289,6 +303,11 @@ class SelfTrainingModule(DetectionModule):
         if not self.unsup_losses or (known is not None and not set(self.unsup_losses) <= set(known)):
             raise SelfTrainingError(f"semi.unsup_losses={list(self.unsup_losses)}: {kind}'s loss terms are "
                                     f"{list(known or [])}; give a non-empty subset")
+        if self.settings.soft_background and (kind != "FasterRCNN" or "loss_classifier" not in self.unsup_losses):
+            raise SelfTrainingError(
+                f"semi.soft_background=true weights the RoI classification loss of a two-stage detector "
+                f"(model=faster_rcnn, with loss_classifier in semi.unsup_losses); here the detector is {kind} and "
+                f"the unsupervised terms are {list(self.unsup_losses)}")
         threshold = self.settings.score_threshold
         self.thresholds = threshold if isinstance(threshold, (int, float)) else \
             score_thresholds(threshold, len(self.categories))
@@ -324,11 +343,12 @@ class SelfTrainingModule(DetectionModule):
                      self.unsup_weight, self.settings.teacher_decay)
             return
         log.info("self-training: %d supervised burn-in steps, then pseudo-labels above %s%s (at most %d per image) "
-                 "train %s with weight %g; teacher decay %g", self.burn_in_steps, self.settings.score_threshold,
+                 "train %s with weight %g%s; teacher decay %g", self.burn_in_steps, self.settings.score_threshold,
                  " for the most confident class, class-wise thresholds adapted to the teacher's scores" if
                  self.settings.adaptive_threshold else "",
                  self.settings.max_pseudo_labels, list(self.unsup_losses), self.unsup_weight,
-                 self.settings.teacher_decay)
+                 ", background RoIs weighted by the teacher's background probability" if
+                 self.settings.soft_background else "", self.settings.teacher_decay)
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def training_losses(self, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
@@ -353,15 +373,28 @@ class SelfTrainingModule(DetectionModule):
             teacher.eval()
         return teacher
 
-    def pseudo_labels(self, unlabeled: UnlabeledBatch):
-        """The teacher's pseudo-labels for the weak views (:class:`~detkit.structures.Targets`, fixed shape)."""
+    def pseudo_labels(self, unlabeled: UnlabeledBatch
+                      ) -> tuple[Targets, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """The teacher's pseudo-labels for the weak views (:class:`~detkit.structures.Targets`, fixed shape), and with
+        ``soft_background`` the teacher's background probability of boxes on those images (``[B, S, 4]`` xyxy ->
+        ``[B, S]``, no gradient; :meth:`RoIHeads.background_probability` on the features of this same forward)."""
         teacher = self.teacher()
+        weak = self._images(unlabeled.weak)
+        background = None
         with torch.no_grad(), fixed_nms_iterations(teacher, self.settings.teacher_nms_iterations):
-            dets = teacher.predict(self._images(unlabeled.weak))
+            if self.settings.soft_background:
+                dets, features = teacher.predict_with_features(weak)
+
+                def background(boxes: torch.Tensor) -> torch.Tensor:
+                    with torch.no_grad():
+                        return teacher.roi_heads.background_probability(features, boxes)
+            else:
+                dets = teacher.predict(weak)
         thresholds = self.thresholds
         if self.settings.adaptive_threshold:
             thresholds = self.adapt_thresholds(dets)
-        return pseudo_label_targets(dets, thresholds, self.settings.max_pseudo_labels, like=unlabeled.targets)
+        pseudo = pseudo_label_targets(dets, thresholds, self.settings.max_pseudo_labels, like=unlabeled.targets)
+        return pseudo, background
 
     def adapt_thresholds(self, dets) -> torch.Tensor:
         """Moves the classes' confidence levels toward this batch's (:func:`class_confidence`; the first batch sets
@@ -384,9 +417,13 @@ class SelfTrainingModule(DetectionModule):
     def unsupervised_losses(self, unlabeled: UnlabeledBatch) -> dict[str, torch.Tensor]:
         """``{"unsup_<term>": unsup_weight * term}`` for the student on the strong views against the teacher's
         pseudo-labels from the weak views; records the pseudo-labels' statistics."""
-        pseudo = self.pseudo_labels(unlabeled)
+        pseudo, background = self.pseudo_labels(unlabeled)
         generator = None if self.hparams.compile else self._generators.get(str(unlabeled.strong.device))
-        raw = self.loss_fn(self._images(unlabeled.strong), pseudo, generator=generator)
+        if background is None:
+            raw = self.loss_fn(self._images(unlabeled.strong), pseudo, generator=generator)
+        else:  # eager: a new function argument every step would make a compiled loss recompile
+            raw = self.detector.loss(self._images(unlabeled.strong), pseudo, generator=generator,
+                                     background_weights=background)
         self._record(pseudo, unlabeled)
         w = self.unsup_weight
         return {f"unsup_{k}": w * raw[k] for k in self.unsup_losses}
@@ -545,6 +582,7 @@ class SelfTrainingModule(DetectionModule):
         boxes = not self.dense  # the threshold, the cap and the IoU apply to box pseudo-labels only
         return {"burn_in_steps": self.burn_in_steps, "pseudo_labels": s.pseudo_labels,
                 "dense_per_class": s.dense_per_class if self.dense else None,
+                "soft_background": s.soft_background,
                 "unit": "boxes" if boxes else "cells", "score_threshold": s.score_threshold if boxes else None,
                 "adaptive_threshold": s.adaptive_threshold,
                 "max_pseudo_labels": s.max_pseudo_labels if boxes else None, "unsup_weight": self.unsup_weight,

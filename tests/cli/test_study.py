@@ -660,5 +660,7 @@ def test_dense_pseudo_labels_are_an_arm_of_their_own():
     assert _arm_of([*base, "semi.pseudo_labels=dense"], None)[0] == ("yolo", "simclr", "teacher:dense", "none", 0.1)
     assert _arm_of([*base, "semi.pseudo_labels=dense", "semi.dense_per_class=true"], None)[0][2] == \
         "teacher:dense:per_class"
+    assert _arm_of(["model=faster_rcnn", "init=simclr", "semi=teacher", "semi.soft_background=true"], None)[0][2] == \
+        "teacher:soft_background"
     # without self-training the setting means nothing: still the plain arm
     assert _arm_of(["model=yolo", "semi=none", "semi.pseudo_labels=dense"], None)[0][2] == "none"

@@ -418,6 +418,65 @@ def test_dense_pseudo_labels_are_refused_where_they_cannot_work():
         SelfTraining(unlabeled_images="x", pseudo_labels="soft")
 
 
+def test_soft_background_weights_come_from_the_teacher_on_the_weak_views():
+    """semi.soft_background=true (Faster R-CNN): the student's unsupervised RoI loss gets, for its sampled RoIs, the
+    teacher's background probability computed on the weak views' features (not the strong views', not the
+    student's); the labeled batch's loss gets no weights."""
+    module = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0", "semi.soft_background=true")
+    student, teacher = module.detector, module.teacher()
+    with torch.no_grad():  # the teacher now differs from the student (the EMA starts as its copy)
+        teacher.roi_heads.box_predictor.cls_score.bias[-1] -= 3.0
+        teacher.roi_heads.box_predictor.cls_score.weight.mul_(20.0)
+    batch = semi_batch()
+    weak = batch["unlabeled"].weak
+    strong = (weak.float() * 0.5 + 60).to(torch.uint8)  # a photometric change: same geometry, other pixels
+    batch["unlabeled"] = UnlabeledBatch(weak, strong, batch["unlabeled"].targets)
+    calls, original = [], student.roi_heads.loss
+
+    def spy(features, proposals, targets, generator=None, background_weights=None):
+        if background_weights is None:
+            calls.append(None)
+            return original(features, proposals, targets, generator)
+
+        def recorded(boxes):
+            weights = background_weights(boxes)
+            calls.append((boxes, weights))
+            return weights
+        return original(features, proposals, targets, generator, recorded)
+
+    student.roi_heads.loss = spy
+    losses, _ = module.training_losses(batch)
+    assert calls[0] is None and len(calls) == 2  # the labeled loss is plain; the unlabeled one weighted once
+    boxes, weights = calls[1]
+    assert boxes.shape[:2] == weights.shape == (2, student.roi_heads.sampler.batch_size_per_image)
+    with torch.no_grad():
+        expect = teacher.roi_heads.background_probability(teacher.predict_with_features(weak)[1], boxes)
+        on_strong = teacher.roi_heads.background_probability(teacher.predict_with_features(strong)[1], boxes)
+        from_student = student.roi_heads.background_probability(
+            [f for f in student.predict_with_features(weak)[1]], boxes)
+    assert torch.allclose(weights, expect, atol=1e-6)
+    assert not torch.allclose(weights, on_strong, atol=1e-3) and not torch.allclose(weights, from_student, atol=1e-3)
+    plain = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0")
+    with torch.no_grad():
+        for p, q in zip(plain.ema.module.parameters(), teacher.parameters()):
+            p.copy_(q)
+    plain_losses, _ = plain.training_losses(batch)  # same seed, same teacher: only the weights differ
+    assert float(losses["unsup_loss_classifier"].detach()) != pytest.approx(
+        float(plain_losses["unsup_loss_classifier"].detach()), rel=1e-3)
+    assert float(losses["unsup_loss_objectness"].detach()) == pytest.approx(
+        float(plain_losses["unsup_loss_objectness"].detach()), rel=1e-6)
+    assert module.summary()["soft_background"] is True and plain.summary()["soft_background"] is False
+
+
+def test_soft_background_is_refused_where_it_cannot_work():
+    with pytest.raises(Exception, match="model=faster_rcnn"):
+        build("yolo", "semi.soft_background=true")
+    with pytest.raises(Exception, match="loss_classifier"):
+        build("faster_rcnn", "semi.soft_background=true", "semi.unsup_losses=[loss_objectness]")
+    with pytest.raises(ValueError, match="soft_background"):
+        SelfTraining(unlabeled_images="x", pseudo_labels="dense", soft_background=True)
+
+
 # ---- real runs ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def semi_data(tmp_path_factory) -> dict[str, Path]:

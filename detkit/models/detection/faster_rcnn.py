@@ -44,24 +44,33 @@ class FasterRCNN(nn.Module):
         self.diagnostics: dict[str, torch.Tensor] = {}
 
     def loss(self, images: torch.Tensor, targets: Targets | Sequence[dict],
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None,
+             background_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``images uint8 [B, 3, H, W]`` and padded :class:`~detkit.data.collate.Targets` (``boxes`` xyxy input
         pixels; a list of per-image dicts is padded once) -> named losses ``loss_objectness``,
         ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``. Anchor and RoI sampling draw from
-        ``generator`` (the global RNG if None)."""
+        ``generator`` (the global RNG if None). ``background_weights`` weights the sampled background RoIs'
+        classification loss (:meth:`RoIHeads.loss`; self-training's soft background)."""
         targets = as_targets(targets, images.device)
         features = self.backbone(images)
         proposals, rpn_losses = self.rpn(features, tuple(images.shape[-2:]), targets, generator)
         self.diagnostics = {"nonfinite_proposals": proposals.nonfinite}
-        roi_losses = self.roi_heads.loss([features[n] for n in self.roi_levels], proposals, targets, generator)
+        roi_losses = self.roi_heads.loss([features[n] for n in self.roi_levels], proposals, targets, generator,
+                                         background_weights)
         return {**rpn_losses, **roi_losses}
 
     def predict(self, images: torch.Tensor) -> Detections:
         """``images uint8 [B, 3, H, W]`` -> padded :class:`Detections` in input pixels."""
+        return self.predict_with_features(images)[0]
+
+    def predict_with_features(self, images: torch.Tensor) -> tuple[Detections, list[torch.Tensor]]:
+        """:meth:`predict`, and the feature maps the RoI heads pooled from (finest first), for a caller that scores
+        other boxes on the same images (:meth:`RoIHeads.background_probability`)."""
         image_size = tuple(images.shape[-2:])
         features = self.backbone(images)
         proposals, _ = self.rpn(features, image_size)
-        return self.roi_heads.predict([features[n] for n in self.roi_levels], proposals, image_size)
+        pooled = [features[n] for n in self.roi_levels]
+        return self.roi_heads.predict(pooled, proposals, image_size), pooled
 
     def forward(self, images: torch.Tensor) -> Detections:
         return self.predict(images)

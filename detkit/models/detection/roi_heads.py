@@ -224,10 +224,16 @@ class RoIHeads(nn.Module):
         return logits.view(b, r, -1), deltas.view(b, r, self.num_classes, 4)
 
     def loss(self, features: list[torch.Tensor], proposals: Proposals, targets: Targets,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None,
+             background_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Sample ``batch_size_per_image`` RoIs per image from the proposals with the ground truth appended, and
         return ``loss_classifier`` (cross-entropy over the sampled RoIs) and ``loss_box_reg`` (over the sampled
-        positives, divided by the number sampled, as torchvision)."""
+        positives, divided by the number sampled, as torchvision).
+
+        ``background_weights`` (Soft Teacher, Xu et al. 2021; for pseudo-labels): ``boxes [B, S, 4]`` (the sampled
+        RoIs, xyxy input pixels) -> ``[B, S]`` weights in [0, 1]. Each sampled *background* RoI's cross-entropy is
+        weighted by it (foreground RoIs by 1) and ``loss_classifier`` is the weighted sum over the weights' sum, so a
+        background RoI the teacher thinks holds an object it did not pseudo-label counts little."""
         cand = torch.cat([proposals.boxes, targets.boxes], dim=1)  # [B, P + G, 4]
         cand_valid = torch.cat([proposals.valid, targets.valid], dim=1)
         matches = self.matcher(batched_box_iou(targets.boxes, cand), targets.valid)  # [B, P + G]
@@ -242,8 +248,19 @@ class RoIHeads(nn.Module):
         pred = deltas.gather(2, gt_labels[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)  # the true class's
         target = self.box_coder.encode(targets.boxes.gather(1, gt_idx[..., None].expand(-1, -1, 4)), boxes)
         box = box_regression_loss(pred, target, self.box_loss)
-        return {"loss_classifier": masked_mean(cls, sample.valid, count),
-                "loss_box_reg": masked_mean(box, sample.positive, count)}
+        if background_weights is None:
+            loss_cls = masked_mean(cls, sample.valid, count)
+        else:  # mmdetection's Soft Teacher: label weights 1 (foreground) / teacher's background score, sum / weights
+            soft = background_weights(boxes).detach().float().clamp(0.0, 1.0)
+            weight = torch.where(sample.positive, torch.ones_like(soft), soft) * sample.valid
+            loss_cls = (cls * weight).sum() / weight.sum().clamp(min=1.0)
+        return {"loss_classifier": loss_cls, "loss_box_reg": masked_mean(box, sample.positive, count)}
+
+    def background_probability(self, features: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """``boxes [B, R, 4]`` (xyxy input pixels) -> this head's background probability of each, ``[B, R]`` float32
+        (the softmax's last class)."""
+        logits, _ = self._heads(features, boxes)
+        return F.softmax(logits.float(), dim=-1)[..., self.num_classes]
 
     def predict(self, features: list[torch.Tensor], proposals: Proposals, image_size: tuple[int, int]
                 ) -> Detections:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
+import pytest
 import torch
 
 from detkit.models.backbones import Backbone
@@ -66,3 +68,43 @@ def test_a_few_steps_reduce_the_loss_and_predict_in_input_pixels():
     with torch.no_grad():
         dets = model.predict(images)
     assert dets.boxes.shape[0] == 2 and (dets.boxes[dets.valid] <= 128).all() and (dets.boxes >= 0).all()
+
+
+def test_soft_background_weights_only_the_sampled_background_rois_classification_loss():
+    """Soft Teacher's weights on a hand-built case: every RoI gets the same logits [0, 1, 2] (class 1, class 2 =
+    background), so a foreground RoI's cross-entropy is lse - 1 and a background one's lse - 2. Image 0 has one box
+    and one proposal on it (2 positives with the box itself) plus 9 far proposals (6 sampled negatives); image 1 has
+    no box and 3 valid proposals of 10 (3 negatives, 5 invalid slots). The weights given to foreground RoIs (0 here)
+    and to invalid slots (0.5) must not count."""
+    from detkit.structures import Proposals, Targets
+
+    torch.manual_seed(0)
+    heads = RoIHeads(in_channels=8, strides=[8], num_classes=2, box_head=partial(TwoMLPHead, hidden=16),
+                     sampler=BalancedSampler(8, 0.25))
+    with torch.no_grad():
+        heads.box_predictor.cls_score.weight.zero_()
+        heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    features = [torch.randn(2, 8, 16, 16)]
+    far = torch.tensor([[60.0 + 3 * k, 60.0, 100.0 + 3 * k, 100.0] for k in range(9)])
+    boxes = torch.stack([torch.cat([torch.tensor([[10.0, 10.0, 40.0, 40.0]]), far]), torch.cat([far[:1], far])])
+    valid = torch.tensor([[True] * 10, [True] * 3 + [False] * 7])
+    proposals = Proposals(boxes, valid, torch.zeros(2, dtype=torch.int64))
+    targets = Targets.from_list([{"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
+                                 {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+    seen = []
+
+    def weights(sampled: torch.Tensor) -> torch.Tensor:  # 0 on the box (foreground), 0.25 / 0.5 elsewhere
+        seen.append(sampled)
+        per_image = torch.tensor([[0.25], [0.5]]).expand(2, sampled.shape[1])
+        return torch.where(sampled[..., 0] < 50, torch.zeros_like(per_image), per_image)
+
+    lse = math.log(1 + math.e + math.e ** 2)
+    fg, bg = lse - 1, lse - 2
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = heads.loss(features, proposals, targets, g())["loss_classifier"]
+    soft = heads.loss(features, proposals, targets, g(), background_weights=weights)["loss_classifier"]
+    ones = heads.loss(features, proposals, targets, g(), background_weights=lambda b: torch.ones(b.shape[:2]))
+    assert seen[0].shape == (2, 8, 4)
+    assert float(plain.detach()) == pytest.approx((2 * fg + 9 * bg) / 11, rel=1e-5)
+    assert float(soft.detach()) == pytest.approx((2 * fg + (6 * 0.25 + 3 * 0.5) * bg) / 5, rel=1e-5)
+    assert float(ones["loss_classifier"].detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
