@@ -137,7 +137,9 @@ def _self_training_table(info: dict | None) -> str:
     else:
         above = (f"{info.get('score_threshold')} for the most confident class, class-wise thresholds adapted to the "
                  f"teacher's scores" if info.get("adaptive_threshold") else f"{info.get('score_threshold')}")
-        note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {above}, "
+        soft = (", background RoIs weighted by the teacher's background probability" if info.get("soft_background")
+                else "")
+        note = (f"burn-in {info.get('burn_in_steps')} steps, pseudo-labels above {above}{soft}, "
                 f"precision at IoU {info.get('precision_iou')}")
     per_class = ""
     if info.get("per_class"):  # the run's totals per class (category names come from the dataset: escaped)

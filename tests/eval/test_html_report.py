@@ -234,3 +234,5 @@ def test_the_self_training_table_shows_hostile_class_names_as_text():
         assert table.count(f"<td>{html_lib.escape(s)}</td>") == 1  # each name once, escaped
     assert not any(s in table for s in XSS if "<" in s)  # never as markup
     assert "<th>last threshold</th>" in table and "class-wise thresholds adapted" in table
+    assert "background RoIs weighted" not in table
+    assert "background RoIs weighted by the teacher" in _self_training_table({**info, "soft_background": True})
