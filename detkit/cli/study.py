@@ -381,6 +381,11 @@ def job_overrides(row: dict[str, str], sweep: Path, grid: list[list[str]] | None
         "cannot be labelled. Put the job folders (or multirun.yaml) back under the sweep folder.")
 
 
+def _switched_on(value: Any) -> bool:
+    """A boolean override as the command line gives it (``true``, ``True``, ``1``, ``yes``, ``on``)."""
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
 def _arm_of(overrides: Sequence[str], arm_name: str | None) -> tuple[tuple, str]:
     """A job's arm (model, init, self-training, transfer recipe, label budget) and seed from all its overrides;
     ``arm_name`` (a pretraining arm's sweep) renames a pretrained init to ``INIT:NAME``."""
@@ -389,9 +394,9 @@ def _arm_of(overrides: Sequence[str], arm_name: str | None) -> tuple[tuple, str]
         ov["init"] = f"{ov['init']}:{arm_name}"
     if ov["semi"] != "none" and ov.get("semi.pseudo_labels", "boxes") != "boxes":
         ov["semi"] = f"{ov['semi']}:{ov['semi.pseudo_labels']}"  # dense pseudo-labels are an arm of their own
-        if str(ov.get("semi.dense_per_class", "false")).lower() == "true":
+        if _switched_on(ov.get("semi.dense_per_class")):
             ov["semi"] += ":per_class"
-    if ov["semi"] != "none" and str(ov.get("semi.soft_background", "false")).lower() == "true":
+    if ov["semi"] != "none" and _switched_on(ov.get("semi.soft_background")):
         ov["semi"] += ":soft_background"  # Faster R-CNN's soft background weights are an arm of their own
     return (ov["model"], ov["init"], ov["semi"], ov["transfer"], float(ov["data.train_fraction"])), ov.get("seed", "")
 

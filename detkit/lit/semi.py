@@ -347,7 +347,8 @@ class SelfTrainingModule(DetectionModule):
                  " for the most confident class, class-wise thresholds adapted to the teacher's scores" if
                  self.settings.adaptive_threshold else "",
                  self.settings.max_pseudo_labels, list(self.unsup_losses), self.unsup_weight,
-                 ", background RoIs weighted by the teacher's background probability" if
+                 ", background RoIs weighted by the teacher's background probability" +
+                 (" (the unlabeled images' loss runs uncompiled)" if self.hparams.compile else "") if
                  self.settings.soft_background else "", self.settings.teacher_decay)
 
     # ---- the step ---------------------------------------------------------------------------------------------

@@ -662,5 +662,7 @@ def test_dense_pseudo_labels_are_an_arm_of_their_own():
         "teacher:dense:per_class"
     assert _arm_of(["model=faster_rcnn", "init=simclr", "semi=teacher", "semi.soft_background=true"], None)[0][2] == \
         "teacher:soft_background"
+    assert _arm_of(["model=faster_rcnn", "semi=teacher", "semi.soft_background=1"], None)[0][2] == \
+        "teacher:soft_background"  # a switch written as 1 trains soft weights: it names the arm too
     # without self-training the setting means nothing: still the plain arm
     assert _arm_of(["model=yolo", "semi=none", "semi.pseudo_labels=dense"], None)[0][2] == "none"

@@ -424,9 +424,10 @@ def test_soft_background_weights_come_from_the_teacher_on_the_weak_views():
     student's); the labeled batch's loss gets no weights."""
     module = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0", "semi.soft_background=true")
     student, teacher = module.detector, module.teacher()
-    with torch.no_grad():  # the teacher now differs from the student (the EMA starts as its copy)
+    with torch.no_grad():  # the teacher now differs from the student (the EMA starts as its copy), head and features
         teacher.roi_heads.box_predictor.cls_score.bias[-1] -= 3.0
         teacher.roi_heads.box_predictor.cls_score.weight.mul_(20.0)
+        teacher.roi_heads.box_head.fc6.weight.mul_(1.5)
     batch = semi_batch()
     weak = batch["unlabeled"].weak
     strong = (weak.float() * 0.5 + 60).to(torch.uint8)  # a photometric change: same geometry, other pixels
@@ -452,10 +453,11 @@ def test_soft_background_weights_come_from_the_teacher_on_the_weak_views():
     with torch.no_grad():
         expect = teacher.roi_heads.background_probability(teacher.predict_with_features(weak)[1], boxes)
         on_strong = teacher.roi_heads.background_probability(teacher.predict_with_features(strong)[1], boxes)
-        from_student = student.roi_heads.background_probability(
-            [f for f in student.predict_with_features(weak)[1]], boxes)
+        from_student = student.roi_heads.background_probability(student.predict_with_features(weak)[1], boxes)
+        student_features = teacher.roi_heads.background_probability(student.predict_with_features(weak)[1], boxes)
     assert torch.allclose(weights, expect, atol=1e-6)
-    assert not torch.allclose(weights, on_strong, atol=1e-3) and not torch.allclose(weights, from_student, atol=1e-3)
+    for wrong in (on_strong, from_student, student_features):  # the strong view; the student; the student's features
+        assert not torch.allclose(weights, wrong, atol=1e-3)
     plain = build("faster_rcnn", "semi.burn_in=0", "semi.score_threshold=0.0")
     with torch.no_grad():
         for p, q in zip(plain.ema.module.parameters(), teacher.parameters()):

@@ -252,8 +252,8 @@ class RoIHeads(nn.Module):
             loss_cls = masked_mean(cls, sample.valid, count)
         else:  # mmdetection's Soft Teacher: label weights 1 (foreground) / teacher's background score, sum / weights
             soft = background_weights(boxes).detach().float().clamp(0.0, 1.0)
-            weight = torch.where(sample.positive, torch.ones_like(soft), soft) * sample.valid
-            loss_cls = (cls * weight).sum() / weight.sum().clamp(min=1.0)
+            weight = torch.where(sample.valid, torch.where(sample.positive, torch.ones_like(soft), soft), 0.0)
+            loss_cls = torch.where(sample.valid, cls * weight, 0.0).sum() / weight.sum().clamp(min=1.0)
         return {"loss_classifier": loss_cls, "loss_box_reg": masked_mean(box, sample.positive, count)}
 
     def background_probability(self, features: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:

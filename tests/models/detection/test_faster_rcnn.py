@@ -108,3 +108,14 @@ def test_soft_background_weights_only_the_sampled_background_rois_classification
     assert float(plain.detach()) == pytest.approx((2 * fg + 9 * bg) / 11, rel=1e-5)
     assert float(soft.detach()) == pytest.approx((2 * fg + (6 * 0.25 + 3 * 0.5) * bg) / 5, rel=1e-5)
     assert float(ones["loss_classifier"].detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
+
+
+def test_the_background_probability_is_the_softmaxs_background_column():
+    heads = RoIHeads(in_channels=8, strides=[8], num_classes=2, box_head=partial(TwoMLPHead, hidden=16))
+    with torch.no_grad():  # every box gets logits [0, 1, 2]: class 0, class 1, background
+        heads.box_predictor.cls_score.weight.zero_()
+        heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    boxes = torch.tensor([[[0.0, 0.0, 20.0, 20.0], [30.0, 10.0, 90.0, 70.0], [5.0, 5.0, 6.0, 6.0]]]).expand(2, 3, 4)
+    p = heads.background_probability([torch.randn(2, 8, 16, 16)], boxes)
+    assert p.shape == (2, 3) and p.dtype == torch.float32
+    assert torch.allclose(p, torch.full((2, 3), math.e ** 2 / (1 + math.e + math.e ** 2)))
